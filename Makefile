@@ -1,0 +1,41 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv, installs, writes the demo federation, runs LOCO for mdmt and stl_prognosis
+#   make test   installs if needed and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+DEMO_WS ?= runs/demo
+DEMO_FED ?= runs/demo-federation
+DEMO_SCALE ?= 0.12
+DEMO_DICOM_SIZE ?= 160
+DEMO_IMAGE_SIZE ?= 64
+DEMO_ROUNDS ?= 4
+DEMO_BACKBONE ?= resnet18
+
+.PHONY: install demo test clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_FED)/synth.json: | $(STAMP)
+	$(BIN)/mdmt synth $(DEMO_FED) --scale $(DEMO_SCALE) --image-size $(DEMO_DICOM_SIZE) --seed 0
+
+demo: $(STAMP) $(DEMO_FED)/synth.json
+	$(BIN)/mdmt loco --fed $(DEMO_FED) --method mdmt,stl_prognosis --backbone $(DEMO_BACKBONE) \
+		--rounds $(DEMO_ROUNDS) --image-size $(DEMO_IMAGE_SIZE) --seed 0 --workspace $(DEMO_WS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean-demo:
+	rm -rf $(DEMO_WS) $(DEMO_FED)

@@ -1,0 +1,43 @@
+"""ClientApp: a site answers three kinds of message. QUERY: which site am I, what labels do I hold.
+TRAIN: local training on the site's cache. EVALUATE: sufficient statistics for both tasks."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.mods import message_log_mod
+from shared import protocol as P
+from shared.config import RunConfig
+from shared.site import locate_site, run_evaluate, run_train, site_summary
+
+app = ClientApp(mods=[message_log_mod])
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    summary = site_summary(cfg, locate_site(cfg, context.node_config))
+    return Message(RecordDict({P.SITE: ConfigRecord(summary)}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    # Load: config, site, global model.
+    cfg = RunConfig.from_mapping(context.run_config)
+    loc = locate_site(cfg, context.node_config)
+    state = msg.content[P.ARRAYS].to_torch_state_dict()
+    # Train locally (shared.site holds the logic).
+    new_state, metrics = run_train(cfg, loc, state, dict(msg.content[P.CONFIG]))
+    # Reply: the updated arrays and counts per task.
+    content = RecordDict({P.ARRAYS: ArrayRecord(new_state), P.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    cfg = RunConfig.from_mapping(context.run_config)
+    loc = locate_site(cfg, context.node_config)
+    state = msg.content[P.ARRAYS].to_torch_state_dict()
+    metrics = run_evaluate(cfg, loc, state, dict(msg.content[P.CONFIG]))
+    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,1 @@
+"""The Flower ServerApp: a thin adapter between Flower messages and shared.federated."""

@@ -1,0 +1,87 @@
+"""ServerApp: discover which node is which site, then run every unit of the config (method x backbone x
+held-out centre) in this one Flower run, skipping units the store already has as done."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from server.strategy import TaskAwareFedAvg, collect, from_record, to_record
+from shared import protocol as P
+from shared.config import RunConfig
+from shared.federated import SiteInfo, UnitPlan, plan_unit, run_unit, unit_keys
+from shared.logs import setup_logging
+from shared.store import RunStore
+
+app = ServerApp()
+log = logging.getLogger("mdmt")
+
+
+class FlowerRounds:
+    """shared.federated.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip."""
+
+    def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float):
+        self.grid, self.node_of, self.timeout = grid, node_of, timeout
+
+    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
+        strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
+        msgs = strategy.configure_train(rnd, to_record(arrays), ConfigRecord(config), self.grid)
+        new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
+        return (from_record(new) if new is not None else arrays), strategy.trained, strategy.train_status
+
+    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
+        strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
+        msgs = strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(config), self.grid)
+        strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
+        return strategy.evals, strategy.eval_status
+
+
+def discover_sites(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[dict[str, SiteInfo], dict[str, int]]:
+    """Ask every connected node which site it serves (a QUERY round); start order plays no part."""
+    deadline = time.monotonic() + wait_s
+    expected = len(cfg.site_list)
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if nodes and (not expected or len(nodes) >= expected):
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} of {expected or 'any'} site nodes connected within {wait_s:.0f}s")
+        time.sleep(1.0)
+    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies, status = collect(grid.send_and_receive(msgs, timeout=cfg.round_timeout), {}, [])
+    bad = {s: st for s, st in status.items() if st != "ok"}
+    if bad:
+        raise RuntimeError("site discovery failed: " + "; ".join(f"{s}: {st}" for s, st in bad.items()))
+    sites: dict[str, SiteInfo] = {}
+    node_of: dict[str, int] = {}
+    for msg in replies.values():
+        info = SiteInfo.from_summary(dict(msg.content[P.SITE]))
+        if info.site in node_of:
+            raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
+        sites[info.site], node_of[info.site] = info, msg.metadata.src_node_id
+    log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
+    return sites, node_of
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    # Configuration: one schema, validated before any message is sent.
+    cfg = RunConfig.from_mapping(context.run_config)
+    setup_logging()
+    sites, node_of = discover_sites(grid, cfg)
+    rounds = FlowerRounds(grid, node_of, cfg.round_timeout)
+    store = RunStore(cfg.store_path)
+    try:
+        # Every unit of the config; finished ones are skipped so an interrupted sweep resumes.
+        for key in unit_keys(cfg):
+            if store.unit_status(key) == "done":
+                log.info("unit %s: already done, skipped", key.unit_id)
+                continue
+            run_unit(cfg, plan_unit(key, sites), sites, rounds, store, flwr_run_id=str(context.run_id))
+    finally:
+        store.close()

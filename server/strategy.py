@@ -1,0 +1,82 @@
+"""Task-aware FedAvg as a Flower strategy: node selection by the unit's plan, heads averaged only over
+the sites that trained them. The decisions themselves live in shared.federated."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from shared import protocol as P
+from shared.federated import UnitPlan, aggregate_replies
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def from_record(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+class TaskAwareFedAvg(FedAvg):
+    """FedAvg whose train/evaluate messages go to the sites a unit's plan names, per-site config included."""
+
+    def __init__(self, plan: UnitPlan, node_of: dict[str, int], previous: dict[str, np.ndarray]):
+        super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, weighted_by_key=P.NUM_EXAMPLES)
+        self.plan, self.node_of = plan, node_of
+        self.site_of = {n: s for s, n in node_of.items()}
+        self.previous = previous
+        self.train_status: dict[str, str] = {}
+        self.trained: dict[str, P.SiteTrain] = {}
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, per_site: dict[str, dict[str, Any]], kind: str
+                  ) -> list[Message]:
+        return [
+            Message(RecordDict({P.ARRAYS: arrays, P.CONFIG: ConfigRecord(dict(config) | extra)}),
+                    dst_node_id=self.node_of[site], message_type=kind)
+            for site, extra in per_site.items()
+        ]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        return self._messages(arrays, config, self.plan.train_messages, MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                           ) -> Iterable[Message]:
+        splits = {s: {P.CFG_SPLIT: sp} for s, sp in self.plan.eval_splits.items()}
+        return self._messages(arrays, config, splits, MessageType.EVALUATE)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies_by_site, self.train_status = collect(replies, self.site_of, self.plan.train_messages)
+        got = {s: (from_record(m.content[P.ARRAYS]), P.read_train(dict(m.content[P.METRICS])))
+               for s, m in replies_by_site.items()}
+        self.trained = {s: t for s, (_, t) in got.items()}
+        if not got:
+            return None, None
+        self.previous = aggregate_replies(self.previous, got)
+        return to_record(self.previous), MetricRecord({P.NUM_EXAMPLES: sum(t.n_examples for t in self.trained.values())})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies_by_site, self.eval_status = collect(replies, self.site_of, self.plan.eval_splits)
+        self.evals = {s: P.read_eval(dict(m.content[P.METRICS])) for s, m in replies_by_site.items()}
+        return MetricRecord({P.NUM_EXAMPLES: sum(sum(e.n.values()) for e in self.evals.values())})
+
+
+def collect(replies: Iterable[Message], site_of: dict[int, str], expected: Iterable[str]
+            ) -> tuple[dict[str, Message], dict[str, str]]:
+    """Valid replies by site, and a status for every expected site: ok, error: ..., or no reply."""
+    good: dict[str, Message] = {}
+    status = {s: "no reply" for s in expected}
+    for msg in replies:
+        site = site_of.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
+        if msg.has_error():
+            status[site] = f"error: {msg.error.reason.strip().splitlines()[-1][:300] if msg.error.reason else msg.error.code}"
+        else:
+            good[site] = msg
+            status[site] = "ok"
+    return good, status

@@ -1,0 +1,133 @@
+"""The ``mdmt`` command: the verbs that are not Flower's own (synth, ingest, loco, report)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.errors import MDMTError
+
+
+def _kv(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise MDMTError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def cmd_synth(a: argparse.Namespace) -> None:
+    from shared.data.synth import format_summary, synthesize
+
+    summary = synthesize(a.out, scale=a.scale, image_size=a.image_size, seed=a.seed, both_site=a.both_site,
+                         progress=not a.quiet)
+    print(format_summary(summary))
+
+
+def cmd_ingest(a: argparse.Namespace) -> None:
+    from shared.data.cache import ingest_federation, ingest_site
+    from shared.data.manifest import MANIFEST
+
+    target = Path(a.dir)
+    cache = Path(a.cache_dir) if a.cache_dir else Path(a.workspace) / "cache"
+    kw = dict(image_size=a.image_size, crop=a.crop, workers=a.workers, progress=not a.quiet, force=a.force)
+    results = [ingest_site(target, cache, **kw)] if (target / MANIFEST).is_file() else ingest_federation(target, cache, **kw)
+    for r in results:
+        print(f"{r['site']}: {r['cached']} cached, {r['rejected']} rejected"
+              f"{' (reused)' if r.get('reused') else ''} -> {r['cache_dir']}")
+
+
+def cmd_loco(a: argparse.Namespace) -> None:
+    from shared.config import load_toml
+    from shared.loco import loco
+
+    values: dict[str, Any] = {}
+    if a.config:
+        values.update(load_toml(a.config))
+    flags = {"fed-dir": a.fed, "method": a.method, "backbone": a.backbone, "num-rounds": a.rounds,
+             "image-size": a.image_size, "seed": a.seed, "workspace": a.workspace, "holdouts": a.holdouts,
+             "local-epochs": a.local_epochs, "batch-size": a.batch_size}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(_kv(a.set or []))
+    loco(values, cpus_per_client=a.cpus_per_client)
+
+
+def cmd_report(a: argparse.Namespace) -> None:
+    from shared.report import to_markdown, write_loco_report
+    from shared.store import RunStore
+
+    store = RunStore(Path(a.store) if a.store else Path(a.workspace) / "store.sqlite", readonly=True)
+    try:
+        df, csv_path, md_path = write_loco_report(store, Path(a.workspace) / "reports")
+    finally:
+        store.close()
+    print(to_markdown(df) if len(df) else "no finished LOCO units in the store yet")
+    print(f"\ntable: {md_path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mdmt", description="Federated multi-dataset multi-task learning for COVID-19 CXR prognosis")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    s = sub.add_parser("synth", help="write the synthetic DICOM federation")
+    s.add_argument("out")
+    s.add_argument("--scale", type=float, default=1.0, help="fraction of the real datasets' counts (default 1.0)")
+    s.add_argument("--image-size", type=int, default=320, help="nominal DICOM size in pixels (default 320)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--both-site", action="store_true", help="add site DUAL, which carries both labels")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("ingest", help="decode, crop and cache a site or a whole federation")
+    s.add_argument("dir", help="a site folder (with manifest.csv) or a federation folder")
+    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--crop", default="lung", choices=("lung", "none"))
+    s.add_argument("--workspace", default="runs")
+    s.add_argument("--cache-dir", default="", help="default: <workspace>/cache")
+    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("loco", help="leave-one-centre-out: one Flower simulation per config, every held-out centre")
+    s.add_argument("--fed", help="federation folder")
+    s.add_argument("--method", help="comma-separated: mdmt, stl_prognosis, stl_severity, centralised_mdmt")
+    s.add_argument("--backbone")
+    s.add_argument("--rounds", type=int)
+    s.add_argument("--image-size", type=int)
+    s.add_argument("--seed", type=int)
+    s.add_argument("--workspace")
+    s.add_argument("--holdouts", help="comma-separated centres (default: every prognosis site)")
+    s.add_argument("--local-epochs", type=int)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--config", help="TOML file of run-config keys")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+    s.add_argument("--cpus-per-client", type=float, default=1.0)
+    s.set_defaults(fn=cmd_loco)
+
+    s = sub.add_parser("report", help="print the LOCO table of a workspace's run store")
+    s.add_argument("--workspace", default="runs")
+    s.add_argument("--store", default="")
+    s.set_defaults(fn=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except MDMTError as exc:
+        print(f"mdmt {args.verb}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mdmt {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""One configuration schema, fed by Flower's run_config, CLI flags and TOML files.
+
+Keys are kebab-case (as in ``[tool.flwr.app.config]``). Unknown keys and bad values fail at start-up
+with a one-line :class:`~shared.errors.ConfigError` naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from shared.errors import ConfigError
+
+LOSS_NORMS = ("task", "batch")
+SEVERITY_HEADS = ("global4",)
+PROTOCOLS = ("loco",)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _split_list(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value).split(",") if v.strip())
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; every field has a default and a kebab-case key."""
+
+    method: str = "mdmt"  # comma-separated list: mdmt, stl_prognosis, stl_severity, centralised_mdmt
+    backbone: str = "resnet18"  # comma-separated list of registry names
+    weights: str = ""  # local weights file for the backbone (server only)
+    pretrained: bool = False  # ImageNet weights (needs a local file or a reachable hub)
+    protocol: str = "loco"
+    holdouts: str = "A"  # comma-separated held-out prognosis centres, one fold each
+    fed_dir: str = "runs/demo-federation"
+    sites: str = ""  # simulation: site names in partition-id order; empty = all sites of fed-dir, sorted
+    workspace: str = "runs"
+    cache_dir: str = ""  # empty = <workspace>/cache
+    store: str = ""  # empty = <workspace>/store.sqlite
+    image_size: int = 64
+    crop: str = "lung"
+    num_rounds: int = 3
+    local_epochs: int = 1
+    local_steps: int = 0  # > 0: a fixed number of optimiser steps per round instead of epochs
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    loss_norm: str = "task"
+    severity_head: str = "global4"
+    patience: int = 0  # rounds without improvement before early stop; 0 = never stop early
+    select_after: int = 0  # rounds before model selection may pick a round
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    round_timeout: float = 3600.0
+    min_sites: int = 1
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> "RunConfig":
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            k = key.replace("_", "-")
+            if k not in known:
+                raise ConfigError(f"{source}: unknown key '{key}'; valid keys: {', '.join(sorted(known))}")
+            kwargs[known[k].name] = _coerce(k, known[k], value, source)
+        cfg = cls(**kwargs)
+        cfg.validate(source)
+        return cfg
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        cfg = dataclasses.replace(self, **changes)
+        cfg.validate()
+        return cfg
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+    # ---- validation ---------------------------------------------------------------------------
+    def validate(self, source: str = "run config") -> None:
+        from shared.methods import METHODS
+        from shared.model import BACKBONES
+
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{source}: '{key}' {msg}")
+
+        for m in self.methods:
+            if m not in METHODS:
+                raise bad("method", f"has unknown method '{m}'; valid: {', '.join(METHODS)}")
+        if not self.methods:
+            raise bad("method", "is empty; give at least one method")
+        for b in self.backbones:
+            if b not in BACKBONES:
+                raise bad("backbone", f"has unknown backbone '{b}'; valid: {', '.join(BACKBONES)}")
+        if not self.backbones:
+            raise bad("backbone", "is empty; give at least one backbone")
+        choices = {
+            "protocol": (self.protocol, PROTOCOLS),
+            "loss-norm": (self.loss_norm, LOSS_NORMS),
+            "severity-head": (self.severity_head, SEVERITY_HEADS),
+            "device": (self.device, DEVICES),
+        }
+        from shared.data.preprocess import CROP_MODES
+
+        choices["crop"] = (self.crop, CROP_MODES)
+        for key, (val, allowed) in choices.items():
+            if val not in allowed:
+                raise bad(key, f"is '{val}'; allowed: {', '.join(allowed)}")
+        positive = {"image-size": self.image_size, "num-rounds": self.num_rounds, "batch-size": self.batch_size}
+        for key, val in positive.items():
+            if val <= 0:
+                raise bad(key, f"must be > 0, got {val}")
+        if self.image_size < 32:
+            raise bad("image-size", f"must be at least 32 pixels, got {self.image_size}")
+        if self.local_epochs <= 0 and self.local_steps <= 0:
+            raise bad("local-epochs", "and 'local-steps' are both 0; set one of them > 0")
+        if self.lr <= 0:
+            raise bad("lr", f"must be > 0, got {self.lr}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise bad("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
+        if self.patience < 0 or self.select_after < 0:
+            raise bad("patience", "and 'select-after' must be >= 0")
+        if self.weights and not Path(self.weights).is_file():
+            raise bad("weights", f"file not found: {self.weights}")
+
+    # ---- derived values -----------------------------------------------------------------------
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return _split_list(self.method)
+
+    @property
+    def backbones(self) -> tuple[str, ...]:
+        return _split_list(self.backbone)
+
+    @property
+    def holdout_list(self) -> tuple[str, ...]:
+        return _split_list(self.holdouts)
+
+    @property
+    def site_list(self) -> tuple[str, ...]:
+        return _split_list(self.sites)
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace).expanduser().resolve()
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser().resolve() if self.cache_dir else self.workspace_path / "cache"
+
+    @property
+    def store_path(self) -> Path:
+        return Path(self.store).expanduser().resolve() if self.store else self.workspace_path / "store.sqlite"
+
+    @property
+    def fed_path(self) -> Path:
+        return Path(self.fed_dir).expanduser().resolve()
+
+
+def _coerce(key: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    try:
+        if typ is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no", ""):
+                return False
+            raise ValueError(value)
+        if typ is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if typ is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: '{key}' must be {typ.__name__}, got {value!r}") from None
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    import tomllib
+
+    p = Path(path)
+    try:
+        return tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+
+
+def pyproject_defaults() -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` defaults of the installed project, if its pyproject is present."""
+    root = Path(__file__).resolve().parent.parent
+    pp = root / "pyproject.toml"
+    if not pp.is_file():
+        return {}
+    return load_toml(pp).get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})

@@ -1,0 +1,158 @@
+"""The federation format: the contract every importer, the generator and the trainer share.
+
+A federation is a folder with one sub-folder per site. A site folder holds ``manifest.csv`` with
+columns ``image, patient_id, prognosis, brixia, split`` (extra columns are kept) and, when anything
+was turned away, ``rejected.csv`` with columns ``source, stage, reason``. Inputs that belong to no
+site go to the federation-level ``rejected.csv``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from shared.errors import DataError
+
+MANIFEST = "manifest.csv"
+REJECTED = "rejected.csv"
+REQUIRED_COLUMNS = ("image", "patient_id", "prognosis", "brixia")
+OPTIONAL_COLUMNS = ("split",)
+REJECTED_COLUMNS = ("source", "stage", "reason")
+PROGNOSIS_LABELS = ("MILD", "SEVERE")
+SPLITS = ("train", "val", "test")
+BRIXIA_ZONES = "ABCDEF"
+_BRIXIA_RE = re.compile(r"^[0-3]{6}$")
+
+# The paper's brixia_Global head: 4 classes of the global score 0-18.
+SEVERITY_CLASS_EDGES = (4, 9, 14)  # <=4, 5-9, 10-14, >=15
+SEVERITY_CLASS_NAMES = ("0-4", "5-9", "10-14", "15-18")
+
+
+def brixia_global(score: str) -> int:
+    """Sum of the six zone scores of a Brixia string such as ``"001223"``."""
+    return sum(int(c) for c in score)
+
+
+def severity_class(global_score: int) -> int:
+    """The brixia_Global class (0..3) of a global score 0..18."""
+    for k, edge in enumerate(SEVERITY_CLASS_EDGES):
+        if global_score <= edge:
+            return k
+    return len(SEVERITY_CLASS_EDGES)
+
+
+def is_valid_brixia(score: str) -> bool:
+    return bool(_BRIXIA_RE.match(score))
+
+
+def read_manifest(site_dir: str | Path) -> pd.DataFrame:
+    """Read and validate a site's manifest; every value is text, empty cells are ``""``.
+
+    Raises DataError with a one-line message naming the file, row and column on bad content.
+    """
+    path = Path(site_dir) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{path}: no manifest.csv; a site folder needs one (see docs/data-format.md)")
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises many types for malformed CSV
+        raise DataError(f"{path}: cannot be read as CSV ({exc.__class__.__name__}: {exc})") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}")
+    if "split" not in df.columns:
+        df["split"] = ""
+    for col in ("image", "patient_id", "prognosis", "brixia", "split"):
+        df[col] = df[col].str.strip()
+    for i, row in enumerate(df.itertuples(index=False), start=2):  # row 1 is the header
+        where = f"{path}:row {i}"
+        if not row.image:
+            raise DataError(f"{where}: empty 'image'; give the image path relative to the site folder")
+        if not row.patient_id:
+            raise DataError(f"{where}: empty 'patient_id'; every image needs its patient's id")
+        if row.prognosis and row.prognosis not in PROGNOSIS_LABELS:
+            raise DataError(f"{where}: prognosis {row.prognosis!r} is not MILD, SEVERE or empty")
+        if row.brixia and not is_valid_brixia(row.brixia):
+            raise DataError(f"{where}: brixia {row.brixia!r} is not six digits 0-3 (zones A..F) or empty")
+        if row.split and row.split not in SPLITS:
+            raise DataError(f"{where}: split {row.split!r} is not train, val, test or empty")
+    dup = df["image"].duplicated()
+    if dup.any():
+        first = int(dup.idxmax()) + 2
+        raise DataError(f"{path}:row {first}: image {df['image'][dup.idxmax()]!r} is listed twice")
+    return df
+
+
+def write_manifest(site_dir: str | Path, df: pd.DataFrame) -> Path:
+    path = Path(site_dir) / MANIFEST
+    cols = list(REQUIRED_COLUMNS) + ["split"] + [c for c in df.columns if c not in REQUIRED_COLUMNS + ("split",)]
+    out = df.copy()
+    if "split" not in out.columns:
+        out["split"] = ""
+    out[cols].to_csv(path, index=False)
+    return path
+
+
+def unlabelled(df: pd.DataFrame) -> pd.Series:
+    """Rows with neither label: ingestion lists them in rejected.csv instead of caching them."""
+    return (df["prognosis"] == "") & (df["brixia"] == "")
+
+
+def site_role(df: pd.DataFrame) -> str:
+    """``prognosis``, ``severity`` or ``both``, from the labels present."""
+    has_p = bool((df["prognosis"] != "").any())
+    has_s = bool((df["brixia"] != "").any())
+    if has_p and has_s:
+        return "both"
+    if has_p:
+        return "prognosis"
+    if has_s:
+        return "severity"
+    raise DataError("a site without any label has no role")
+
+
+def manifest_hash(site_dir: str | Path) -> str:
+    """sha256 of the manifest bytes: stored with caches and checkpoints."""
+    return hashlib.sha256((Path(site_dir) / MANIFEST).read_bytes()).hexdigest()
+
+
+def list_sites(fed_dir: str | Path) -> list[str]:
+    """Site names (sub-folders holding a manifest.csv) of a federation, sorted."""
+    fed = Path(fed_dir)
+    if not fed.is_dir():
+        raise DataError(f"{fed}: federation folder not found")
+    sites = sorted(p.name for p in fed.iterdir() if (p / MANIFEST).is_file())
+    if not sites:
+        raise DataError(f"{fed}: no site folders with a manifest.csv; run 'mdmt synth {fed}' or an importer")
+    return sites
+
+
+def write_rejected(dir_: str | Path, stage: str, rows: list[tuple[str, str]]) -> Path:
+    """Rewrite this stage's rows of ``dir_/rejected.csv``, keeping other stages' rows.
+
+    ``rows`` are ``(source, reason)``; source is a site-relative path or ``file.xlsx:row N``.
+    """
+    path = Path(dir_) / REJECTED
+    if path.is_file():
+        old = pd.read_csv(path, dtype=str, keep_default_na=False)
+        old = old[old["stage"] != stage]
+    else:
+        old = pd.DataFrame(columns=list(REJECTED_COLUMNS))
+    new = pd.DataFrame([(s, stage, r) for s, r in rows], columns=list(REJECTED_COLUMNS))
+    both = pd.concat([old, new], ignore_index=True)
+    if both.empty:
+        if path.is_file():
+            path.unlink()
+        return path
+    both.to_csv(path, index=False)
+    return path
+
+
+def read_rejected(dir_: str | Path) -> pd.DataFrame:
+    path = Path(dir_) / REJECTED
+    if not path.is_file():
+        return pd.DataFrame(columns=list(REJECTED_COLUMNS))
+    return pd.read_csv(path, dtype=str, keep_default_na=False)

@@ -1,0 +1,26 @@
+"""Seeds flow from one config value; per-site seeds depend on the site name, never on arrival order."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+
+import numpy as np
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A stable 32-bit seed from the config seed and any labels (site, fold, round, purpose)."""
+    text = "\x1f".join([str(int(seed))] + [str(p) for p in parts])
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def site_seed(seed: int, site: str, purpose: str = "") -> int:
+    return derive_seed(seed, "site", site, purpose)
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)

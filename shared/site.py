@@ -1,0 +1,142 @@
+"""What a site does when a message arrives, with no Flower types: find its data, train, evaluate.
+
+The ClientApp in client/ only translates Flower messages to these calls and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from shared import protocol as P
+from shared.config import RunConfig
+from shared.errors import ConfigError, DataError
+from shared.methods import PROGNOSIS, SEVERITY, get_method
+from shared.model import build_model
+from shared.seeding import derive_seed
+from shared.train import TaskData, evaluate, resolve_device, train_local
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    site: str
+    site_dir: Path
+    workspace: Path  # the site's own folder for predictions and its message log; never sent anywhere
+    cache_root: Path
+
+
+def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
+    """Deployment: node_config ``site`` (+ ``data-dir``, ``workspace``). Simulation: partition-id -> site."""
+    if "site" in node_config:
+        site = str(node_config["site"])
+        site_dir = Path(str(node_config.get("data-dir") or cfg.fed_path / site)).expanduser().resolve()
+        ws = Path(str(node_config.get("workspace") or cfg.workspace_path)).expanduser().resolve()
+        cache = Path(str(node_config.get("cache-dir") or ws / "cache")).expanduser().resolve()
+    elif "partition-id" in node_config:
+        from shared.data.manifest import list_sites
+
+        sites = list(cfg.site_list) or list_sites(cfg.fed_path)
+        pid = int(node_config["partition-id"])
+        if pid >= len(sites):
+            raise ConfigError(
+                f"simulation node {pid} has no site: the federation has {len(sites)} sites ({', '.join(sites)}); "
+                f"set num-supernodes={len(sites)}"
+            )
+        site = sites[pid]
+        site_dir = cfg.fed_path / site
+        ws, cache = cfg.workspace_path, cfg.cache_path
+    else:
+        raise ConfigError("node_config has neither 'site' (deployment) nor 'partition-id' (simulation)")
+    return SiteLocation(site, site_dir, ws / "sites" / site, cache)
+
+
+def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteLocation]:
+    """The sites a centralised reference pools (simulation only: every site folder is on this machine)."""
+    if not pool:
+        return [loc]
+    out = []
+    for s in pool.split(","):
+        d = cfg.fed_path / s
+        if not d.is_dir():
+            raise DataError(f"{d}: pooled site folder not found (centralised runs need every site's data locally)")
+        out.append(SiteLocation(s, d, loc.workspace, loc.cache_root))
+    return out
+
+
+def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...]) -> TaskData:
+    """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
+    from shared.data.cache import load_site
+    from shared.data.splits import assign_splits
+
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
+    sd = load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+    table = sd.table
+    if split == "all":
+        mask = np.ones(len(table), dtype=bool)
+    else:
+        splits = assign_splits(table, loc.site, cfg.seed, cfg.val_fraction)
+        mask = (splits == split).to_numpy()
+    y_prog = table["y_prog"].to_numpy(dtype=np.int64).copy()
+    y_sev = table["y_sev"].to_numpy(dtype=np.int64).copy()
+    if PROGNOSIS not in tasks:
+        y_prog[:] = -1
+    if SEVERITY not in tasks:
+        y_sev[:] = -1
+    ids = [f"{loc.site}/{i}" for i in table["image"]]
+    return TaskData(sd.images, y_prog, y_sev, ids).subset(mask)
+
+
+def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
+    """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
+    from shared.data.manifest import manifest_hash
+    from shared.data.cache import load_site
+
+    sd = load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+    out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
+    for split in SPLIT_CHOICES:
+        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY))
+        c = d.counts()
+        out[f"{split}-prognosis"] = c[PROGNOSIS]
+        out[f"{split}-severity"] = c[SEVERITY]
+    return out
+
+
+def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(backbone)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]):
+    """One round of local training; returns (new state dict, train metrics dict)."""
+    method = get_method(str(rcfg[P.CFG_METHOD]))
+    locs = pooled_locations(cfg, loc, str(rcfg.get(P.CFG_POOL, "")))
+    data = TaskData.concat([load_split(cfg, l, "train", method.tasks) for l in locs])
+    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+    seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
+    res = train_local(
+        model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
+        lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
+        device=resolve_device(cfg.device), seed=seed,
+    )
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return new_state, P.train_metrics(res)
+
+
+def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Score both tasks on one split; per-sample predictions are written to the site's own workspace."""
+    split = str(rcfg[P.CFG_SPLIT])
+    data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY))
+    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+    res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=resolve_device(cfg.device))
+    out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
+    return P.eval_metrics(res)

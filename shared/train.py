@@ -1,0 +1,221 @@
+"""Local training and evaluation on a site's uint8 cache: plain PyTorch, no Flower types.
+
+Images stay uint8 on the host; each batch is gathered, moved to the device and normalised there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from shared.loss import mdmt_loss
+from shared.model import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from shared.methods import PROGNOSIS, SEVERITY
+
+HIST_BINS = 200  # per-class histograms of predicted P(SEVERE) sent to the server instead of per-sample scores
+
+
+@dataclass
+class TaskData:
+    """Images and per-task targets (-1 = no label for that task, or not used by the method)."""
+
+    images: np.ndarray  # uint8 (N, S, S)
+    y_prog: np.ndarray  # int64 (N,)
+    y_sev: np.ndarray  # int64 (N,)
+    ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, mask: np.ndarray) -> "TaskData":
+        idx = np.flatnonzero(mask)
+        ids = [self.ids[i] for i in idx] if self.ids else []
+        return TaskData(np.asarray(self.images[idx]), self.y_prog[idx], self.y_sev[idx], ids)
+
+    @staticmethod
+    def concat(parts: list["TaskData"]) -> "TaskData":
+        return TaskData(
+            np.concatenate([p.images for p in parts]),
+            np.concatenate([p.y_prog for p in parts]),
+            np.concatenate([p.y_sev for p in parts]),
+            [i for p in parts for i in p.ids],
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {PROGNOSIS: int((self.y_prog >= 0).sum()), SEVERITY: int((self.y_sev >= 0).sum())}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Feeder:
+    """uint8 host images -> normalised 3-channel float batches on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.pin = device.type == "cuda"
+
+    def __call__(self, images: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.pin:
+            x = x.pin_memory()
+        x = x.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:  # BatchNorm cannot train on a single sample
+        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+    return chunks
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class TrainResult:
+    n_examples: int
+    n_task: dict[str, int]
+    loss: float
+    loss_task: dict[str, float]
+    steps: int
+    seconds: float
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: TaskData,
+    *,
+    epochs: int = 1,
+    steps: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-5,
+    loss_norm: str = "task",
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> TrainResult:
+    """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs."""
+    device = torch.device(device) if isinstance(device, str) else device
+    t0 = time.perf_counter()
+    used = (data.y_prog >= 0) | (data.y_sev >= 0)
+    data = data.subset(used)
+    n = len(data)
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if n == 0:
+        return TrainResult(0, data.counts(), 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    feed = Feeder(device)
+    y_prog = torch.from_numpy(data.y_prog).to(device)
+    y_sev = torch.from_numpy(data.y_sev).to(device)
+    done, sums, terms = 0, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}
+    max_steps = steps if steps > 0 else None
+    epoch = 0
+    while True:
+        for idx in _batches(n, batch_size, rng):
+            x = feed(data.images[idx])
+            tidx = torch.from_numpy(idx).to(device)
+            with _autocast(device):
+                lp, ls = model(x)
+            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm)
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            opt.step()
+            done += 1
+            sums += float(loss.total.detach())
+            terms[PROGNOSIS] += float(loss.prognosis.detach())
+            terms[SEVERITY] += float(loss.severity.detach())
+            if max_steps is not None and done >= max_steps:
+                break
+        epoch += 1
+        if (max_steps is not None and done >= max_steps) or (max_steps is None and epoch >= epochs):
+            break
+    return TrainResult(
+        n_examples=n,
+        n_task=data.counts(),
+        loss=sums / done,
+        loss_task={k: v / done for k, v in terms.items()},
+        steps=done,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class EvalResult:
+    """Sufficient statistics per task: the server computes ROC/AUC and pooled metrics from them."""
+
+    n: dict[str, int]
+    loss_sum: dict[str, float]
+    prog_cm: np.ndarray  # 2x2 [true, pred]
+    prog_hist: np.ndarray  # 2 x HIST_BINS: histogram of P(SEVERE) for true MILD (row 0) and SEVERE (row 1)
+    sev_cm: np.ndarray  # 4x4 [true, pred]
+    predictions: pd.DataFrame  # per-sample, stays at the site
+
+    def mean_loss(self, task: str) -> float:
+        return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: TaskData, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> EvalResult:
+    device = torch.device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    feed = Feeder(device)
+    p_severe, sev_prob = [], []
+    for idx in _batches(len(data), batch_size, None):
+        with _autocast(device):
+            lp, ls = model(feed(data.images[idx]))
+        p_severe.append(torch.softmax(lp.float(), 1)[:, 1].cpu())
+        sev_prob.append(torch.softmax(ls.float(), 1).cpu())
+    ps = torch.cat(p_severe).numpy() if p_severe else np.zeros(0)
+    sp = torch.cat(sev_prob).numpy() if sev_prob else np.zeros((0, NUM_CLASSES[SEVERITY]))
+    eps = 1e-7
+    mp, ms = data.y_prog >= 0, data.y_sev >= 0
+    yp, ys = data.y_prog[mp], data.y_sev[ms]
+    prog_pred = (ps >= 0.5).astype(int)
+    sev_pred = sp.argmax(1) if len(sp) else np.zeros(0, dtype=int)
+    loss_p = float(-np.log(np.clip(np.where(yp == 1, ps[mp], 1 - ps[mp]), eps, 1)).sum())
+    loss_s = float(-np.log(np.clip(sp[ms, ys] if len(ys) else np.zeros(0), eps, 1)).sum())
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    hist = np.stack([np.histogram(ps[mp][yp == c], bins=edges)[0] for c in (0, 1)])
+    prog_cm = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(prog_cm, (yp, prog_pred[mp]), 1)
+    sev_cm = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(sev_cm, (ys, sev_pred[ms]), 1)
+    preds = pd.DataFrame(
+        {
+            "image": data.ids if data.ids else np.arange(len(data)),
+            "y_prog": data.y_prog,
+            "p_severe": ps,
+            "y_sev": data.y_sev,
+            "sev_pred": sev_pred,
+        }
+    )
+    return EvalResult(
+        n={PROGNOSIS: int(mp.sum()), SEVERITY: int(ms.sum())},
+        loss_sum={PROGNOSIS: loss_p, SEVERITY: loss_s},
+        prog_cm=prog_cm,
+        prog_hist=hist.astype(np.int64),
+        sev_cm=sev_cm,
+        predictions=preds,
+    )

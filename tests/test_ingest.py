@@ -1,0 +1,272 @@
+"""Ingestion into the uint8 cache, rejected.csv, cache reuse/rebuild, read-only sites, preprocessing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+from shared.data import cache as cache_mod
+from shared.data.cache import cache_dir_for, ingest_federation, ingest_site, load_site
+from shared.data.manifest import read_rejected, write_rejected
+from shared.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
+from shared.errors import DataError
+
+SIZE = 64
+
+
+def write_dicom(path, arr, photometric="MONOCHROME2"):
+    ds = Dataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "DX"
+    ds.set_pixel_data(np.asarray(arr), photometric, bits_stored=12)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def chest(h=96, w=96, seed=0, noise=0.03):
+    """Chest-like image: dark air, a bright elliptic body, two dark elliptic lungs. Returns (img, lung masks)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.full((h, w), 0.05)
+    body = ((yy - h * 0.55) / (h * 0.48)) ** 2 + ((xx - w / 2) / (w * 0.42)) ** 2 <= 1
+    img[body] = 0.75
+    lungs = []
+    for cx in (0.33, 0.67):
+        m = ((yy - h * 0.5) / (h * 0.25)) ** 2 + ((xx - w * cx) / (w * 0.12)) ** 2 <= 1
+        img[m] = 0.3
+        lungs.append(m)
+    img = img + rng.normal(0, noise, img.shape)
+    return np.clip(img * 4000, 0, 4095).astype(np.uint16), lungs
+
+
+ROWS = [  # image, patient_id, prognosis, brixia, split
+    ("imgs/a.dcm", "P1", "MILD", "", ""),
+    ("imgs/b.dcm", "P2", "SEVERE", "", ""),
+    ("imgs/c.dcm", "P3", "", "001223", ""),
+    ("imgs/d.dcm", "P3", "", "333333", "test"),
+    ("imgs/e.dcm", "P4", "MILD", "000000", ""),
+    ("imgs/bad.dcm", "P5", "SEVERE", "", ""),  # truncated
+    ("imgs/gone.dcm", "P6", "MILD", "", ""),  # missing
+    ("imgs/f.dcm", "P7", "", "", ""),  # unlabelled
+]
+GOOD = ["imgs/a.dcm", "imgs/b.dcm", "imgs/c.dcm", "imgs/d.dcm", "imgs/e.dcm"]
+BAD = {"imgs/bad.dcm": "truncated", "imgs/gone.dcm": "file not found", "imgs/f.dcm": "no label"}
+
+
+def write_manifest_rows(site, rows):
+    pd.DataFrame(rows, columns=["image", "patient_id", "prognosis", "brixia", "split"]).to_csv(
+        site / "manifest.csv", index=False
+    )
+
+
+def make_site(root, name="hospA", rows=ROWS):
+    site = root / name
+    (site / "imgs").mkdir(parents=True)
+    for k, (image, *_rest) in enumerate(rows):
+        if image == "imgs/gone.dcm":
+            continue
+        arr, _ = chest(seed=k)
+        write_dicom(site / image, arr, "MONOCHROME1" if k % 2 else "MONOCHROME2")
+    data = (site / "imgs/bad.dcm").read_bytes() if (site / "imgs/bad.dcm").exists() else None
+    if data is not None:
+        (site / "imgs/bad.dcm").write_bytes(data[: len(data) // 2])
+    write_manifest_rows(site, rows)
+    return site
+
+
+@pytest.fixture
+def site(tmp_path):
+    return make_site(tmp_path / "fed")
+
+
+def test_ingest_caches_good_and_lists_rejected(site, tmp_path):
+    cache_root = tmp_path / "cache"
+    s = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    assert (s["site"], s["cached"], s["rejected"], s["reused"]) == ("hospA", 5, 3, False)
+    cdir = cache_dir_for(site, cache_root, SIZE, "lung")
+    assert s["cache_dir"] == str(cdir) and cdir.parent.name.startswith("hospA-")
+    assert cdir.name == f"s{SIZE}-lung-v{cache_mod.CACHE_VERSION}"
+    images = np.load(cdir / "images.npy", mmap_mode="r")
+    assert images.shape == (5, SIZE, SIZE) and images.dtype == np.uint8
+    index = pd.read_csv(cdir / "index.csv", dtype=str, keep_default_na=False)
+    assert list(index["image"]) == GOOD
+    meta = json.loads((cdir / "meta.json").read_text())
+    assert meta["counts"] == {"manifest_rows": 8, "cached": 5, "rejected": 3}
+    assert meta["image_size"] == SIZE and meta["crop"] == "lung"
+
+    rej = read_rejected(site)
+    assert list(rej["source"]) == list(BAD) and set(rej["stage"]) == {"ingest"}
+    for src, reason in zip(rej["source"], rej["reason"]):
+        assert BAD[src] in reason and "\n" not in reason
+    assert s["rejected_file"] == str(site / "rejected.csv") and not s["rejected_in_cache_dir"]
+    # a copy of the list lives in the cache
+    assert list(pd.read_csv(cdir / "rejected.csv")["source"]) == list(BAD)
+
+    data = load_site(site, cache_root, SIZE, "lung", ingest_if_missing=False)
+    assert data.role == "both" and data.images.shape == (5, SIZE, SIZE)
+    assert list(data.table["y_prog"]) == [0, 1, -1, -1, 0]
+    assert list(data.table["y_sev"]) == [-1, -1, 1, 3, 0]  # 001223 -> 8 -> class 1; 333333 -> 18 -> 3
+    assert list(data.table["split"]) == ["", "", "", "test", ""]
+    np.testing.assert_array_equal(np.asarray(data.images), images)
+
+
+def test_reuse_rebuild_and_other_stages_kept(site, tmp_path):
+    cache_root = tmp_path / "cache"
+    write_rejected(site, "import", [("AIforCOVID.xlsx:row 9", "no image file")])
+    first = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    assert not first["reused"]
+    second = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    assert second["reused"] and second["cached"] == 5 and second["rejected"] == 3
+    rej = read_rejected(site)
+    assert sorted(rej["stage"]) == ["import", "ingest", "ingest", "ingest"]
+
+    # editing the manifest (drop the unlabelled row, relabel one) triggers a rebuild
+    rows = [r for r in ROWS if r[0] != "imgs/f.dcm"]
+    rows[0] = ("imgs/a.dcm", "P1", "SEVERE", "", "")
+    write_manifest_rows(site, rows)
+    third = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    assert not third["reused"] and third["cached"] == 5 and third["rejected"] == 2
+    rej = read_rejected(site)
+    assert "AIforCOVID.xlsx:row 9" in set(rej["source"]) and "imgs/f.dcm" not in set(rej["source"])
+    assert load_site(site, cache_root, SIZE, ingest_if_missing=False).table["y_prog"].iat[0] == 1
+
+    # another size or crop is another cache; force rebuilds
+    other = ingest_site(site, cache_root, image_size=32, crop="none", progress=False)
+    assert not other["reused"] and other["cache_dir"] != third["cache_dir"]
+    assert not ingest_site(site, cache_root, image_size=SIZE, progress=False, force=True)["reused"]
+
+
+def test_interrupted_ingest_never_looks_valid(site, tmp_path, monkeypatch):
+    cache_root = tmp_path / "cache"
+    ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    cdir = cache_dir_for(site, cache_root, SIZE, "lung")
+    calls = {"n": 0}
+    real = cache_mod._process_one
+
+    def dies_midway(task):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(cache_mod, "_process_one", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ingest_site(site, cache_root, image_size=SIZE, progress=False, force=True)
+    assert not (cdir / "meta.json").exists()
+    assert not [p.name for p in cdir.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(DataError, match="no up-to-date cache"):
+        load_site(site, cache_root, SIZE, ingest_if_missing=False)
+    monkeypatch.setattr(cache_mod, "_process_one", real)
+    assert load_site(site, cache_root, SIZE).images.shape == (5, SIZE, SIZE)
+
+
+def _assert_readonly_ingest(site, cache_root):
+    s = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    cdir = cache_dir_for(site, cache_root, SIZE, "lung")
+    assert s["cached"] == 5 and s["rejected_in_cache_dir"]
+    assert s["rejected_file"] == str(cdir / "rejected.csv") and "not writable" in s["note"]
+    assert not (site / "rejected.csv").exists()
+    assert list(pd.read_csv(cdir / "rejected.csv")["source"]) == list(BAD)
+    assert ingest_site(site, cache_root, image_size=SIZE, progress=False)["reused"]
+
+
+def test_read_only_site_folder(site, tmp_path):
+    mode = site.stat().st_mode
+    os.chmod(site, stat.S_IRUSR | stat.S_IXUSR)
+    try:
+        if os.access(site, os.W_OK):
+            pytest.skip("chmod does not make the folder read-only here (running as root)")
+        _assert_readonly_ingest(site, tmp_path / "cache")
+    finally:
+        os.chmod(site, mode)
+
+
+def test_unwritable_site_logic(site, tmp_path, monkeypatch):
+    # the same path as the chmod test, independent of the user id
+    monkeypatch.setattr(cache_mod, "_site_writable", lambda _d: False)
+    _assert_readonly_ingest(site, tmp_path / "cache")
+
+
+def test_all_rejected_raises(tmp_path):
+    rows = [("imgs/bad.dcm", "P1", "MILD", "", ""), ("imgs/gone.dcm", "P2", "SEVERE", "", "")]
+    site = make_site(tmp_path / "fed", "hospZ", rows)
+    with pytest.raises(DataError, match=r"hospZ.*rejected\.csv"):
+        ingest_site(site, tmp_path / "cache", image_size=SIZE, progress=False)
+    assert len(read_rejected(site)) == 2
+
+
+def test_bad_manifest_is_one_line_data_error(site, tmp_path):
+    (site / "manifest.csv").write_text("image,patient_id,prognosis,brixia\nimgs/a.dcm,P1,GOOD,\n")
+    with pytest.raises(DataError) as err:
+        ingest_site(site, tmp_path / "cache", image_size=SIZE, progress=False)
+    assert "\n" not in str(err.value) and "prognosis" in str(err.value)
+
+
+def test_workers_identical_bytes(site, tmp_path):
+    one = ingest_site(site, tmp_path / "c1", image_size=SIZE, workers=1, progress=False)
+    two = ingest_site(site, tmp_path / "c2", image_size=SIZE, workers=2, progress=False)
+    a = (tmp_path / "c1").joinpath(*os.path.relpath(one["cache_dir"], tmp_path / "c1").split(os.sep))
+    b = (tmp_path / "c2").joinpath(*os.path.relpath(two["cache_dir"], tmp_path / "c2").split(os.sep))
+    for name in ("images.npy", "index.csv", "rejected.csv"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_ingest_federation(tmp_path):
+    fed = tmp_path / "fed"
+    make_site(fed, "a_site")
+    shutil.copytree(fed / "a_site", fed / "b_site")
+    out = ingest_federation(fed, tmp_path / "cache", image_size=SIZE, progress=False)
+    assert [s["site"] for s in out] == ["a_site", "b_site"] and all(s["cached"] == 5 for s in out)
+    assert out[0]["cache_dir"] != out[1]["cache_dir"]
+
+
+def test_preprocess_output_and_modes():
+    img, _ = chest(120, 100)
+    assert CROP_MODES == ("lung", "none")
+    for crop in CROP_MODES:
+        out = preprocess(img.astype(np.float32), size=48, crop=crop)
+        assert out.dtype == np.uint8 and out.shape == (48, 48)
+    whole = preprocess(img.astype(np.float32), size=48, crop="none")
+    assert whole.min() == 0 and whole.max() == 255
+    _, info = preprocess_with_info(img.astype(np.float32), 48, "none")
+    assert info["crop_box"] == (0, -10, 120, 110) and not info["fallback"]
+    with pytest.raises(ValueError):
+        preprocess(img, crop="heart")
+
+
+def test_lung_crop_contains_both_lungs():
+    h, w = 320, 320
+    img, lungs = chest(h, w)
+    out, info = preprocess_with_info(img.astype(np.float32), 256, "lung")
+    assert not info["fallback"]
+    t, l, b, r = info["crop_box"]
+    assert b - t == r - l  # square
+    for m in lungs:
+        rr, cc = np.nonzero(m)
+        assert t <= rr.min() and rr.max() < b and l <= cc.min() and cc.max() < r
+    air = img < 0.15 * 4000  # the background outside the body
+    inside = np.zeros_like(air)
+    inside[max(t, 0) : b, max(l, 0) : r] = True
+    assert (air & inside).sum() < 0.25 * air.sum()  # most of the background is cut away
+    assert (b - t) * (r - l) < 0.6 * h * w
+
+
+def test_lung_crop_fallback_when_no_lungs():
+    flat_noise = np.random.default_rng(1).random((80, 60)).astype(np.float32)
+    out, info = preprocess_with_info(flat_noise, 32, "lung")
+    assert info["fallback"] and info["reason"] and out.shape == (32, 32)
+    assert info["crop_box"] == (0, -10, 80, 70)  # whole image, made square by centre padding

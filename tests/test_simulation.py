@@ -1,0 +1,84 @@
+"""A real Flower simulation (`flwr run` against a SuperLink the driver started): the held-out centre
+never receives a train message, metrics reach the store, and every process started is stopped."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from shared.audit import read_message_log
+from shared.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+
+def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
+    cfg, table, _ = sim_run
+    sites_ws = cfg.workspace_path / "sites"
+    logs = {s: read_message_log(sites_ws / s) for s in ("A", "B", "C", "BRIXIA")}
+    # Every site was asked who it is; the held-out centre A only ever evaluated.
+    for site, df in logs.items():
+        assert "query" in set(df["message_type"]), site
+    assert "train" not in set(logs["A"]["message_type"])
+    assert (logs["A"]["message_type"] == "evaluate").sum() == 4  # 2 methods x 2 rounds
+    assert set(logs["A"]["split"][logs["A"]["message_type"] == "evaluate"]) == {"all"}
+    # mdmt trains every non-held-out site; stl_prognosis never trains the severity site.
+    brixia_train = logs["BRIXIA"][logs["BRIXIA"]["message_type"] == "train"]
+    assert set(brixia_train["unit_id"]) == {"mdmt/resnet18/loco/A/seed0"}
+    for s in ("B", "C"):
+        assert (logs[s]["message_type"] == "train").sum() == 4
+
+    db = sqlite3.connect(cfg.store_path)
+    units = dict(db.execute("SELECT unit_id, status FROM units").fetchall())
+    assert units == {"mdmt/resnet18/loco/A/seed0": "done", "stl_prognosis/resnet18/loco/A/seed0": "done"}
+    rows = db.execute(
+        "SELECT round, site, task, split, name FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0'"
+    ).fetchall()
+    assert {r[0] for r in rows} == {1, 2}
+    assert (1, "A", "prognosis", "all", "auc") in rows and (2, "A", "prognosis", "all", "acc") in rows
+    assert (2, "BRIXIA", "severity", "val", "acc") in rows
+    trained = db.execute(
+        "SELECT DISTINCT site FROM participation WHERE kind='train' AND status='ok'"
+    ).fetchall()
+    assert "A" not in {t[0] for t in trained}
+
+
+def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
+    cfg, table, lines = sim_run
+    for method in ("mdmt", "stl_prognosis"):
+        rows = table[table["method"] == method]
+        assert list(rows["centre"]) == ["A", "mean", "pooled"]
+        a = rows[rows["centre"] == "A"].iloc[0]
+        # the held-out centre is scored on all its images
+        store = RunStore(cfg.store_path, readonly=True)
+        n_a = [r["n"] for r in store.eval_stats(f"{method}/resnet18/loco/A/seed0", int(a["round"]))
+               if r["site"] == "A" and r["task"] == "prognosis"]
+        store.close()
+        assert int(a["n"]) == n_a[0] > 0
+        assert 0.0 <= a["acc"] <= 1.0 and a["auc_lo"] <= a["auc"] <= a["auc_hi"]
+    assert any("| mdmt | resnet18 | pooled |" in line for line in lines)
+
+
+def test_driver_stopped_every_process_it_started(sim_run):
+    import os
+    from pathlib import Path
+
+    cfg, _, _ = sim_run
+    home = str(cfg.workspace_path / "flwr")
+    leftovers = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if f"FLWR_HOME={home}".encode() in (entry / "environ").read_bytes():
+                    leftovers.append(int(entry.name))
+            except OSError:
+                pass
+    assert leftovers == [] or all(_zombie(p) for p in leftovers), leftovers
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
+    except OSError:
+        return True
