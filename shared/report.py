@@ -46,6 +46,7 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
         out.append(grp)
         mean = {k: float(grp[k].mean()) for k in TABLE_METRICS}
         mean["n"] = int(grp["n"].sum())
+        mean["auc_lo"] = mean["auc_hi"] = float("nan")  # an interval of a mean of centres is not a bootstrap CI
         out.append(pd.DataFrame([{"method": method, "backbone": backbone, "seed": seed_, "centre": "mean",
                                   "round": np.nan, **mean}]))
         parts = pooled[(method, backbone, seed_)]
@@ -66,7 +67,9 @@ def to_markdown(df: pd.DataFrame) -> str:
             "| sens | spec | round |")
     lines = [head, "|" + "---|" * 12]
     for r in df.itertuples(index=False):
-        auc = f"{_fmt(r.auc, False)} [{_fmt(r.auc_lo, False)}, {_fmt(r.auc_hi, False)}]"
+        auc = _fmt(r.auc, False)
+        if not pd.isna(r.auc_lo):
+            auc += f" [{_fmt(r.auc_lo, False)}, {_fmt(r.auc_hi, False)}]"
         rnd = "" if pd.isna(r.round) else str(int(r.round))
         lines.append(f"| {r.method} | {r.backbone} | {r.centre} | {int(r.n)} | {_fmt(r.acc)} | {_fmt(r.f1)} | "
                      f"{_fmt(r.gmean)} | {_fmt(r.gmean_weighted)} | {auc} | {_fmt(r.sensitivity)} | "
