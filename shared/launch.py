@@ -76,6 +76,9 @@ class LocalSimulation:
             "RAY_USAGE_STATS_ENABLED": "0",
             TOKEN_VAR: self.token,
         })
+        # The SuperLink spawns Flower's other executables by name: they must come from this environment.
+        bindir = str(Path(sys.executable).parent)
+        env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env
 
     def start(self, timeout: float = 60.0) -> "LocalSimulation":
