@@ -10,9 +10,6 @@ DEMO_WS ?= runs/demo
 DEMO_FED ?= runs/demo-federation
 DEMO_SCALE ?= 0.12
 DEMO_DICOM_SIZE ?= 160
-DEMO_IMAGE_SIZE ?= 64
-DEMO_ROUNDS ?= 4
-DEMO_BACKBONE ?= resnet18
 
 .PHONY: install demo test clean-demo
 
@@ -31,8 +28,7 @@ $(DEMO_FED)/synth.json: | $(STAMP)
 	$(BIN)/mdmt synth $(DEMO_FED) --scale $(DEMO_SCALE) --image-size $(DEMO_DICOM_SIZE) --seed 0
 
 demo: $(STAMP) $(DEMO_FED)/synth.json
-	$(BIN)/mdmt loco --fed $(DEMO_FED) --method mdmt,stl_prognosis --backbone $(DEMO_BACKBONE) \
-		--rounds $(DEMO_ROUNDS) --image-size $(DEMO_IMAGE_SIZE) --seed 0 --workspace $(DEMO_WS)
+	$(BIN)/mdmt loco --config simulations/demo.toml --fed $(DEMO_FED) --workspace $(DEMO_WS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

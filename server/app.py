@@ -72,6 +72,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[d
 def main(grid: Grid, context: Context) -> None:
     # Configuration: one schema, validated before any message is sent.
     cfg = RunConfig.from_mapping(context.run_config)
+    cfg.check_server_files()
     setup_logging()
     sites, node_of = discover_sites(grid, cfg)
     rounds = FlowerRounds(grid, node_of, cfg.round_timeout)

@@ -127,8 +127,11 @@ class RunConfig:
             raise bad("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         if self.patience < 0 or self.select_after < 0:
             raise bad("patience", "and 'select-after' must be >= 0")
+
+    def check_server_files(self, source: str = "run config") -> None:
+        """Files only the server reads (the sites never need the weights file: they get the model from it)."""
         if self.weights and not Path(self.weights).is_file():
-            raise bad("weights", f"file not found: {self.weights}")
+            raise ConfigError(f"{source}: 'weights' file not found: {self.weights}")
 
     # ---- derived values -----------------------------------------------------------------------
     @property

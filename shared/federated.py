@@ -114,8 +114,15 @@ class Selection:
     since_best: int = 0
 
     def update(self, rnd: int, loss: float) -> bool:
-        eligible = rnd > self.select_after or self.best_round is None
-        if eligible and not math.isnan(loss) and (loss < self.best_loss or self.best_round is None):
+        """Record a round's loss; True when it becomes the selected round.
+
+        Rounds up to ``select_after`` are only a fallback (kept in case the run ends that early); the
+        first round after them replaces the fallback whatever its loss.
+        """
+        eligible = rnd > self.select_after
+        fallback = self.best_round is None or self.best_round <= self.select_after
+        better = not math.isnan(loss) and (self.best_round is None or loss < self.best_loss)
+        if not math.isnan(loss) and ((eligible and fallback) or better):
             self.best_round, self.best_loss, self.since_best = rnd, loss, 0
             return True
         self.since_best += 1

@@ -32,6 +32,7 @@ def prognosis_sites(fed: Path) -> list[str]:
 def prepare_config(values: dict[str, Any]) -> RunConfig:
     """The full, validated config of a simulation: absolute paths, every site named, holdouts defaulted."""
     cfg = RunConfig.from_mapping(values, source="loco")
+    cfg.check_server_files("loco")
     fed = cfg.fed_path
     available = list_sites(fed)
     sites = list(cfg.site_list) or available
@@ -39,9 +40,13 @@ def prepare_config(values: dict[str, Any]) -> RunConfig:
         if s not in available:
             raise ConfigError(f"loco: site '{s}' is not a site of {fed} ({', '.join(available)})")
     holdouts = cfg.holdout_list if values.get("holdouts") else tuple(s for s in prognosis_sites(fed) if s in sites)
+    prog = set(prognosis_sites(fed))
     for h in holdouts:
         if h not in sites:
             raise ConfigError(f"loco: held-out centre '{h}' is not among the sites ({', '.join(sites)})")
+        if h not in prog:
+            raise ConfigError(f"loco: held-out centre '{h}' has no prognosis labels; LOCO holds out prognosis centres "
+                              f"({', '.join(sorted(prog & set(sites)))})")
     return cfg.replace(fed_dir=str(fed), workspace=str(cfg.workspace_path), sites=",".join(sites),
                        holdouts=",".join(holdouts), cache_dir=str(cfg.cache_path), store=str(cfg.store_path))
 
@@ -119,7 +124,8 @@ def _check_units(cfg: RunConfig, log_path: Path) -> None:
            if status.get(k.unit_id, ("",))[0] != "done"]
     if bad:
         first = "; ".join(f"{u}: {st}{' (' + msg + ')' if msg else ''}" for u, (st, msg) in bad[:3])
-        raise MDMTError(f"{len(bad)} unit(s) did not finish: {first}; see {log_path}")
+        raise MDMTError(f"{len(bad)} unit(s) did not finish: {first}; last error: {_last_error(log_path)}; "
+                        f"see {log_path}")
 
 
 def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print) -> pd.DataFrame:

@@ -69,14 +69,19 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
     return out
 
 
-def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...]) -> TaskData:
-    """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
+def _load(cfg: RunConfig, loc: SiteLocation):
     from shared.data.cache import load_site
+
+    return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+
+
+def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None) -> TaskData:
+    """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
     from shared.data.splits import assign_splits
 
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
-    sd = load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+    sd = sd if sd is not None else _load(cfg, loc)
     table = sd.table
     if split == "all":
         mask = np.ones(len(table), dtype=bool)
@@ -96,12 +101,11 @@ def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, 
 def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
     """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
     from shared.data.manifest import manifest_hash
-    from shared.data.cache import load_site
 
-    sd = load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+    sd = _load(cfg, loc)
     out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
     for split in SPLIT_CHOICES:
-        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY))
+        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd)
         c = d.counts()
         out[f"{split}-prognosis"] = c[PROGNOSIS]
         out[f"{split}-severity"] = c[SEVERITY]

@@ -121,7 +121,12 @@ def train_local(
         model.to(memory_format=torch.channels_last)
     if n == 0:
         return TrainResult(0, data.counts(), 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # Only the backbone and the heads this site has labels for are optimised: weight decay would
+    # otherwise move a head that receives no gradient.
+    present = {t for t, c in data.counts().items() if c > 0}
+    params = [p for name, p in model.named_parameters()
+              if not name.startswith("heads.") or name.split(".")[1] in present]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     feed = Feeder(device)

@@ -25,12 +25,12 @@ def small_federation(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sim_run(small_federation, tmp_path_factory):
     """A real `flwr run` simulation through the LOCO driver: sites A, B, C and BRIXIA, A held out,
-    methods mdmt and stl_prognosis, 2 rounds. Returns (config, table)."""
+    every method, 2 rounds. Returns (config, table, printed lines)."""
     from shared.loco import loco, prepare_config
 
     ws = tmp_path_factory.mktemp("ws")
     values = {
-        "fed-dir": str(small_federation), "workspace": str(ws), "method": "mdmt,stl_prognosis",
+        "fed-dir": str(small_federation), "workspace": str(ws), "method": "mdmt,stl_prognosis,centralised_mdmt,stl_severity",
         "backbone": "resnet18", "num-rounds": 2, "image-size": 32, "holdouts": "A", "sites": "A,B,C,BRIXIA",
         "batch-size": 16, "seed": 0,
     }

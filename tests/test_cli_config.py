@@ -27,13 +27,18 @@ def test_pyproject_defaults_are_exactly_the_schema():
         ({"num-rounds": "three"}, "'num-rounds' must be int"),
         ({"loss-norm": "mean"}, "'loss-norm' is 'mean'; allowed: task, batch"),
         ({"image-size": 8}, "'image-size' must be at least 32"),
-        ({"weights": "/no/such/file.pth"}, "'weights' file not found"),
     ],
 )
 def test_bad_values_fail_with_the_key(values, fragment):
     with pytest.raises(ConfigError) as err:
         RunConfig.from_mapping(values)
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_weights_file_is_checked_on_the_server_side_only():
+    cfg = RunConfig.from_mapping({"weights": "/no/such/file.pth"})  # a site does not have it, and need not
+    with pytest.raises(ConfigError, match="'weights' file not found: /no/such/file.pth"):
+        cfg.check_server_files()
 
 
 def _mdmt(*args, cwd=None):

@@ -21,17 +21,26 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
     for site, df in logs.items():
         assert "query" in set(df["message_type"]), site
     assert "train" not in set(logs["A"]["message_type"])
-    assert (logs["A"]["message_type"] == "evaluate").sum() == 4  # 2 methods x 2 rounds
+    # 3 LOCO methods x 2 rounds; stl_severity has no held-out centre and never asks A anything
+    assert (logs["A"]["message_type"] == "evaluate").sum() == 6
     assert set(logs["A"]["split"][logs["A"]["message_type"] == "evaluate"]) == {"all"}
-    # mdmt trains every non-held-out site; stl_prognosis never trains the severity site.
+    # mdmt and stl_severity train the severity site; stl_prognosis never does.
     brixia_train = logs["BRIXIA"][logs["BRIXIA"]["message_type"] == "train"]
-    assert set(brixia_train["unit_id"]) == {"mdmt/resnet18/loco/A/seed0"}
+    assert set(brixia_train["unit_id"]) == {"mdmt/resnet18/loco/A/seed0", "stl_severity/resnet18/loco/-/seed0"}
+    # the centralised reference pools B, C and BRIXIA into one simulated site: one train message per round, to B
+    central = "centralised_mdmt/resnet18/loco/A/seed0"
+    for s, n in (("B", 2), ("C", 0), ("BRIXIA", 0)):
+        train = logs[s][logs[s]["message_type"] == "train"]
+        assert (train["unit_id"] == central).sum() == n, s
     for s in ("B", "C"):
-        assert (logs[s]["message_type"] == "train").sum() == 4
+        prog_units = {"mdmt/resnet18/loco/A/seed0", "stl_prognosis/resnet18/loco/A/seed0"}
+        train = logs[s][logs[s]["message_type"] == "train"]
+        assert train["unit_id"].isin(prog_units).sum() == 4, s
 
     db = sqlite3.connect(cfg.store_path)
     units = dict(db.execute("SELECT unit_id, status FROM units").fetchall())
-    assert units == {"mdmt/resnet18/loco/A/seed0": "done", "stl_prognosis/resnet18/loco/A/seed0": "done"}
+    assert units == {"mdmt/resnet18/loco/A/seed0": "done", "stl_prognosis/resnet18/loco/A/seed0": "done",
+                     "centralised_mdmt/resnet18/loco/A/seed0": "done", "stl_severity/resnet18/loco/-/seed0": "done"}
     rows = db.execute(
         "SELECT round, site, task, split, name FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0'"
     ).fetchall()
@@ -46,7 +55,8 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
 
 def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
     cfg, table, lines = sim_run
-    for method in ("mdmt", "stl_prognosis"):
+    assert set(table["method"]) == {"mdmt", "stl_prognosis", "centralised_mdmt"}
+    for method in ("mdmt", "stl_prognosis", "centralised_mdmt"):
         rows = table[table["method"] == method]
         assert list(rows["centre"]) == ["A", "mean", "pooled"]
         a = rows[rows["centre"] == "A"].iloc[0]
@@ -57,7 +67,22 @@ def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
         store.close()
         assert int(a["n"]) == n_a[0] > 0
         assert 0.0 <= a["acc"] <= 1.0 and a["auc_lo"] <= a["auc"] <= a["auc_hi"]
+        pooled = rows[rows["centre"] == "pooled"].iloc[0]
+        assert pooled["n"] == a["n"] and pooled["acc"] == a["acc"]  # one centre: pooled == that centre
     assert any("| mdmt | resnet18 | pooled |" in line for line in lines)
+
+
+def test_checkpoints_carry_config_and_manifest_hashes(sim_run):
+    from shared.checkpoint import load_checkpoint
+    from shared.data.manifest import manifest_hash
+
+    cfg, _, _ = sim_run
+    ck = load_checkpoint(cfg.workspace_path / "checkpoints" / "mdmt__resnet18__loco__A__seed0" / "best.pt")
+    assert ck["config"]["method"] == "mdmt" and ck["config"]["fold"] == "A"
+    assert ck["manifest_hashes"] == {s: manifest_hash(cfg.fed_path / s) for s in ("B", "BRIXIA", "C")}
+    latest = load_checkpoint(cfg.workspace_path / "checkpoints" / "mdmt__resnet18__loco__A__seed0" / "latest.pt")
+    assert latest["round"] == 2
+    assert set(ck["state_dict"]) == set(latest["state_dict"])
 
 
 def test_driver_stopped_every_process_it_started(sim_run):
