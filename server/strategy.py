@@ -11,6 +11,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared import protocol as P
+from shared.train import TrainResult
 from shared.federated import UnitPlan, aggregate_replies
 
 
@@ -31,7 +32,7 @@ class TaskAwareFedAvg(FedAvg):
         self.site_of = {n: s for s, n in node_of.items()}
         self.previous = previous
         self.train_status: dict[str, str] = {}
-        self.trained: dict[str, P.SiteTrain] = {}
+        self.trained: dict[str, TrainResult] = {}
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, per_site: dict[str, dict[str, Any]], kind: str
                   ) -> list[Message]:

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shared import protocol as P
+from shared.train import TrainResult
 from shared.aggregate import SiteUpdate, task_aware_fedavg
 from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
@@ -94,7 +95,7 @@ class Rounds(Protocol):
     """Moves arrays to the sites and back; implemented with Flower in server/."""
 
     def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
-              ) -> tuple[dict[str, np.ndarray], dict[str, P.SiteTrain], dict[str, str]]:
+              ) -> tuple[dict[str, np.ndarray], dict[str, TrainResult], dict[str, str]]:
         """Send a train message to each of ``plan.train_messages``; returns the task-aware average
         (see :func:`aggregate_replies`), what each site reported, and each addressed site's status."""
 
@@ -138,7 +139,7 @@ def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def aggregate_replies(previous: dict[str, np.ndarray], replies: dict[str, tuple[dict[str, np.ndarray], P.SiteTrain]]
+def aggregate_replies(previous: dict[str, np.ndarray], replies: dict[str, tuple[dict[str, np.ndarray], TrainResult]]
                       ) -> dict[str, np.ndarray]:
     """Task-aware FedAvg of the sites' returned arrays, weighted by their reported counts."""
     updates = [SiteUpdate(s, arr, t.n_examples, t.n_task) for s, (arr, t) in sorted(replies.items())]

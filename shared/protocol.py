@@ -65,15 +65,6 @@ def eval_metrics(res: EvalResult) -> dict[str, Any]:
 
 
 @dataclass
-class SiteTrain:
-    n_examples: int
-    n_task: dict[str, int]
-    loss: float
-    loss_task: dict[str, float]
-    seconds: float
-
-
-@dataclass
 class SiteEval:
     """What the server knows of a site's evaluation: sufficient statistics, no per-sample data."""
 
@@ -87,12 +78,14 @@ class SiteEval:
         return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
 
 
-def read_train(m: dict[str, Any]) -> SiteTrain:
-    return SiteTrain(
+def read_train(m: dict[str, Any]) -> TrainResult:
+    """A site's training report, as the server receives it."""
+    return TrainResult(
         n_examples=int(m[NUM_EXAMPLES]),
         n_task={PROGNOSIS: int(m["n-prognosis"]), SEVERITY: int(m["n-severity"])},
         loss=float(m["train-loss"]),
         loss_task={PROGNOSIS: float(m["train-loss-prognosis"]), SEVERITY: float(m["train-loss-severity"])},
+        steps=int(m["steps"]),
         seconds=float(m["seconds"]),
     )
 

@@ -9,28 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from shared.data.dicom import read_dicom, read_image
 from shared.errors import DicomRejected
-
-
-def write_dicom(path, arr, photometric="MONOCHROME2", bits_stored=None, **elements):
-    """A real DICOM file (preamble + file meta) written by pydicom's dcmwrite."""
-    ds = Dataset()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Manufacturer = "TESTCO"
-    arr = np.asarray(arr)
-    if bits_stored is None:
-        bits_stored = 12 if arr.dtype == np.uint16 else arr.dtype.itemsize * 8
-    ds.set_pixel_data(arr, photometric, bits_stored=bits_stored)
-    for k, v in elements.items():
-        setattr(ds, k, v)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+from dicom_helpers import write_dicom
 
 
 KNOWN = np.array([[0, 100, 200], [300, 400, 1000]], dtype=np.uint16)

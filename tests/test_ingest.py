@@ -18,23 +18,9 @@ from shared.data.cache import cache_dir_for, ingest_federation, ingest_site, loa
 from shared.data.manifest import read_rejected, write_rejected
 from shared.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
 from shared.errors import DataError
+from dicom_helpers import write_dicom
 
 SIZE = 64
-
-
-def write_dicom(path, arr, photometric="MONOCHROME2"):
-    ds = Dataset()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.set_pixel_data(np.asarray(arr), photometric, bits_stored=12)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def chest(h=96, w=96, seed=0, noise=0.03):
