@@ -41,6 +41,25 @@ def cmd_ingest(a: argparse.Namespace) -> None:
               f"{' (reused)' if r.get('reused') else ''} -> {r['cache_dir']}")
 
 
+def cmd_splits(a: argparse.Namespace) -> None:
+    from shared.data.manifest import list_sites, read_manifest, site_role
+    from shared.data.splits import federation_splits
+
+    fed = Path(a.fed)
+    tables = {s: read_manifest(fed / s) for s in list_sites(fed)}
+    prog = [s for s, t in tables.items() if site_role(t) in ("prognosis", "both")]
+    df = federation_splits(tables, prog, a.seed, a.val_fraction, a.folds, exclude_consensus=not a.include_consensus)
+    out = Path(a.out) if a.out else fed / f"splits-seed{a.seed}.csv"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    except OSError as exc:
+        raise MDMTError(f"{out}: cannot write the split file ({exc.strerror}); choose another path with --out") from None
+    counts = df.groupby(["protocol", "fold", "role"]).size().unstack("role", fill_value=0)
+    print(counts.to_string())
+    print(f"\nsplit file: {out} ({len(df)} rows)")
+
+
 def cmd_loco(a: argparse.Namespace) -> None:
     from shared.config import load_toml
     from shared.loco import loco
@@ -92,6 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
+
+    s = sub.add_parser("splits", help="write the federation's split file (LOCO and k-fold CV), reproducible from a seed")
+    s.add_argument("fed", help="federation folder")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--folds", type=int, default=5)
+    s.add_argument("--val-fraction", type=float, default=0.1, help="LOCO validation share per training site")
+    s.add_argument("--include-consensus", action="store_true", help="let BRIXIA's consensus set train")
+    s.add_argument("--out", default="", help="default: FED/splits-seed<K>.csv")
+    s.set_defaults(fn=cmd_splits)
 
     s = sub.add_parser("loco", help="leave-one-centre-out: one Flower simulation per config, every held-out centre")
     s.add_argument("--fed", help="federation folder")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+import pandas as pd
 import torch
 
 from shared import protocol as P
@@ -75,10 +76,18 @@ def _load(cfg: RunConfig, loc: SiteLocation):
     return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
 
 
+def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
+    """image -> train/val/test, computed on the whole manifest (the same rule as ``mdmt splits``), so a
+    file that later fails to decode never shifts another patient's split."""
+    from shared.data.manifest import read_manifest
+    from shared.data.splits import site_splits
+
+    df = read_manifest(loc.site_dir)
+    return pd.Series(site_splits(df, loc.site, cfg.seed, cfg.val_fraction).to_numpy(), index=df["image"].to_numpy())
+
+
 def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None) -> TaskData:
     """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
-    from shared.data.splits import assign_splits
-
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
     sd = sd if sd is not None else _load(cfg, loc)
@@ -86,8 +95,7 @@ def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, 
     if split == "all":
         mask = np.ones(len(table), dtype=bool)
     else:
-        splits = assign_splits(table, loc.site, cfg.seed, cfg.val_fraction)
-        mask = (splits == split).to_numpy()
+        mask = (table["image"].map(manifest_splits(cfg, loc)) == split).to_numpy()
     y_prog = table["y_prog"].to_numpy(dtype=np.int64).copy()
     y_sev = table["y_sev"].to_numpy(dtype=np.int64).copy()
     if PROGNOSIS not in tasks:

@@ -153,3 +153,86 @@ def split_counts(df: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
             row[f"b{k}"] = int((sev[m] == f"b{k}").sum())
         rows.append(row)
     return pd.DataFrame(rows).set_index("split")
+
+
+# ---- protocols: the split file of a federation ---------------------------------------------------------
+
+CONSENSUS_COLUMN = "ConsensusTestset"  # BRIXIA's 150 images scored by 5 radiologists
+SPLIT_FILE_COLUMNS = ("site", "image", "protocol", "fold", "role")
+
+
+def consensus_rows(df: pd.DataFrame) -> pd.Series:
+    """Rows of BRIXIA's consensus test set (``ConsensusTestset`` = 1/true) and every other image of
+    the same patients, so no consensus patient is seen in training; False where the column is absent."""
+    flagged = _col(df, CONSENSUS_COLUMN).str.lower().isin(["1", "true", "yes"])
+    if not flagged.any():
+        return flagged
+    pid = df["patient_id"].astype(str)
+    return pid.isin(set(pid[flagged]))
+
+
+def site_splits(df: pd.DataFrame, site: str, seed: int, val_fraction: float = 0.1,
+                exclude_consensus: bool = True) -> pd.Series:
+    """A training site's rows under LOCO: :func:`assign_splits`, and by default the consensus set
+    kept out of training as the severity test set."""
+    out = assign_splits(df, site, seed, val_fraction)
+    if exclude_consensus:
+        out[consensus_rows(df)] = "test"
+    return out
+
+
+def _cv_strata(df: pd.DataFrame, site: str) -> np.ndarray:
+    """class x centre for prognosis rows; severity class x manufacturer x centre for severity-only rows."""
+    prog = _col(df, "prognosis")
+    manu = _col(df, "manufacturer") if "manufacturer" in df.columns else _col(df, "Manufacturer")
+    fine = stratum_labels(df)
+    return np.array([f"{p}|{site}" if p else f"{s}|{m}|{site}" for p, s, m in zip(prog, fine, manu)], dtype=object)
+
+
+def cv_folds(tables: dict[str, pd.DataFrame], seed: int, n_folds: int = 5) -> pd.DataFrame:
+    """Patient-level k-fold assignment over the whole federation: fold of each (site, image)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    parts = [pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "stratum": _cv_strata(t, s),
+                           "group": s + "\x1f" + t["patient_id"].astype(str).to_numpy()})
+             for s, t in sorted(tables.items())]
+    allrows = pd.concat(parts, ignore_index=True)
+    labels = _merge_rare(allrows["stratum"].to_numpy(), allrows["group"].to_numpy(), n_folds)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=site_seed(seed, "*", "cv"))
+    fold = np.zeros(len(allrows), dtype=int)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(allrows)), labels, allrows["group"].to_numpy())):
+            fold[idx] = k
+    allrows["cv_fold"] = fold
+    return allrows[["site", "image", "cv_fold"]]
+
+
+def federation_splits(tables: dict[str, pd.DataFrame], prognosis_sites: list[str], seed: int,
+                      val_fraction: float = 0.1, n_folds: int = 5, exclude_consensus: bool = True) -> pd.DataFrame:
+    """Every (site, image, protocol, fold, role) of a federation, reproducible from the seed.
+
+    - ``loco``: one fold per prognosis centre; that centre's rows are ``test``; the other sites' rows follow
+      :func:`site_splits` (validation drawn only from the training centres).
+    - ``cv``: patient-level ``n_folds``-fold CV stratified by class x centre (x manufacturer for severity
+      rows); in fold k, test = fold k, validation = fold k+1, training = the rest.
+    In both, the manifest's ``split = test`` rows and (by default) BRIXIA's consensus set are ``test``.
+    """
+    rows = []
+    fixed_test = {s: (_col(t, "split") == "test") | (consensus_rows(t) if exclude_consensus else False)
+                  for s, t in tables.items()}
+    base = {s: site_splits(t, s, seed, val_fraction, exclude_consensus) for s, t in tables.items()}
+    for holdout in prognosis_sites:
+        for s, t in sorted(tables.items()):
+            role = ["test"] * len(t) if s == holdout else base[s].to_numpy()
+            rows.append(pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "protocol": "loco",
+                                      "fold": holdout, "role": role}))
+    folds = cv_folds(tables, seed, n_folds)
+    for k in range(n_folds):
+        role = np.where(folds["cv_fold"] == k, "test", np.where(folds["cv_fold"] == (k + 1) % n_folds, "val", "train"))
+        part = pd.DataFrame({"site": folds["site"], "image": folds["image"], "protocol": "cv", "fold": str(k), "role": role})
+        for s, t in tables.items():
+            m = (part["site"] == s).to_numpy()
+            part.loc[m, "role"] = np.where(fixed_test[s].to_numpy(), "test", part.loc[m, "role"].to_numpy())
+        rows.append(part)
+    return pd.concat(rows, ignore_index=True)[list(SPLIT_FILE_COLUMNS)]
