@@ -7,6 +7,7 @@ P(SEVERE) (scikit-learn with sample weights); confusion-derived metrics from the
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
@@ -41,12 +42,15 @@ def binary_metrics(cm: np.ndarray) -> dict[str, float]:
     tn, fp, fn, tp = cm.ravel()
     sens = tp / (tp + fn) if tp + fn else float("nan")
     spec = tn / (tn + fp) if tn + fp else float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a class never predicted: its specificity is 0 by definition
+        gmean_w = float(geometric_mean_score(y, p, average="weighted", labels=[0, 1]))
     return {
         "n": n,
         "acc": float(accuracy_score(y, p)),
         "f1": float(f1_score(y, p, average="weighted", labels=[0, 1], zero_division=0)),
         "gmean": float(math.sqrt(sens * spec)) if not (math.isnan(sens) or math.isnan(spec)) else float("nan"),
-        "gmean_weighted": float(geometric_mean_score(y, p, average="weighted", labels=[0, 1])),
+        "gmean_weighted": gmean_w,
         "sensitivity": float(sens),
         "specificity": float(spec),
     }
