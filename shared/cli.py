@@ -24,8 +24,19 @@ def cmd_synth(a: argparse.Namespace) -> None:
     from shared.data.synth import format_summary, synthesize
 
     summary = synthesize(a.out, scale=a.scale, image_size=a.image_size, seed=a.seed, both_site=a.both_site,
-                         progress=not a.quiet)
+                         layout=a.layout, progress=not a.quiet)
     print(format_summary(summary))
+
+
+def cmd_import(a: argparse.Namespace) -> None:
+    from shared.data.importers import format_import_summary, import_aiforcovid, import_brixia
+
+    if a.dataset == "aiforcovid":
+        summary = import_aiforcovid(a.src, a.out, link=not a.copy, keep_clinical=a.keep_clinical, progress=not a.quiet)
+    else:
+        summary = import_brixia(a.src, a.out, dicom_dir=a.dicom_dir, split_by=a.split_by,
+                                min_site_size=a.min_site_size, link=not a.copy, progress=not a.quiet)
+    print(format_import_summary(summary))
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
@@ -98,8 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=320, help="nominal DICOM size in pixels (default 320)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--both-site", action="store_true", help="add site DUAL, which carries both labels")
+    s.add_argument("--layout", default="federation", choices=("federation", "aiforcovid", "brixia"),
+                   help="the federation format, or a dataset's published layout (default federation)")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_synth)
+
+    s = sub.add_parser("import", help="turn a published dataset folder into federation sites")
+    ds = s.add_subparsers(dest="dataset", required=True)
+    for name, helptext in (("aiforcovid", "AIforCOVID: imgs*/ folders + AIforCOVID*.xlsx; one site per Hospital"),
+                           ("brixia", "BRIXIA: dicom_clean/ + metadata_global_v2.csv")):
+        d = ds.add_parser(name, help=helptext)
+        d.add_argument("src", help="the dataset folder as published")
+        d.add_argument("out", help="the federation folder to write")
+        d.add_argument("--copy", action="store_true", help="copy images instead of linking them")
+        d.add_argument("--quiet", action="store_true")
+        if name == "aiforcovid":
+            d.add_argument("--keep-clinical", action="store_true", help="copy the clinical columns into the manifests")
+        else:
+            d.add_argument("--dicom-dir", default="dicom_clean", help="DICOM folder inside SRC (default dicom_clean)")
+            d.add_argument("--split-by", default="none", help="none (one site BRIXIA) or manufacturer (one site each)")
+            d.add_argument("--min-site-size", type=int, default=50,
+                           help="with --split-by manufacturer: smaller manufacturers are merged into OTHER")
+        d.set_defaults(fn=cmd_import)
 
     s = sub.add_parser("ingest", help="decode, crop and cache a site or a whole federation")
     s.add_argument("dir", help="a site folder (with manifest.csv) or a federation folder")

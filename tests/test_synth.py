@@ -255,3 +255,91 @@ def test_high_burden_images_are_denser_in_the_lungs(fed):
 
     lo, hi = np.array([lung_mean(i) for i in lows]), np.array([lung_mean(i) for i in highs])
     assert hi.mean() - lo.mean() > 0.06
+
+
+# ---------------------------------------------------------------------------------------------- published layouts
+def test_aiforcovid_layout_holds_the_federation_images_and_labels(fed, tmp_path):
+    openpyxl = pytest.importorskip("openpyxl")
+    out_fed, _ = fed
+    out = tmp_path / "aic"
+    summary = synth.synthesize(out, scale=SCALE, image_size=SIZE, seed=0, layout="aiforcovid", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["AIforCOVID.xlsx", "AIforCOVID_r2.xlsx", "AIforCOVID_r3.xlsx", "imgs", "imgs_r2", "imgs_r3",
+         "synth.json", "synth_truth.csv"])
+    assert json.loads((out / "synth.json").read_text())["parameters"]["layout"] == "aiforcovid"
+    truth = pd.read_csv(out / "synth_truth.csv", dtype=str, keep_default_na=False)
+    n = sum(synth.scaled_count(m, SCALE, synth.PROGNOSIS_FLOOR) + synth.scaled_count(s, SCALE, synth.PROGNOSIS_FLOOR)
+            for m, s in PUB_PROGNOSIS.values())
+    assert len(truth) == n and set(truth["site"]) == set(PUB_PROGNOSIS)
+    files = [p for p in out.rglob("*") if p.is_file() and p.parts[len(out.parts)].startswith("imgs")]
+    assert sorted(p.relative_to(out).as_posix() for p in files) == sorted(truth["image"])
+    assert any(not p.name.endswith(".dcm") for p in files) and any(p.name.endswith(".dcm") for p in files)
+    assert any(len(p.relative_to(out).parts) > 2 for p in files)  # nested folders
+    assert all(re.fullmatch(r"P_\d+(_\d+)?", i) for i in truth["image_id"])
+    assert truth["image_id"].is_unique
+    # same images (byte-identical DICOMs) and labels as the federation layout for the same seed
+    fed_truth = pd.read_csv(out_fed / "synth_truth.csv", dtype=str, keep_default_na=False)
+    fed_truth = fed_truth[fed_truth["site"].isin(list(PUB_PROGNOSIS))].set_index("image")
+    assert sorted(truth["federation_image"]) == sorted(fed_truth.index)
+    assert (fed_truth.loc[truth["federation_image"], "prognosis"].values == truth["prognosis"].values).all()
+    for _, row in truth.iloc[:: max(1, len(truth) // 8)].iterrows():
+        assert (out / row["image"]).read_bytes() == (out_fed / row["site"] / row["federation_image"]).read_bytes()
+    # the workbooks: one per release, an extra sheet in r2, ImageFile with and without .dcm
+    cells = []
+    books = ["AIforCOVID.xlsx", "AIforCOVID_r2.xlsx", "AIforCOVID_r3.xlsx"]
+    for book, rel in zip(books, ["imgs", "imgs_r2", "imgs_r3"]):
+        wb = openpyxl.load_workbook(out / book)
+        if book == "AIforCOVID_r2.xlsx":
+            assert wb.sheetnames == ["Legend", "Data"]
+        ws = wb.worksheets[-1]
+        rows = list(ws.iter_rows(values_only=True))
+        assert {"ImageFile", "Hospital", "Prognosis", "Age", "Sex"} <= set(rows[0])
+        body = [dict(zip(rows[0], r)) for r in rows[1:]]
+        assert len(body) == summary["published_layout"]["releases"][rel] > 0
+        by_id = truth.set_index("image_id")
+        assert all(by_id.loc[r["ImageFile"].removesuffix(".dcm"), "image"].startswith(rel + "/") for r in body)
+        cells += body
+    assert len(cells) == n
+    with_dcm = [c["ImageFile"].endswith(".dcm") for c in cells]
+    assert any(with_dcm) and not all(with_dcm)
+    t = truth.set_index("image_id")
+    assert all(t.loc[c["ImageFile"].removesuffix(".dcm"), "prognosis"] == c["Prognosis"] for c in cells)
+    assert all(t.loc[c["ImageFile"].removesuffix(".dcm"), "site"] == c["Hospital"] for c in cells)
+
+
+def test_brixia_layout_metadata_keeps_scores_as_text(fed, tmp_path):
+    out_fed, _ = fed
+    out = tmp_path / "bx"
+    summary = synth.synthesize(out, scale=SCALE, image_size=SIZE, seed=0, layout="brixia", progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["dicom_clean", "metadata_global_v2.csv", "synth.json",
+                                                     "synth_truth.csv"]
+    assert (out / "metadata_global_v2.csv").read_text().splitlines()[0] == (
+        "Filename;Subject;StudyId;Sex;AgeAtStudyDateFiveYear;Manufacturer;Modality;PhotometricInterpretation;"
+        "BrixiaScore;BrixiaScoreGlobal;ConsensusTestset;Rows;Columns")
+    meta = pd.read_csv(out / "metadata_global_v2.csv", sep=";", dtype=str, keep_default_na=False)
+    assert meta["BrixiaScore"].str.fullmatch(r"[0-3]{6}").all() and meta["BrixiaScore"].str.startswith("0").any()
+    assert (meta["BrixiaScore"].map(brixia_global).astype(str) == meta["BrixiaScoreGlobal"]).all()
+    assert int((meta["ConsensusTestset"] == "1").sum()) == synth.scaled_count(150, SCALE, synth.CONSENSUS_FLOOR)
+    assert set(meta["ConsensusTestset"]) == {"0", "1"}
+    assert set(meta["Manufacturer"]) <= set(synth.BRIXIA_MANUFACTURER_COUNTS)
+    assert sorted(p.name for p in (out / "dicom_clean").iterdir()) == sorted(meta["Filename"])
+    fed_man = read_manifest(out_fed / "BRIXIA").set_index("image")
+    keys = "images/" + meta["Filename"]
+    assert (fed_man.loc[keys, "brixia"].values == meta["BrixiaScore"].values).all()
+    assert (fed_man.loc[keys, "patient_id"].values == meta["Subject"].values).all()
+    for f in meta["Filename"].iloc[::40]:
+        assert (out / "dicom_clean" / f).read_bytes() == (out_fed / "BRIXIA" / "images" / f).read_bytes()
+    assert summary["published_layout"]["consensus_testset"] == int((meta["ConsensusTestset"] == "1").sum())
+
+
+def test_published_layouts_rerun_and_errors(tmp_path):
+    out = tmp_path / "p"
+    synth.synthesize(out, scale=0.01, image_size=32, layout="brixia", progress=False)
+    synth.synthesize(out, scale=0.01, image_size=32, layout="aiforcovid", progress=False)
+    assert not (out / "dicom_clean").exists() and not (out / "metadata_global_v2.csv").exists()
+    assert (out / "AIforCOVID.xlsx").is_file()
+    synth.synthesize(out, scale=0.01, image_size=32, progress=False)  # back to the federation layout
+    assert not (out / "imgs").exists() and not (out / "AIforCOVID.xlsx").exists()
+    assert "A" in list_sites(out)
+    with pytest.raises(ConfigError):
+        synth.synthesize(tmp_path / "q", scale=0.01, layout="aiforcovid", both_site=True, progress=False)

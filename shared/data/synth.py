@@ -9,6 +9,9 @@
 plus, at the federation root, ``synth.json`` (parameters, counts, the oracle ceiling) and
 ``synth_truth.csv`` (per image: latent zone scores, burden, hidden factor, P(SEVERE)).
 
+``layout="aiforcovid"`` / ``"brixia"`` write the same A-F / BRIXIA images and labels (byte-identical DICOMs)
+in the datasets' published layouts instead, as input for ``shared.data.importers`` (docs/synthetic.md).
+
 The generative model (every constant is documented in docs/synthetic.md):
 
 1. Global Brixia score G (0..18) ~ the published BRIXIA distribution (``BRIXIA_GLOBAL_COUNTS``).
@@ -94,6 +97,15 @@ BRIXIA_IMAGES_PER_PATIENT: tuple[float, ...] = (0.50, 0.22, 0.13, 0.08, 0.04, 0.
 #: sd of the noise added to G before grouping sorted images into patients (serial images stay similar).
 BRIXIA_PATIENT_GROUPING_SD = 2.0
 
+#: layout="brixia": the published consensus test set (150 images at scale 1), scaled like BRIXIA's buckets.
+CONSENSUS_TESTSET_COUNT = 150
+CONSENSUS_FLOOR = BRIXIA_FLOOR
+#: layout="aiforcovid": share of the A-F images in release 1, 2, 3 (imgs/, imgs_r2/, imgs_r3/). ASSUMPTION:
+#: the real releases' sizes are not in our notes.
+AIFORCOVID_RELEASE_SHARES = (0.5, 0.3, 0.2)
+AIFORCOVID_NO_SUFFIX_SHARE = 0.25  # DICOM files written without the .dcm suffix
+AIFORCOVID_IMAGEFILE_DCM_SHARE = 0.5  # ImageFile cells written with the .dcm suffix
+
 # --------------------------------------------------------------------------------------------------
 # Prognosis model: logit P(SEVERE) = SEVERE_SLOPE * (G - SEVERE_CENTRE) + HIDDEN_WEIGHT * h, h ~ N(0, 1)
 # --------------------------------------------------------------------------------------------------
@@ -104,7 +116,9 @@ CEILING_MC_SAMPLES = 200_000
 #: The documented range the oracle AUC (model, exact) must fall in.
 CEILING_AUC_RANGE = (0.75, 0.85)
 
-LAYOUTS = ("federation",)
+#: ``federation``: the federation format; ``aiforcovid`` / ``brixia``: the datasets' published layouts
+#: (A-F resp. BRIXIA only), for the importers of ``shared.data.importers``.
+LAYOUTS = ("federation", "aiforcovid", "brixia")
 _MM_PER_UNIT = 200.0  # anatomy unit (thorax half-width ~0.8) in mm, for PixelSpacing
 _FIELD_UNITS = 2.2  # anatomy units across the shorter image side at zoom 1
 
@@ -678,26 +692,36 @@ def _clean(out: Path, sites: list[str]) -> None:
         raise ConfigError(f"{out}: folder is not empty and holds no synthetic federation (synth.json); "
                           "give a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
-    for s in sorted(set(sites) | set(PROGNOSIS_SITES) | {SEVERITY_SITE, DUAL_SITE}):
+    for s in sorted(set(sites) | set(PROGNOSIS_SITES) | {SEVERITY_SITE, DUAL_SITE}) + list(_PUBLISHED_DIRS):
         if (out / s).is_dir():
             shutil.rmtree(out / s)
-    for f in ("synth.json", "synth_truth.csv"):
+    for f in ("synth.json", "synth_truth.csv") + _PUBLISHED_FILES:
         if (out / f).is_file():
             (out / f).unlink()
 
 
-def _write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size: int) -> dict:
-    """Render and write one planned image; return its synth_truth.csv row."""
+def _patient(seed: int, site: str, patient_id: str) -> tuple[dict, str]:
+    """A patient's anatomy and sex (seeded by the patient id)."""
+    pat_rng = np.random.default_rng(derive_seed(seed, "synth", site, "patient", patient_id))
+    anat = _anatomy(pat_rng)
+    return anat, ("M" if pat_rng.random() < 0.6 else "F")
+
+
+def _write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size: int,
+                 dest: Path | None = None) -> dict:
+    """Render and write one planned image (to ``sdir / rec["image"]``, or ``dest``); return its truth row.
+
+    Pixels, tags and UIDs depend only on (seed, site, rec), never on ``dest``: every layout writes the
+    same bytes for the same image.
+    """
     look = look_for(site, rec["manufacturer"])
     rows, cols = image_shape(look, image_size)
-    pat_rng = np.random.default_rng(derive_seed(seed, "synth", site, "patient", rec["patient_id"]))
-    anat = _anatomy(pat_rng)
-    sex = "M" if pat_rng.random() < 0.6 else "F"
+    anat, sex = _patient(seed, site, rec["patient_id"])
     img_rng = np.random.default_rng(derive_seed(seed, "synth", site, "image", rec["image"]))
     view = "AP" if img_rng.random() < (0.7 if site == SEVERITY_SITE else 0.4) else "PA"
     img, spacing = render(anat, rec["zones"], look, rows, cols, img_rng)
     stored, wc, ww = to_stored(img, look)
-    write_dicom(sdir / rec["image"], stored, look, {
+    write_dicom(dest if dest is not None else sdir / rec["image"], stored, look, {
         "seed": seed, "site": site, "image": rec["image"], "patient_id": rec["patient_id"],
         "date": f"2020{3 + k % 3:02d}{1 + k % 28:02d}", "study_id": str(k + 1), "sex": sex, "view": view,
         "spacing": spacing, "wc": wc, "ww": ww,
@@ -714,11 +738,187 @@ def _write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size
     }
 
 
+# --------------------------------------------------------------------------------------------------
+# The published layouts (layout="aiforcovid" / "brixia"): same images and labels, the datasets' own files
+# --------------------------------------------------------------------------------------------------
+AIFORCOVID_WORKBOOKS = ("AIforCOVID.xlsx", "AIforCOVID_r2.xlsx", "AIforCOVID_r3.xlsx")
+AIFORCOVID_IMG_DIRS = ("imgs", "imgs_r2", "imgs_r3")
+BRIXIA_DICOM_DIR = "dicom_clean"
+BRIXIA_METADATA = "metadata_global_v2.csv"
+BRIXIA_METADATA_COLUMNS = ("Filename", "Subject", "StudyId", "Sex", "AgeAtStudyDateFiveYear", "Manufacturer",
+                           "Modality", "PhotometricInterpretation", "BrixiaScore", "BrixiaScoreGlobal",
+                           "ConsensusTestset", "Rows", "Columns")
+AIFORCOVID_SHEET_COLUMNS = ("ImageFile", "Hospital", "Age", "Sex", "Fever", "Cough", "Prognosis")
+_PUBLISHED_DIRS = AIFORCOVID_IMG_DIRS + (BRIXIA_DICOM_DIR,)
+_PUBLISHED_FILES = AIFORCOVID_WORKBOOKS + (BRIXIA_METADATA,)
+_LEGEND = {
+    "ImageFile": "image id (file name in the release's imgs folder, with or without .dcm)",
+    "Hospital": "centre letter A-F",
+    "Age": "age in years at admission",
+    "Sex": "M or F",
+    "Fever": "fever at admission (1 yes, 0 no)",
+    "Cough": "cough at admission (1 yes, 0 no)",
+    "Prognosis": "MILD or SEVERE",
+}
+
+
+def _need_openpyxl() -> None:
+    try:
+        import openpyxl  # noqa: F401
+    except ImportError:
+        raise ConfigError("synth layout 'aiforcovid' writes .xlsx workbooks and needs openpyxl "
+                          "(pip install openpyxl)") from None
+
+
+def _round_half_up(x: float) -> int:
+    return int(Decimal(repr(float(x))).quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def _aiforcovid_files(plans: dict, seed: int) -> list[dict]:
+    """Where each A-F image goes in the AIforCOVID layout: release, image id, file path, ImageFile cell,
+    clinical columns. Seeded by name, independent of the rendering streams."""
+    rng = np.random.default_rng(derive_seed(seed, "synth", "aiforcovid", "layout"))
+    pooled = [(s, k, rec) for s in PROGNOSIS_SITES for k, rec in enumerate(plans[s])]
+    n = len(pooled)
+    order = rng.permutation(n)
+    n1 = _round_half_up(n * AIFORCOVID_RELEASE_SHARES[0])
+    n2 = _round_half_up(n * AIFORCOVID_RELEASE_SHARES[1])
+    release = np.full(n, 3)
+    release[order[:n1]] = 1
+    release[order[n1:n1 + n2]] = 2
+    rank = np.empty(n, int)
+    rank[order] = np.arange(n)  # row order in the workbooks (shuffled)
+    no_suffix = rng.random(n) < AIFORCOVID_NO_SUFFIX_SHARE
+    with_dcm = rng.random(n) < AIFORCOVID_IMAGEFILE_DCM_SHARE
+    nested = rng.random(n) < 0.5
+    age = np.clip(np.rint(rng.normal(63, 15, n)), 18, 99).astype(int)
+    fever = (rng.random(n) < 0.7).astype(int)
+    cough = (rng.random(n) < 0.5).astype(int)
+    n_r1, n_h = 0, {s: 0 for s in PROGNOSIS_SITES}
+    out = []
+    for i, (site, k, rec) in enumerate(pooled):
+        r = int(release[i])
+        h = PROGNOSIS_SITES.index(site) + 1
+        if r == 1:
+            n_r1 += 1
+            image_id = f"P_{n_r1}"
+            folder = AIFORCOVID_IMG_DIRS[0]
+        else:
+            n_h[site] += 1
+            image_id = f"P_{h}_{n_h[site]}"
+            if r == 2:
+                folder = f"{AIFORCOVID_IMG_DIRS[1]}/{site}"
+            else:
+                folder = f"{AIFORCOVID_IMG_DIRS[2]}/part_2/{site}" if nested[i] else AIFORCOVID_IMG_DIRS[2]
+        fname = image_id if no_suffix[i] else f"{image_id}.dcm"
+        out.append({
+            "site": site, "k": k, "rec": rec, "release": r, "rank": int(rank[i]), "image_id": image_id,
+            "path": f"{folder}/{fname}",
+            "cells": {"ImageFile": f"{image_id}.dcm" if with_dcm[i] else image_id, "Hospital": site,
+                      "Age": int(age[i]), "Sex": _patient(seed, site, rec["patient_id"])[1],
+                      "Fever": int(fever[i]), "Cough": int(cough[i]), "Prognosis": rec["prognosis"]},
+        })
+    return out
+
+
+def _write_workbooks(out: Path, files: list[dict]) -> dict[str, int]:
+    import datetime
+
+    import openpyxl
+
+    rows_per_book = {}
+    for r, book in enumerate(AIFORCOVID_WORKBOOKS, start=1):
+        wb = openpyxl.Workbook()
+        wb.properties.creator = "mdmt synth"
+        wb.properties.created = datetime.datetime(2020, 6, 1)
+        ws = wb.active
+        if r == 2:  # an extra sheet first: the importer must pick the sheet that has the needed columns
+            ws.title = "Legend"
+            ws.append(["Column", "Description"])
+            for k in AIFORCOVID_SHEET_COLUMNS:
+                ws.append([k, _LEGEND[k]])
+            ws = wb.create_sheet("Data")
+        else:
+            ws.title = "AIforCOVID" if r == 1 else "Sheet1"
+        ws.append(list(AIFORCOVID_SHEET_COLUMNS))
+        recs = sorted((f for f in files if f["release"] == r), key=lambda f: f["rank"])
+        for f in recs:
+            ws.append([f["cells"][c] for c in AIFORCOVID_SHEET_COLUMNS])
+        wb.save(out / book)
+        rows_per_book[book] = len(recs)
+    return rows_per_book
+
+
+def _published_truth(row: dict, image: str, patient_id: str, image_id: str) -> dict:
+    """A truth row of a published layout: ``image`` and ``patient_id`` as the importer will see them."""
+    fed_image, fed_pid = row["image"], row["patient_id"]
+    return {**row, "image": image, "patient_id": patient_id, "image_id": image_id,
+            "federation_image": fed_image, "federation_patient_id": fed_pid}
+
+
+def _write_published(out: Path, layout: str, plans: dict, seed: int, scale: float, image_size: int, bar) -> dict:
+    """Write the images and tables of a published layout; return its description plus the truth rows."""
+    truth: list[dict] = []
+    if layout == "aiforcovid":
+        files = _aiforcovid_files(plans, seed)
+        for f in files:
+            dest = out / f["path"]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            row = _write_image(out / f["site"], f["site"], f["k"], f["rec"], seed, image_size, dest=dest)
+            truth.append(_published_truth(row, f["path"], f["image_id"], f["image_id"]))
+            if bar is not None:
+                bar.update(1)
+        for d in AIFORCOVID_IMG_DIRS:
+            (out / d).mkdir(exist_ok=True)
+        books = _write_workbooks(out, files)
+        return {
+            "layout": "aiforcovid", "workbooks": books,
+            "releases": {d: sum(f["release"] == r for f in files) for r, d in enumerate(AIFORCOVID_IMG_DIRS, 1)},
+            "files_without_dcm_suffix": sum(not f["path"].endswith(".dcm") for f in files),
+            "nested_files": sum(f["path"].count("/") > 1 for f in files),
+            "imagefile_with_dcm": sum(f["cells"]["ImageFile"].endswith(".dcm") for f in files),
+            "truth": truth,
+        }
+    # brixia
+    recs = plans[SEVERITY_SITE]
+    n = len(recs)
+    n_cons = min(n, scaled_count(CONSENSUS_TESTSET_COUNT, scale, CONSENSUS_FLOOR))
+    crng = np.random.default_rng(derive_seed(seed, "synth", SEVERITY_SITE, "consensus"))
+    consensus = np.zeros(n, bool)
+    consensus[crng.choice(n, size=n_cons, replace=False)] = True
+    ddir = out / BRIXIA_DICOM_DIR
+    ddir.mkdir(parents=True, exist_ok=True)
+    meta_rows = []
+    for k, rec in enumerate(recs):
+        fname = Path(rec["image"]).name
+        row = _write_image(out / SEVERITY_SITE, SEVERITY_SITE, k, rec, seed, image_size, dest=ddir / fname)
+        truth.append(_published_truth(row, f"{BRIXIA_DICOM_DIR}/{fname}", rec["patient_id"], fname))
+        look = look_for(SEVERITY_SITE, rec["manufacturer"])
+        arng = np.random.default_rng(derive_seed(seed, "synth", SEVERITY_SITE, "age", rec["patient_id"]))
+        age5 = int(np.clip(5 * np.rint(arng.normal(65, 14) / 5), 20, 95))
+        meta_rows.append({
+            "Filename": fname, "Subject": rec["patient_id"], "StudyId": str(k + 1),
+            "Sex": _patient(seed, SEVERITY_SITE, rec["patient_id"])[1], "AgeAtStudyDateFiveYear": str(age5),
+            "Manufacturer": rec["manufacturer"], "Modality": look.modality,
+            "PhotometricInterpretation": look.photometric, "BrixiaScore": rec["brixia"],
+            "BrixiaScoreGlobal": str(rec["g"]), "ConsensusTestset": "1" if consensus[k] else "0",
+            "Rows": str(row["rows"]), "Columns": str(row["columns"]),
+        })
+        if bar is not None:
+            bar.update(1)
+    meta = pd.DataFrame(meta_rows, columns=list(BRIXIA_METADATA_COLUMNS), dtype=str)
+    meta.to_csv(out / BRIXIA_METADATA, sep=";", index=False)
+    return {"layout": "brixia", "dicom_dir": BRIXIA_DICOM_DIR, "metadata": BRIXIA_METADATA, "images": n,
+            "consensus_testset": int(consensus.sum()), "truth": truth}
+
+
 def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layout="federation", progress=True) -> dict:
     """Write a synthetic federation under ``out_dir`` and return its summary (see ``format_summary``)."""
     t0 = time.perf_counter()
     if layout not in LAYOUTS:
         raise ConfigError(f"synth layout {layout!r} is not supported; use one of: {', '.join(LAYOUTS)}")
+    if both_site and layout != "federation":
+        raise ConfigError(f"synth: both_site (site DUAL) exists only in layout 'federation', not {layout!r}")
     try:
         scale = float(scale)
         image_size = int(image_size)
@@ -731,13 +931,22 @@ def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layo
         raise ConfigError(f"synth image_size {image_size} must be between 32 and 4096 pixels")
     out = Path(out_dir)
     tg = targets(scale, both_site)
-    sites = list(PROGNOSIS_SITES) + [SEVERITY_SITE] + ([DUAL_SITE] if both_site else [])
+    if layout == "aiforcovid":
+        sites = list(PROGNOSIS_SITES)
+    elif layout == "brixia":
+        sites = [SEVERITY_SITE]
+    else:
+        sites = list(PROGNOSIS_SITES) + [SEVERITY_SITE] + ([DUAL_SITE] if both_site else [])
+    if layout == "aiforcovid":
+        _need_openpyxl()
     _clean(out, sites)
 
     plans: dict[str, list[dict]] = {}
     for s in PROGNOSIS_SITES:
-        plans[s] = _plan_prognosis(s, seed, tg[s]["MILD"], tg[s]["SEVERE"], both=False)
-    plans[SEVERITY_SITE] = _plan_brixia(seed, tg[SEVERITY_SITE]["global_score_counts"])
+        if s in sites:
+            plans[s] = _plan_prognosis(s, seed, tg[s]["MILD"], tg[s]["SEVERE"], both=False)
+    if SEVERITY_SITE in sites:
+        plans[SEVERITY_SITE] = _plan_brixia(seed, tg[SEVERITY_SITE]["global_score_counts"])
     if both_site:
         plans[DUAL_SITE] = _plan_prognosis(DUAL_SITE, seed, tg[DUAL_SITE]["MILD"], tg[DUAL_SITE]["SEVERE"], both=True)
 
@@ -748,6 +957,22 @@ def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layo
 
         bar = tqdm(total=total, desc="synth", unit="img", leave=True)
     truth_rows = []
+    if layout != "federation":
+        try:
+            with _single_thread_blas():
+                published = _write_published(out, layout, plans, seed, scale, image_size, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        truth = pd.DataFrame(published.pop("truth"))
+        truth.to_csv(out / "synth_truth.csv", index=False)
+        summary = _summary(plans, tg, scale, image_size, seed, both_site, layout)
+        summary["published_layout"] = published
+        (out / "synth.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
+        summary["out_dir"] = str(out)
+        summary["wall_s"] = round(time.perf_counter() - t0, 2)
+        summary["images_per_s"] = round(total / max(summary["wall_s"], 1e-9), 1)
+        return summary
     try:
         with _single_thread_blas():
             for site in sites:
@@ -809,11 +1034,12 @@ def _summary(plans, tg, scale, image_size, seed, both_site, layout) -> dict:
             zs = np.array([r["zones"] for r in recs])
             d["mean_zone_scores"] = [round(float(v), 3) for v in zs.mean(0)]
         sites[site] = d
-    prog = [r for s in PROGNOSIS_SITES for r in plans[s]]
+    prog = [r for s in PROGNOSIS_SITES for r in plans.get(s, [])]
     g = np.array([r["g"] for r in prog])
     y = np.array([r["prognosis"] == "SEVERE" for r in prog])
     ceiling = oracle_ceiling(seed)
-    ceiling["generated"] = _generated_ceiling(g, y)
+    if prog:
+        ceiling["generated"] = _generated_ceiling(g, y)
     theta, _, _ = zone_model()
     return {
         "generator": "mdmt synth",
