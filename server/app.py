@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from shared import protocol as P
 from shared.config import RunConfig
-from shared.federated import SiteInfo, UnitPlan, plan_unit, run_unit, unit_keys
+from shared.federated import SiteInfo, TrainRound, UnitPlan, plan_unit, run_unit, unit_keys
 from shared.logs import setup_logging
 from shared.store import RunStore
 
@@ -28,11 +28,14 @@ class FlowerRounds:
     def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float):
         self.grid, self.node_of, self.timeout = grid, node_of, timeout
 
-    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
+    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
         strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
-        msgs = strategy.configure_train(rnd, to_record(arrays), ConfigRecord(config), self.grid)
+        record = to_record(arrays)
+        msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
         new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
-        return (from_record(new) if new is not None else arrays), strategy.trained, strategy.train_status
+        down = int(record.count_bytes())
+        sizes = {s: (down, strategy.bytes_up.get(s, 0)) for s in strategy.train_status}
+        return TrainRound(from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes)
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
         strategy = TaskAwareFedAvg(plan, self.node_of, arrays)

@@ -33,6 +33,7 @@ class TaskAwareFedAvg(FedAvg):
         self.previous = previous
         self.train_status: dict[str, str] = {}
         self.trained: dict[str, TrainResult] = {}
+        self.bytes_up: dict[str, int] = {}
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, per_site: dict[str, dict[str, Any]], kind: str
                   ) -> list[Message]:
@@ -56,6 +57,7 @@ class TaskAwareFedAvg(FedAvg):
         replies_by_site, self.train_status = collect(replies, self.site_of, self.plan.train_messages)
         got = {s: (from_record(m.content[P.ARRAYS]), P.read_train(dict(m.content[P.METRICS])))
                for s, m in replies_by_site.items()}
+        self.bytes_up = {s: int(m.content[P.ARRAYS].count_bytes()) for s, m in replies_by_site.items()}
         self.trained = {s: t for s, (_, t) in got.items()}
         if not got:
             return None, None

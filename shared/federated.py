@@ -91,13 +91,21 @@ def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
     return UnitPlan(key, method, holdout, train_sites, messages, evals)
 
 
+@dataclass
+class TrainRound:
+    """What one training round trip brought back."""
+
+    arrays: dict[str, np.ndarray]  # the task-aware average (see aggregate_replies)
+    trained: dict[str, TrainResult]  # what each site that answered reported
+    status: dict[str, str]  # every addressed site: ok, error: ..., no reply
+    bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # site -> (bytes sent to it, bytes back)
+
+
 class Rounds(Protocol):
     """Moves arrays to the sites and back; implemented with Flower in server/."""
 
-    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
-              ) -> tuple[dict[str, np.ndarray], dict[str, TrainResult], dict[str, str]]:
-        """Send a train message to each of ``plan.train_messages``; returns the task-aware average
-        (see :func:`aggregate_replies`), what each site reported, and each addressed site's status."""
+    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+        """Send a train message to each of ``plan.train_messages`` and aggregate the replies."""
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
                  ) -> tuple[dict[str, P.SiteEval], dict[str, str]]:
@@ -189,7 +197,8 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
     for rnd in range(1, cfg.num_rounds + 1):
         rcfg = {P.CFG_ROUND: rnd, P.CFG_UNIT: key.unit_id, P.CFG_METHOD: key.method, P.CFG_BACKBONE: key.backbone,
                 P.CFG_FOLD: key.fold, P.CFG_LR: cfg.lr}
-        arrays, trained, train_status = rounds.train(rnd, arrays, plan, rcfg)
+        tr = rounds.train(rnd, arrays, plan, rcfg)
+        arrays, trained, train_status = tr.arrays, tr.trained, tr.status
         if len(trained) < max(1, min(cfg.min_sites, len(plan.train_messages))):
             missing = ", ".join(f"{s} ({st})" for s, st in train_status.items() if s not in trained)
             msg = f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained; missing: {missing}"
@@ -201,6 +210,8 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             metrics += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
                         (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
             metrics += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
+        metrics += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
+                    for name, v in (("bytes_down", down), ("bytes_up", up))]
         val_loss = monitored_val_loss(plan, evals)
         metrics.append(("*", plan.method.monitor, "val", "monitored_loss", val_loss))
         improved = sel.update(rnd, val_loss)

@@ -47,6 +47,11 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
     assert {r[0] for r in rows} == {1, 2}
     assert (1, "A", "prognosis", "all", "auc") in rows and (2, "A", "prognosis", "all", "acc") in rows
     assert (2, "BRIXIA", "severity", "val", "acc") in rows
+    sizes = dict(db.execute(
+        "SELECT name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND round=1 AND site='B' "
+        "AND name IN ('bytes_down', 'bytes_up')").fetchall())
+    # the full fp32 model goes out and comes back: resnet18 with both heads is ~45 MB
+    assert 40e6 < sizes["bytes_down"] < 50e6 and sizes["bytes_up"] == sizes["bytes_down"]
     trained = db.execute(
         "SELECT DISTINCT site FROM participation WHERE kind='train' AND status='ok'"
     ).fetchall()
