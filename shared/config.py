@@ -51,6 +51,7 @@ class RunConfig:
     patience: int = 0  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 0  # rounds before model selection may pick a round
     val_fraction: float = 0.1
+    threshold: str = "val"  # prognosis decision threshold: "val" (Youden's J on the training sites' validation) or a number
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -123,6 +124,13 @@ class RunConfig:
             raise bad("local-epochs", "and 'local-steps' are both 0; set one of them > 0")
         if self.lr <= 0:
             raise bad("lr", f"must be > 0, got {self.lr}")
+        if self.threshold != "val":
+            try:
+                ok = 0.0 < float(self.threshold) < 1.0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise bad("threshold", f"is '{self.threshold}'; use 'val' or a number between 0 and 1")
         if not 0.0 < self.val_fraction < 0.5:
             raise bad("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
         if self.patience < 0 or self.select_after < 0:

@@ -20,7 +20,8 @@ from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, role_tasks
-from shared.metrics import auc_from_hist, binary_metrics, multiclass_metrics
+from shared.metrics import auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
+from shared.train import HIST_BINS
 from shared.model import build_model
 from shared.seeding import derive_seed
 from shared.store import RunStore, UnitKey
@@ -161,13 +162,22 @@ def monitored_val_loss(plan: UnitPlan, evals: dict[str, P.SiteEval]) -> float:
     return total / n if n else float("nan")
 
 
-def eval_rows(plan: UnitPlan, evals: dict[str, P.SiteEval]) -> tuple[list, list]:
-    """(metrics rows, eval_stats rows) for the store."""
+def validation_hist(plan: UnitPlan, evals: dict[str, P.SiteEval]) -> np.ndarray | None:
+    """The training sites' validation histograms of P(SEVERE), pooled."""
+    hists = [evals[s].prog_hist for s in plan.train_sites if s in evals and plan.eval_splits.get(s) == "val"]
+    return sum(hists) if hists else None
+
+
+def eval_rows(plan: UnitPlan, evals: dict[str, P.SiteEval], threshold: str = "val") -> tuple[list, list]:
+    """(metrics rows, eval_stats rows) for the store. Prognosis confusion metrics use the round's decision
+    threshold (see shared.metrics.threshold_bin), logged as a metric of site '*'."""
     metrics, stats = [], []
+    k = threshold_bin(threshold, validation_hist(plan, evals))
+    metrics.append(("*", PROGNOSIS, "val", "threshold", k / HIST_BINS))
     for site, ev in sorted(evals.items()):
         split = plan.eval_splits[site]
         if ev.n[PROGNOSIS]:
-            m = binary_metrics(ev.prog_cm)
+            m = binary_metrics(cm_at_bin(ev.prog_hist, k))
             m["auc"] = auc_from_hist(ev.prog_hist)
             m["loss"] = ev.mean_loss(PROGNOSIS)
             metrics += [(site, PROGNOSIS, split, k, v) for k, v in m.items()]
@@ -205,7 +215,7 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             store.finish_unit(key, "failed", sel.best_round, msg)
             raise RuntimeError(msg)
         evals, eval_status = rounds.evaluate(rnd, arrays, plan, rcfg)
-        metrics, stats = eval_rows(plan, evals)
+        metrics, stats = eval_rows(plan, evals, cfg.threshold)
         for s, t in trained.items():
             metrics += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
                         (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]

@@ -115,3 +115,34 @@ def prognosis_summary(cm: np.ndarray, hist: np.ndarray, n_boot: int = 1000, seed
     out["auc"] = auc_from_hist(hist)
     out["auc_lo"], out["auc_hi"] = auc_ci(hist, n_boot=n_boot, seed=seed)
     return out
+
+
+DEFAULT_THRESHOLD_BIN = HIST_BINS // 2  # P(SEVERE) >= 0.5, i.e. the argmax of the two logits
+
+
+def cm_at_bin(hist: np.ndarray, k: int) -> np.ndarray:
+    """The 2x2 confusion [true, pred] when scores in bins >= k are called SEVERE (threshold k / HIST_BINS)."""
+    hist = np.asarray(hist).reshape(2, HIST_BINS)
+    return np.array([[hist[0, :k].sum(), hist[0, k:].sum()], [hist[1, :k].sum(), hist[1, k:].sum()]], dtype=np.int64)
+
+
+def youden_bin(hist: np.ndarray) -> int:
+    """The threshold bin that maximises Youden's J = TPR - FPR on a validation histogram; ties go to the
+    bin nearest 0.5, and an empty class keeps the default threshold."""
+    hist = np.asarray(hist).reshape(2, HIST_BINS)
+    n0, n1 = hist[0].sum(), hist[1].sum()
+    if n0 == 0 or n1 == 0:
+        return DEFAULT_THRESHOLD_BIN
+    ks = np.arange(HIST_BINS + 1)
+    tpr = np.array([hist[1, k:].sum() for k in ks]) / n1
+    fpr = np.array([hist[0, k:].sum() for k in ks]) / n0
+    j = tpr - fpr
+    best = np.flatnonzero(np.isclose(j, j.max()))
+    return int(best[np.argmin(np.abs(best - DEFAULT_THRESHOLD_BIN))])
+
+
+def threshold_bin(rule: str, val_hist: np.ndarray | None) -> int:
+    """``val``: Youden's J on the validation histogram; a number in (0, 1): that fixed threshold."""
+    if rule == "val":
+        return youden_bin(val_hist) if val_hist is not None else DEFAULT_THRESHOLD_BIN
+    return int(round(float(rule) * HIST_BINS))

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 
 from shared.methods import PROGNOSIS
-from shared.metrics import prognosis_summary
+from shared.metrics import HIST_BINS, cm_at_bin, prognosis_summary, threshold_bin
 from shared.store import RunStore
 
-TABLE_METRICS = ("n", "acc", "f1", "gmean", "gmean_weighted", "auc", "auc_lo", "auc_hi", "sensitivity", "specificity")
+TABLE_METRICS = ("threshold", "n", "acc", "f1", "gmean", "gmean_weighted", "auc", "auc_lo", "auc_hi", "sensitivity", "specificity")
 
 
 def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -27,13 +27,19 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
     for u in store.units():
         if u["protocol"] != "loco" or u["fold"] == "-" or u["status"] != "done" or u["best_round"] is None:
             continue
-        stats = [r for r in store.eval_stats(u["unit_id"], u["best_round"])
-                 if r["site"] == u["fold"] and r["task"] == PROGNOSIS]
-        if not stats:
+        rows_at_best = [r for r in store.eval_stats(u["unit_id"], u["best_round"]) if r["task"] == PROGNOSIS]
+        held = [r for r in rows_at_best if r["site"] == u["fold"]]
+        if not held:
             continue
-        cm = np.asarray(json.loads(stats[0]["cm"]), dtype=np.int64)
-        hist = np.asarray(json.loads(stats[0]["hist"]), dtype=np.int64)
+        hist = np.asarray(json.loads(held[0]["hist"]), dtype=np.int64)
+        train_sites = set((u["train_sites"] or "").split(","))
+        val = [np.asarray(json.loads(r["hist"]), dtype=np.int64) for r in rows_at_best
+               if r["site"] in train_sites and r["split"] == "val"]
+        rule = json.loads(u["config"] or "{}").get("threshold", "val")
+        k = threshold_bin(rule, sum(val) if val else None)
+        cm = cm_at_bin(hist, k)
         m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed)
+        m["threshold"] = k / HIST_BINS
         rows.append({"method": u["method"], "backbone": u["backbone"], "seed": u["seed"], "centre": u["fold"],
                      "round": u["best_round"], **{k: m[k] for k in TABLE_METRICS}})
         pooled.setdefault((u["method"], u["backbone"], u["seed"]), []).append((cm, hist))
@@ -51,6 +57,7 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
                                   "round": np.nan, **mean}]))
         parts = pooled[(method, backbone, seed_)]
         m = prognosis_summary(sum(p[0] for p in parts), sum(p[1] for p in parts), n_boot=n_boot, seed=seed)
+        m["threshold"] = float("nan")  # each centre keeps its own fold's threshold
         out.append(pd.DataFrame([{"method": method, "backbone": backbone, "seed": seed_, "centre": "pooled",
                                   "round": np.nan, **{k: m[k] for k in TABLE_METRICS}}]))
     return pd.concat(out, ignore_index=True)
@@ -64,8 +71,8 @@ def _fmt(v: float, pct: bool = True) -> str:
 
 def to_markdown(df: pd.DataFrame) -> str:
     head = ("| method | backbone | centre | n | ACC | F1 (weighted) | G-mean | G-mean (weighted) | AUC [95% CI] "
-            "| sens | spec | round |")
-    lines = [head, "|" + "---|" * 12]
+            "| sens | spec | round | threshold |")
+    lines = [head, "|" + "---|" * 13]
     for r in df.itertuples(index=False):
         auc = _fmt(r.auc, False)
         if not pd.isna(r.auc_lo):
@@ -73,7 +80,7 @@ def to_markdown(df: pd.DataFrame) -> str:
         rnd = "" if pd.isna(r.round) else str(int(r.round))
         lines.append(f"| {r.method} | {r.backbone} | {r.centre} | {int(r.n)} | {_fmt(r.acc)} | {_fmt(r.f1)} | "
                      f"{_fmt(r.gmean)} | {_fmt(r.gmean_weighted)} | {auc} | {_fmt(r.sensitivity)} | "
-                     f"{_fmt(r.specificity)} | {rnd} |")
+                     f"{_fmt(r.specificity)} | {rnd} | {'' if pd.isna(r.threshold) else f'{r.threshold:.3f}'} |")
     return "\n".join(lines)
 
 
@@ -86,7 +93,9 @@ def write_loco_report(store: RunStore, out_dir: Path) -> tuple[pd.DataFrame, Pat
         "# Leave-one-centre-out results (prognosis, held-out centre at the selected round)\n\n"
         "ACC, F1, G-mean, sensitivity and specificity in %; 'mean' averages the centres, 'pooled' scores the\n"
         "held-out centres' predictions together. G-mean = sqrt(TPR x TNR); G-mean (weighted) = imbalanced-learn's\n"
-        "weighted variant used by the paper's code. AUC interval: stratified bootstrap, 1000 resamples.\n\n"
+        "weighted variant used by the paper's code. AUC interval: stratified bootstrap, 1000 resamples.\n"
+        "threshold: the P(SEVERE) cut-off, chosen on the training sites' validation (Youden's J) unless fixed\n"
+        "by the run config's 'threshold'; the held-out centre never influences it.\n\n"
         + to_markdown(df) + "\n"
     )
     return df, csv_path, md_path

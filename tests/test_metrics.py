@@ -67,3 +67,23 @@ def test_multiclass_metrics():
     cm = np.array([[5, 1, 0, 0], [1, 6, 1, 0], [0, 2, 4, 1], [0, 0, 1, 2]])
     m = multiclass_metrics(cm)
     assert math.isclose(m["acc"], np.trace(cm) / cm.sum())
+
+
+def test_confusion_at_half_matches_argmax_and_youden_separates_classes():
+    from shared.metrics import DEFAULT_THRESHOLD_BIN, cm_at_bin, threshold_bin, youden_bin
+
+    y, s = _sample(4, 500)
+    h = _hist(y, s)
+    p = (s >= 0.5).astype(int)
+    cm = np.zeros((2, 2), int)
+    np.add.at(cm, (y, p), 1)
+    np.testing.assert_array_equal(cm_at_bin(h, DEFAULT_THRESHOLD_BIN), cm)
+    # two well separated classes: Youden's cut-off falls between them
+    sep = np.zeros((2, HIST_BINS), int)
+    sep[0, 20:40] = 3
+    sep[1, 70:90] = 2
+    k = youden_bin(sep)
+    assert 40 <= k <= 70
+    tn, fp, fn, tp = cm_at_bin(sep, k).ravel()
+    assert fp == 0 and fn == 0
+    assert threshold_bin("0.3", sep) == 60 and threshold_bin("val", None) == DEFAULT_THRESHOLD_BIN

@@ -47,6 +47,7 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
     assert {r[0] for r in rows} == {1, 2}
     assert (1, "A", "prognosis", "all", "auc") in rows and (2, "A", "prognosis", "all", "acc") in rows
     assert (2, "BRIXIA", "severity", "val", "acc") in rows
+    assert (1, "*", "prognosis", "val", "threshold") in rows
     sizes = dict(db.execute(
         "SELECT name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND round=1 AND site='B' "
         "AND name IN ('bytes_down', 'bytes_up')").fetchall())
@@ -72,6 +73,7 @@ def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
         store.close()
         assert int(a["n"]) == n_a[0] > 0
         assert 0.0 <= a["acc"] <= 1.0 and a["auc_lo"] <= a["auc"] <= a["auc_hi"]
+        assert 0.0 < a["threshold"] <= 1.0
         pooled = rows[rows["centre"] == "pooled"].iloc[0]
         assert pooled["n"] == a["n"] and pooled["acc"] == a["acc"]  # one centre: pooled == that centre
     assert any("| mdmt | resnet18 | pooled |" in line for line in lines)
