@@ -180,13 +180,13 @@ def eval_rows(plan: UnitPlan, evals: dict[str, P.SiteEval], threshold: str = "va
             m = binary_metrics(cm_at_bin(ev.prog_hist, k))
             m["auc"] = auc_from_hist(ev.prog_hist)
             m["loss"] = ev.mean_loss(PROGNOSIS)
-            metrics += [(site, PROGNOSIS, split, k, v) for k, v in m.items()]
+            metrics += [(site, PROGNOSIS, split, name, v) for name, v in m.items()]
             stats.append({"site": site, "task": PROGNOSIS, "split": split, "n": ev.n[PROGNOSIS],
                           "loss_sum": ev.loss_sum[PROGNOSIS], "cm": ev.prog_cm.tolist(), "hist": ev.prog_hist.tolist()})
         if ev.n[SEVERITY]:
             m = multiclass_metrics(ev.sev_cm)
             m["loss"] = ev.mean_loss(SEVERITY)
-            metrics += [(site, SEVERITY, split, k, v) for k, v in m.items()]
+            metrics += [(site, SEVERITY, split, name, v) for name, v in m.items()]
             stats.append({"site": site, "task": SEVERITY, "split": split, "n": ev.n[SEVERITY],
                           "loss_sum": ev.loss_sum[SEVERITY], "cm": ev.sev_cm.tolist(), "hist": None})
     return metrics, stats
