@@ -45,11 +45,14 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
     target = Path(a.dir)
     cache = Path(a.cache_dir) if a.cache_dir else Path(a.workspace) / "cache"
-    kw = dict(image_size=a.image_size, crop=a.crop, workers=a.workers, progress=not a.quiet, force=a.force)
+    kw = dict(image_size=a.image_size, crop=a.crop, workers=a.workers, progress=not a.quiet, force=a.force,
+              voi=a.voi, crop_source=a.crop_source or None)
     results = [ingest_site(target, cache, **kw)] if (target / MANIFEST).is_file() else ingest_federation(target, cache, **kw)
     for r in results:
-        print(f"{r['site']}: {r['cached']} cached, {r['rejected']} rejected"
-              f"{' (reused)' if r.get('reused') else ''} -> {r['cache_dir']}")
+        print(f"{r['site']}: {r['cached']} cached ({r.get('decoded', 0)} decoded, {r.get('reused_images', 0)} reused), "
+              f"{r['rejected']} rejected, {r.get('crop_fallbacks', 0)} crop fallbacks -> {r['cache_dir']}")
+        if r.get("note"):
+            print(f"  note: {r['note']}")
 
 
 def cmd_splits(a: argparse.Namespace) -> None:
@@ -135,10 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("ingest", help="decode, crop and cache a site or a whole federation")
     s.add_argument("dir", help="a site folder (with manifest.csv) or a federation folder")
     s.add_argument("--image-size", type=int, default=256)
-    s.add_argument("--crop", default="lung", choices=("lung", "none"))
+    s.add_argument("--crop", default="lung", choices=("lung", "boxes", "masks", "none"),
+                   help="lung: built-in heuristic; boxes/masks: your lung boxes or masks (see --crop-source); none")
+    s.add_argument("--crop-source", default="", help="box table or mask folder (default <site>/lung_boxes.csv, <site>/lung_masks/)")
+    s.add_argument("--voi", default="none", choices=("none", "auto"), help="auto: apply the file's VOI LUT / window")
     s.add_argument("--workspace", default="runs")
     s.add_argument("--cache-dir", default="", help="default: <workspace>/cache")
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=0, help="decoding processes (default 0 = all cores)")
     s.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)

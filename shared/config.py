@@ -39,7 +39,9 @@ class RunConfig:
     cache_dir: str = ""  # empty = <workspace>/cache
     store: str = ""  # empty = <workspace>/store.sqlite
     image_size: int = 64
-    crop: str = "lung"
+    crop: str = "lung"  # lung (built-in heuristic) | boxes (a box table) | masks (a mask folder) | none
+    crop_source: str = ""  # boxes/masks: a table or folder; relative = inside each site; empty = the default name
+    voi: str = "none"  # none | auto (apply the file's VOI LUT or first window)
     num_rounds: int = 3
     local_epochs: int = 1
     local_steps: int = 0  # > 0: a fixed number of optimiser steps per round instead of epochs
@@ -108,9 +110,11 @@ class RunConfig:
             "severity-head": (self.severity_head, SEVERITY_HEADS),
             "device": (self.device, DEVICES),
         }
+        from shared.data.dicom import VOI_MODES
         from shared.data.preprocess import CROP_MODES
 
         choices["crop"] = (self.crop, CROP_MODES)
+        choices["voi"] = (self.voi, VOI_MODES)
         for key, (val, allowed) in choices.items():
             if val not in allowed:
                 raise bad(key, f"is '{val}'; allowed: {', '.join(allowed)}")

@@ -65,7 +65,8 @@ def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print) -> 
 
     ws = cfg.workspace_path
     for site in cfg.site_list:
-        ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True)
+        ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True,
+                    voi=cfg.voi, crop_source=cfg.crop_source or None)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_cfg = write_run_config(cfg, ws / "configs" / f"run-{stamp}.toml")
     log_path = ws / "logs" / f"flwr-{stamp}.log"

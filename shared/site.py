@@ -73,7 +73,8 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
 def _load(cfg: RunConfig, loc: SiteLocation):
     from shared.data.cache import load_site
 
-    return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True)
+    return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True,
+                     voi=cfg.voi, crop_source=cfg.crop_source or None)
 
 
 def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:

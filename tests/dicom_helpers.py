@@ -27,3 +27,109 @@ def write_dicom(path, arr, photometric="MONOCHROME2", bits_stored=None, modality
         setattr(ds, k, v)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_dicom_as(path, arr, transfer_syntax, photometric="MONOCHROME2", bits_stored=None, modality="CR", **elements):
+    """A DICOM file in another transfer syntax: Implicit VR Little Endian, Explicit VR Big Endian (pixel
+    bytes swapped by hand: pydicom does not convert endianness), Deflated, or a compressed syntax encoded
+    by pydicom's own encoders (``Dataset.compress``: RLE Lossless, JPEG 2000 Lossless via pylibjpeg-openjpeg)."""
+    import pydicom
+    from pydicom import uid
+
+    path = write_dicom(path, arr, photometric, bits_stored, modality, **elements)
+    ds = pydicom.dcmread(path)
+    ts = uid.UID(transfer_syntax)
+    if ts == uid.ExplicitVRBigEndian:
+        big = Dataset()
+        big.update(ds)  # a plain Dataset: FileDataset.save_as refuses to change endianness
+        big.file_meta = ds.file_meta
+        big.file_meta.TransferSyntaxUID = ts
+        a = np.asarray(arr)
+        big.PixelData = a.astype(a.dtype.newbyteorder(">")).tobytes()
+        big["PixelData"].VR = "OW" if a.dtype.itemsize > 1 else "OB"
+        big.save_as(path, enforce_file_format=True)
+    elif ts.is_compressed:
+        ds.compress(ts)
+        ds.save_as(path, enforce_file_format=True)
+    else:
+        ds.file_meta.TransferSyntaxUID = ts
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def jpeg_bytes(arr8, quality=95):
+    """Baseline JPEG bytes of a uint8 grey image, encoded by Pillow."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(arr8, dtype=np.uint8)).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_jpeg_baseline_dicom(path, arr8, quality=95):
+    """A JPEG Baseline (Process 1) DICOM file: Pillow's JPEG bytes encapsulated by pydicom."""
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import JPEGBaseline8Bit
+
+    path = write_dicom(path, arr8, "MONOCHROME2", bits_stored=8)
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.PixelData = encapsulate([jpeg_bytes(arr8, quality)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_non_image(path, sop_class):
+    """A DICOM object without pixel data, e.g. a structured report or a presentation state."""
+    from pydicom.uid import ExplicitVRLittleEndian as LE
+
+    ds = Dataset()
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = LE
+    ds.file_meta = meta
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "SR"
+    ds.PatientID = "P1"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_dicomdir(folder, image_path):
+    """A DICOMDIR file (media directory) in ``folder`` indexing a copy of ``image_path``; returns its path."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    ds = pydicom.dcmread(image_path)
+    ds.PatientID = "P1"
+    ds.PatientName = "Test^Patient"
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.StudyDate = "20200101"
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = "1"
+    ds.ReferringPhysicianName = ""
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    fs = FileSet()
+    fs.add(ds)
+    fs.write(folder)
+    return folder / "DICOMDIR"
+
+
+def pydicom_test_file(name):
+    """Path of a test file that ships inside the pydicom wheel (never downloaded), or None."""
+    from pydicom.data import get_testdata_file
+
+    try:
+        return get_testdata_file(name, download=False)
+    except Exception:
+        return None

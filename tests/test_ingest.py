@@ -150,13 +150,17 @@ def test_interrupted_ingest_never_looks_valid(site, tmp_path, monkeypatch):
         return real(task)
 
     monkeypatch.setattr(cache_mod, "_process_one", dies_midway)
-    with pytest.raises(KeyboardInterrupt):
-        ingest_site(site, cache_root, image_size=SIZE, progress=False, force=True)
+    with pytest.raises(KeyboardInterrupt):  # workers=1: a local function cannot go to a process pool
+        ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False, force=True)
     assert not (cdir / "meta.json").exists()
     assert not [p.name for p in cdir.iterdir() if ".tmp-" in p.name]
     with pytest.raises(DataError, match="no up-to-date cache"):
         load_site(site, cache_root, SIZE, ingest_if_missing=False)
     monkeypatch.setattr(cache_mod, "_process_one", real)
+    # resumed: the two images decoded before the interruption come from its journal
+    s = ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False)
+    assert (s["decoded"], s["reused_images"]) == (6 - 2, 2)
+    assert not [p.name for p in cdir.iterdir() if p.name.startswith("partial-")]
     assert load_site(site, cache_root, SIZE).images.shape == (5, SIZE, SIZE)
 
 
@@ -222,7 +226,7 @@ def test_ingest_federation(tmp_path):
 
 def test_preprocess_output_and_modes():
     img, _ = chest(120, 100)
-    assert CROP_MODES == ("lung", "none")
+    assert CROP_MODES == ("lung", "none", "boxes", "masks")
     for crop in CROP_MODES:
         out = preprocess(img.astype(np.float32), size=48, crop=crop)
         assert out.dtype == np.uint8 and out.shape == (48, 48)
@@ -256,3 +260,206 @@ def test_lung_crop_fallback_when_no_lungs():
     out, info = preprocess_with_info(flat_noise, 32, "lung")
     assert info["fallback"] and info["reason"] and out.shape == (32, 32)
     assert info["crop_box"] == (0, -10, 80, 70)  # whole image, made square by centre padding
+
+
+# ---- parallel, incremental and resumable ingestion ------------------------------------------------
+
+
+def _cache_files(summary):
+    from pathlib import Path
+
+    cdir = Path(summary["cache_dir"])
+    return {name: (cdir / name).read_bytes() for name in ("images.npy", "index.csv", "rejected.csv")}
+
+
+def test_workers_zero_means_one_per_core(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert cache_mod._resolve_workers(0) == 3 and cache_mod._resolve_workers(2) == 2
+    with pytest.raises(cache_mod.ConfigError):
+        cache_mod._resolve_workers(-1)
+
+
+def test_incremental_second_run_decodes_only_changes(site, tmp_path):
+    cache_root = tmp_path / "cache"
+    first = ingest_site(site, cache_root, image_size=SIZE, workers=2, progress=False)
+    assert (first["decoded"], first["reused_images"], first["reused"]) == (6, 0, False)  # 5 good + truncated
+    cdir = cache_dir_for(site, cache_root, SIZE, "lung")
+    records = pd.read_csv(cdir / "records.csv", dtype=str, keep_default_na=False)
+    assert list(records["image"]) == GOOD + ["imgs/bad.dcm"]  # every decoded file, manifest order
+    assert list(records["status"]) == ["ok"] * 5 + ["rejected"]
+    assert {"file_size", "file_mtime_ns", "crop_input", "prognosis", "brixia", "status"} <= set(records.columns)
+
+    # nothing changed: nothing decoded, nothing written
+    mtime = (cdir / "images.npy").stat().st_mtime_ns
+    again = ingest_site(site, cache_root, image_size=SIZE, progress=False)
+    assert (again["reused"], again["decoded"], again["reused_images"]) == (True, 0, 6)
+    assert (cdir / "images.npy").stat().st_mtime_ns == mtime
+
+    # change: two rows added, one removed, one relabelled, one image file rewritten
+    rows = [r for r in ROWS if r[0] != "imgs/c.dcm"]
+    rows[0] = ("imgs/a.dcm", "P1", "SEVERE", "", "")
+    rows += [("imgs/new1.dcm", "P8", "MILD", "", ""), ("imgs/new2.dcm", "P9", "", "012012", "")]
+    for k, name in enumerate(["imgs/new1.dcm", "imgs/new2.dcm", "imgs/b.dcm"]):
+        write_dicom(site / name, chest(seed=40 + k)[0])
+    write_manifest_rows(site, rows)
+    third = ingest_site(site, cache_root, image_size=SIZE, workers=2, progress=False)
+    assert third["decoded"] == 3  # new1, new2 and the rewritten b; a (relabelled), d, e, bad reused
+    assert third["reused_images"] == 4 and third["relabelled"] == 1 and not third["reused"]
+    assert third["cached"] == 6 and third["rejected"] == 3
+
+    # byte-identical to a from-scratch ingest
+    scratch = ingest_site(site, tmp_path / "scratch", image_size=SIZE, workers=1, progress=False)
+    assert scratch["decoded"] == 7
+    assert _cache_files(third) == _cache_files(scratch)
+    table = load_site(site, cache_root, SIZE, ingest_if_missing=False).table
+    assert table["y_prog"].iat[0] == 1 and "imgs/c.dcm" not in set(table["image"])
+
+
+def test_crop_and_voi_are_cache_keys(site, tmp_path):
+    a = cache_dir_for(site, tmp_path, SIZE, "lung")
+    b = cache_dir_for(site, tmp_path, SIZE, "lung", voi="auto")
+    c = cache_dir_for(site, tmp_path, SIZE, "boxes")
+    assert a.name.endswith(f"lung-v{cache_mod.CACHE_VERSION}") and b.name == f"s{SIZE}-lung-voiauto-v{cache_mod.CACHE_VERSION}"
+    assert len({a, b, c, cache_dir_for(site, tmp_path, SIZE, "masks")}) == 4
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, voi="auto", progress=False)
+    assert s["cached"] == 5 and json.loads((cache_dir_for(site, tmp_path / "cache", SIZE, "lung", "auto") / "meta.json").read_text())["voi"] == "auto"
+    with pytest.raises(cache_mod.ConfigError):
+        ingest_site(site, tmp_path / "cache", image_size=SIZE, voi="window", progress=False)
+
+
+# ---- user-supplied lung boxes and masks ---------------------------------------------------------------
+
+BOX = (100, 60, 260, 200)  # top, left, bottom, right in the 320 x 320 original
+# widened by 5%: (92, 53, 268, 207), 176 x 154 -> square of 176 centred on the columns: left 130 - 88 = 42
+BOX_SQUARE = (92, 42, 268, 218)
+
+
+def test_crop_box_from_a_given_box_and_mask():
+    img, _ = chest(320, 320)
+    x = img.astype(np.float32)
+    out, info = preprocess_with_info(x, 64, "boxes", box=BOX)
+    assert info["crop_box"] == BOX_SQUARE and info["lung_box"] == BOX and not info["fallback"]
+    mask = np.zeros((320, 320), np.uint8)
+    mask[100:260, 60:200] = 255
+    out2, info2 = preprocess_with_info(x, 64, "masks", mask=mask)
+    assert info2["crop_box"] == BOX_SQUARE and info2["lung_box"] == BOX
+    np.testing.assert_array_equal(out, out2)
+    # two lung blobs: the mask's bounding box covers both
+    two = np.zeros((320, 320), bool)
+    two[100:260, 60:120] = two[110:250, 150:200] = True
+    assert preprocess_with_info(x, 64, "masks", mask=two)[1]["lung_box"] == BOX
+    # a box near the edge is squared with real content: shifted inside the image, no padding
+    _, info = preprocess_with_info(x, 64, "boxes", box=(0, 250, 100, 320))
+    t, l, b, r = info["crop_box"]
+    assert b - t == r - l and l >= 0 and r <= 320 and t >= 0
+
+
+@pytest.mark.parametrize(
+    "box, why",
+    [
+        (None, "no lung box given"),
+        ((10, 10, 5, 50), "top < bottom"),
+        ((0, 0, 400, 100), "outside the 320x300 image"),
+        (("a", 1, 2, 3), "four numbers"),
+    ],
+)
+def test_invalid_box_falls_back_to_whole_image(box, why):
+    img, _ = chest(320, 300)
+    _, info = preprocess_with_info(img.astype(np.float32), 32, "boxes", box=box)
+    assert info["fallback"] and why in info["reason"] and info["crop_box"] == (0, -10, 320, 310)
+
+
+def test_invalid_masks_fall_back():
+    img = chest(320, 320)[0].astype(np.float32)
+    assert "mask is empty" in preprocess_with_info(img, 32, "masks", mask=np.zeros((320, 320)))[1]["reason"]
+    info = preprocess_with_info(img, 32, "masks", mask=np.ones((100, 100)))[1]
+    assert info["fallback"] and "does not match the image 320x320" in info["reason"]
+
+
+def _box_site(root):
+    site = root / "boxsite"
+    (site / "imgs").mkdir(parents=True)
+    rows = []
+    for k in range(4):
+        write_dicom(site / f"imgs/{k}.dcm", chest(320, 320, seed=k)[0])
+        rows.append((f"imgs/{k}.dcm", f"P{k}", "MILD", "", ""))
+    write_manifest_rows(site, rows)
+    return site
+
+
+def test_ingest_with_box_table(tmp_path):
+    site = _box_site(tmp_path)
+    pd.DataFrame(
+        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", 10, 10, 5, 50), ("imgs/2.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]
+    ).to_csv(site / "lung_boxes.csv", index=False)
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
+    assert s["cached"] == 4 and s["crop_fallbacks"] == 2  # imgs/1 invalid, imgs/3 has no row
+    data = load_site(site, tmp_path / "cache", SIZE, "boxes", ingest_if_missing=False)
+    t = data.table
+    assert list(t["crop_fallback"]) == [0, 1, 0, 1]
+    assert t["crop_note"].iat[0] == "" and "top < bottom" in t["crop_note"].iat[1]
+    assert t["crop_note"].iat[3] == "no row for this image in lung_boxes.csv"
+    from shared.data.dicom import read_dicom
+
+    img, _ = read_dicom(site / "imgs/0.dcm")
+    np.testing.assert_array_equal(data.images[0], preprocess(img, SIZE, "boxes", box=BOX))
+    img, _ = read_dicom(site / "imgs/3.dcm")
+    np.testing.assert_array_equal(data.images[3], preprocess(img, SIZE, "none"))
+
+    # editing one box re-decodes that image only
+    pd.DataFrame(
+        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", *BOX), ("imgs/2.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]
+    ).to_csv(site / "lung_boxes.csv", index=False)
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
+    assert (s["decoded"], s["reused_images"], s["crop_fallbacks"]) == (1, 3, 1)
+
+    # crop_source: another table, relative to the site folder or absolute
+    pd.DataFrame([("imgs/3.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]).to_csv(site / "other.csv", index=False)
+    s = ingest_site(site, tmp_path / "c2", image_size=SIZE, crop="boxes", crop_source="other.csv", progress=False)
+    assert s["crop_fallbacks"] == 3
+    s = ingest_site(site, tmp_path / "c3", image_size=SIZE, crop="boxes", crop_source=site / "other.csv", progress=False)
+    assert s["crop_fallbacks"] == 3
+    with pytest.raises(cache_mod.ConfigError, match="crop_source"):
+        ingest_site(site, tmp_path / "c4", image_size=SIZE, crop="lung", crop_source="other.csv", progress=False)
+
+
+def test_bad_box_table_is_one_line_data_error(tmp_path):
+    site = _box_site(tmp_path)
+    (site / "lung_boxes.csv").write_text("image,top,left,bottom\nimgs/0.dcm,1,2,3\n")
+    with pytest.raises(DataError, match="missing column.*right"):
+        ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
+    (site / "lung_boxes.csv").write_text("image,top,left,bottom,right\nimgs/0.dcm,1,2,3,4\nimgs/0.dcm,1,2,3,4\n")
+    with pytest.raises(DataError, match=r"row 3.*listed twice"):
+        ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
+
+
+def test_missing_crop_source_falls_back_with_a_note(tmp_path):
+    site = _box_site(tmp_path)
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="masks", progress=False)
+    assert s["crop_fallbacks"] == 4 and "not found" in s["note"]
+
+
+def test_ingest_with_mask_folder(tmp_path):
+    from PIL import Image
+
+    site = _box_site(tmp_path)
+    mask = np.zeros((320, 320), np.uint8)
+    mask[100:260, 60:200] = 255
+    (site / "lung_masks/imgs").mkdir(parents=True)
+    Image.fromarray(mask).save(site / "lung_masks/imgs/0.dcm.png")  # <image>.png
+    Image.fromarray(mask).save(site / "lung_masks/imgs/1.png")  # extension replaced
+    Image.fromarray(mask[:100]).save(site / "lung_masks/imgs/2.png")  # wrong size
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="masks", progress=False)
+    assert s["crop_fallbacks"] == 2
+    t = load_site(site, tmp_path / "cache", SIZE, "masks", ingest_if_missing=False).table
+    assert list(t["crop_fallback"]) == [0, 0, 1, 1]
+    assert "does not match" in t["crop_note"].iat[2] and t["crop_note"].iat[3] == "no mask file lung_masks/imgs/3.dcm.png"
+    data = load_site(site, tmp_path / "cache", SIZE, "masks", ingest_if_missing=False)
+    from shared.data.dicom import read_dicom
+
+    img, _ = read_dicom(site / "imgs/1.dcm")
+    np.testing.assert_array_equal(data.images[1], preprocess(img, SIZE, "boxes", box=BOX))
+    # a changed mask file re-decodes that image only
+    Image.fromarray(mask).save(site / "lung_masks/imgs/2.png")
+    s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="masks", progress=False)
+    assert (s["decoded"], s["crop_fallbacks"]) == (1, 1)

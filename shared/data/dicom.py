@@ -4,11 +4,17 @@ Every image in the system enters through :func:`read_dicom` (or :func:`read_imag
 PNG/JPEG/TIFF files for sites that were exported that way). The steps, in DICOM's own order:
 
 1. ``pydicom.dcmread``; decode the pixel data with pydicom's own decoders (``pydicom.pixels``),
-   which also convert YBR colour data to RGB.
+   which also convert YBR colour data to RGB. Native (uncompressed) little and big endian, implicit or
+   explicit VR, and Deflated data need nothing more; compressed transfer syntaxes go through pydicom's
+   plugins: RLE (pydicom itself, or pylibjpeg-rle), JPEG 2000 (pylibjpeg-openjpeg, or Pillow when built
+   with OpenJPEG), JPEG baseline 8-bit (Pillow, or pylibjpeg-libjpeg), JPEG extended 12-bit, JPEG lossless
+   and JPEG-LS (pylibjpeg-libjpeg, GPL-3, optional; or pyjpegls / gdcm when installed). A syntax without an
+   installed decoder is a one-line rejection naming the optional extra that brings one.
 2. Modality LUT: RescaleSlope / RescaleIntercept (or a Modality LUT Sequence), via
    ``pydicom.pixels.apply_modality_lut``. Colour images have no modality LUT.
-3. VOI LUT / windowing: *not applied yet* (``voi="none"``); :func:`_apply_voi` is the hook where a later
-   change adds ``WindowCenter/WindowWidth`` or a VOI LUT Sequence.
+3. VOI LUT / windowing, by ``voi``: ``"none"`` (default) leaves the values alone; ``"auto"`` applies the
+   file's VOI LUT Sequence, else its WindowCenter/WindowWidth (the first window when there are several),
+   via ``pydicom.pixels.apply_voi_lut``, and does nothing when the file has neither.
 4. Presentation: MONOCHROME1 (bright = less attenuation) is inverted *within the image's own value range*
    after steps 2-3: ``out = min + max - value``, so the minimum and maximum are kept and only the
    direction changes. (The BitsStored range was not used because real files often declare 12/16 bits
@@ -33,7 +39,28 @@ from shared.errors import DicomRejected
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
 SUPPORTED_PHOTOMETRIC = MONOCHROME + COLOUR
-VOI_MODES = ("none",)  # a later change adds e.g. "window" (WindowCenter/WindowWidth) and "lut"
+VOI_MODES = ("none", "auto")
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+
+# Which optional package brings a decoder for a compressed transfer syntax (named in the rejection).
+_JPEG_EXTRA = "install the 'jpeg' extra (pip install 'mdmt-federation[jpeg]'"
+_LIBJPEG = "pylibjpeg + pylibjpeg-libjpeg, GPL-3"
+_OPENJPEG = "pylibjpeg + pylibjpeg-openjpeg, MIT"
+_RLE = "pylibjpeg + pylibjpeg-rle, MIT"
+_DECODER_PACKAGE = {
+    "1.2.840.10008.1.2.4.50": _LIBJPEG,  # JPEG Baseline (Pillow normally decodes it)
+    "1.2.840.10008.1.2.4.51": _LIBJPEG,  # JPEG Extended 12-bit
+    "1.2.840.10008.1.2.4.57": _LIBJPEG,  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": _LIBJPEG,  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": _LIBJPEG + "; or pyjpegls",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": _LIBJPEG + "; or pyjpegls",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90": _OPENJPEG,  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": _OPENJPEG,  # JPEG 2000
+    "1.2.840.10008.1.2.4.201": _OPENJPEG,  # HTJ2K Lossless
+    "1.2.840.10008.1.2.4.202": _OPENJPEG,  # HTJ2K Lossless RPCL
+    "1.2.840.10008.1.2.4.203": _OPENJPEG,  # HTJ2K
+    "1.2.840.10008.1.2.5": _RLE,  # RLE Lossless (pydicom decodes it natively)
+}
 
 _IMAGE_MAGIC = (
     b"\x89PNG\r\n\x1a\n",  # PNG
@@ -119,6 +146,27 @@ def _ensure_transfer_syntax(ds: Any, forced: bool) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def no_decoder_reason(tsyntax: Any) -> str:
+    """The one-line rejection for a compressed transfer syntax that no installed package decodes."""
+    name = getattr(tsyntax, "name", str(tsyntax))
+    package = _DECODER_PACKAGE.get(str(tsyntax))
+    hint = f"; {_JPEG_EXTRA}: {package})" if package else ""
+    return f"no decoder installed for transfer syntax {name}{hint}"
+
+
+def _cannot_decode(decoder: Any, tsyntax: Any, exc: BaseException) -> str:
+    """'cannot decode pixel data (...)', plus the extra to install when a missing plugin may decode it
+    (e.g. 12-bit JPEG Extended, which Pillow cannot read but pylibjpeg-libjpeg can)."""
+    name = getattr(tsyntax, "name", str(tsyntax))
+    text = f"cannot decode pixel data ({name}): {_one_line(exc)}"
+    package = _DECODER_PACKAGE.get(str(tsyntax), "")
+    missing = " ".join(getattr(decoder, "missing_dependencies", []) or [])
+    if package and "pylibjpeg" in missing:  # a pylibjpeg plugin that could decode it is not installed
+        hint = f"; the 'jpeg' extra ({package.split(';')[0]}) may decode it"
+        text = text[: _MAX_REASON - len(hint)] + hint
+    return text
+
+
 def _decode(ds: Any) -> tuple[np.ndarray, str]:
     """Decoded pixels (YBR converted to RGB by pydicom where it can) and their photometric interpretation."""
     from pydicom.pixels import as_pixel_options, convert_color_space, get_decoder
@@ -130,7 +178,7 @@ def _decode(ds: Any) -> tuple[np.ndarray, str]:
     except NotImplementedError:
         raise DicomRejected(f"unsupported transfer syntax {ts_name}") from None
     if not decoder.is_available:
-        raise DicomRejected(f"no decoder installed for transfer syntax {ts_name}")
+        raise DicomRejected(no_decoder_reason(tsyntax))
     try:
         arr, info = decoder.as_array(ds, validate=True, raw=False, **as_pixel_options(ds))
     except ValueError as exc:
@@ -139,9 +187,9 @@ def _decode(ds: Any) -> tuple[np.ndarray, str]:
             m = re.search(r"\((\d+) vs (\d+) bytes\)", text)
             detail = f"{m.group(1)} of {m.group(2)} bytes" if m else _one_line(exc)
             raise DicomRejected(f"truncated file: pixel data incomplete ({detail})") from None
-        raise DicomRejected(f"cannot decode pixel data ({ts_name}): {_one_line(exc)}") from None
+        raise DicomRejected(_cannot_decode(decoder, tsyntax, exc)) from None
     except Exception as exc:
-        raise DicomRejected(f"cannot decode pixel data ({ts_name}): {_one_line(exc)}") from None
+        raise DicomRejected(_cannot_decode(decoder, tsyntax, exc)) from None
     photometric = str(info.get("photometric_interpretation", _text(ds, "PhotometricInterpretation")))
     if photometric.startswith("YBR"):
         try:
@@ -162,11 +210,42 @@ def _apply_modality(arr: np.ndarray, ds: Any) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _apply_voi(arr: np.ndarray, ds: Any, voi: str) -> np.ndarray:
-    """VOI LUT / windowing hook. Only ``"none"`` exists now; it returns the values unchanged."""
+def _apply_voi(arr: np.ndarray, ds: Any, voi: str) -> tuple[np.ndarray, str]:
+    """VOI LUT / windowing after the modality LUT. Returns the values and what was done: ``"none"``,
+    ``"lut"`` (VOI LUT Sequence, preferred when both are present), ``"window"`` (WindowCenter /
+    WindowWidth, first window) or ``"ignored (...)"`` when the file's VOI data cannot be applied (the
+    image is then used without VOI rather than rejected)."""
     if voi == "none":
-        return arr
-    raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
+        return arr, "none"
+    if voi != "auto":
+        raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
+    from pydicom.pixels import apply_voi_lut
+
+    seq = ds.get("VOILUTSequence", None)
+    item = seq[0] if seq else None
+    has_lut = item is not None and item.get("LUTDescriptor", None) is not None and item.get("LUTData", None) is not None
+    has_window = ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None
+    if not (has_lut or has_window):
+        return arr, "none"
+    try:
+        if has_lut:
+            desc = [int(v) for v in item.LUTDescriptor]
+            entries, first = desc[0] or 65536, desc[1]
+            # a LUT maps integer input values; clip to its input range first
+            x = np.clip(np.floor(arr), first, first + entries - 1).astype(np.int64)
+            if desc[2] == 8 and entries > 256:
+                # pydicom 3.0 builds the LUT index in the LUT's own dtype (uint8 for 8-bit entries), which
+                # wraps for LUTs longer than 256 entries; 16-bit indexing gives the same 8-bit values.
+                item.LUTDescriptor = [desc[0], desc[1], 16]
+            out, kind = apply_voi_lut(x, ds, index=0, prefer_lut=True), "lut"
+        else:
+            out, kind = apply_voi_lut(arr, ds, index=0, prefer_lut=True), "window"
+        out = np.asarray(out, dtype=np.float64)
+        if out.shape != arr.shape or not np.all(np.isfinite(out)):
+            raise ValueError("VOI output is not a finite image of the same shape")
+        return out, kind
+    except Exception as exc:
+        return arr, f"ignored ({_one_line(exc)[:120]})"
 
 
 def invert_monochrome1(arr: np.ndarray) -> np.ndarray:
@@ -178,9 +257,12 @@ def invert_monochrome1(arr: np.ndarray) -> np.ndarray:
 def read_dicom(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
     """Read one DICOM image as float32 (rows, cols), bright = more attenuation, and a metadata dict.
 
-    The dict holds ``photometric`` (as stored in the file), ``manufacturer``, ``rows``, ``cols``,
-    ``bits_stored``, ``modality``, ``transfer_syntax``, ``rescale_slope``, ``rescale_intercept`` and
-    ``inverted`` (True for MONOCHROME1). Raises :class:`DicomRejected` with a one-line reason.
+    ``voi``: ``"none"`` (default) or ``"auto"`` (VOI LUT Sequence, else the first WindowCenter /
+    WindowWidth, when the file has them). The dict holds ``photometric`` (as stored in the file),
+    ``manufacturer``, ``rows``, ``cols``, ``bits_stored``, ``modality``, ``transfer_syntax``,
+    ``rescale_slope``, ``rescale_intercept``, ``inverted`` (True for MONOCHROME1), ``pixel_representation``
+    and ``voi`` (what was applied: none, window, lut or "ignored (...)"). Raises :class:`DicomRejected`
+    with a one-line reason.
     """
     if voi not in VOI_MODES:
         raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
@@ -197,11 +279,25 @@ def read_dicom(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
             raise DicomRejected(f"unreadable DICOM: {_one_line(exc)}") from None
 
 
+def _no_pixel_data_reason(sop_class: str) -> str:
+    """'no pixel data', naming the object when its SOP class is a known non-image (SR, presentation state)."""
+    if sop_class:
+        from pydicom.uid import UID
+
+        name = UID(sop_class).name
+        if name != sop_class and "Image" not in name:
+            return f"no pixel data ({name} object, not an image)"
+    return "no pixel data"
+
+
 def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict]:
     ds, forced = _read_dataset(path)
     _ensure_transfer_syntax(ds, forced)  # before the element checks: a cut-off header reads as empty
+    sop_class = str(ds.file_meta.get("MediaStorageSOPClassUID", "") or ds.get("SOPClassUID", "") or "")
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        raise DicomRejected("DICOMDIR (a media directory index, not an image)")
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise DicomRejected("no pixel data")
+        raise DicomRejected(_no_pixel_data_reason(sop_class))
     if "PixelData" not in ds:
         raise DicomRejected("float pixel data is not supported")
     frames = _int(ds, "NumberOfFrames")
@@ -225,6 +321,8 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict]:
         "rescale_slope": float(ds.get("RescaleSlope", 1) or 1),
         "rescale_intercept": float(ds.get("RescaleIntercept", 0) or 0),
         "inverted": False,
+        "pixel_representation": _int(ds, "PixelRepresentation"),
+        "voi": "none",
     }
 
     arr, photometric = _decode(ds)
@@ -232,7 +330,7 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict]:
         if arr.ndim != 2:
             raise DicomRejected(f"unexpected pixel array shape {arr.shape} for a single-frame grey image")
         img = _apply_modality(arr, ds)
-        img = _apply_voi(img, ds, voi)
+        img, meta["voi"] = _apply_voi(img, ds, voi)
         if photometric == "MONOCHROME1":
             img = invert_monochrome1(img)
             meta["inverted"] = True
@@ -280,13 +378,20 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, dict]:
         "rescale_slope": 1.0,
         "rescale_intercept": 0.0,
         "inverted": False,
+        "pixel_representation": None,
+        "voi": "none",
     }
     return np.ascontiguousarray(arr, dtype=np.float32), meta
 
 
-def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
-    """:func:`read_dicom`, or Pillow for files that start like PNG, JPEG or TIFF. Same contract."""
+def read_image(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
+    """:func:`read_dicom`, or Pillow for files that start like PNG, JPEG or TIFF (whatever their name's
+    extension; ``voi`` does not apply to them). Same contract."""
+    if voi not in VOI_MODES:
+        raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise DicomRejected("not a regular file")
     try:
         with path.open("rb") as f:
             head = f.read(8)
@@ -296,4 +401,4 @@ def read_image(path: str | Path) -> tuple[np.ndarray, dict]:
         raise DicomRejected(f"unreadable file: {_one_line(exc)}") from None
     if any(head.startswith(m) for m in _IMAGE_MAGIC):
         return _read_plain_image(path)
-    return read_dicom(path)
+    return read_dicom(path, voi=voi)

@@ -27,6 +27,9 @@ Steps (see docs/data-format.md):
 
    Fallback (no plausible lung region): the whole image made square by centre padding, as in ``"none"``.
    ``crop="none"``: the whole image made square by centre padding with zeros (the darkest value).
+   ``crop="boxes"`` / ``crop="masks"``: a lung box supplied by the user (a bounding-box table, or the
+   bounding box of a binary lung mask, e.g. from a U-Net as in the paper) replaces step a-e; step f is the
+   same. A missing or invalid box / mask falls back to the whole image made square.
 3. Resize to ``size`` x ``size`` with Pillow's anti-aliased bicubic filter (its support widens with the
    reduction factor), clip to [0, 1] and store as uint8 ``round(255 * x)``.
 
@@ -39,7 +42,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-CROP_MODES = ("lung", "none")
+CROP_MODES = ("lung", "none", "boxes", "masks")
+USER_CROP_MODES = ("boxes", "masks")  # the box comes from the caller (a table or a mask)
 CLIP_PERCENTILES = (2.0, 98.0)
 WORK_SIZE = 128
 SMOOTH_SIGMA = 1.5  # pixels of the work image
@@ -219,10 +223,76 @@ def whole_image_square(shape: tuple[int, int]) -> tuple[int, int, int, int]:
     return t, l, t + side, l + side
 
 
-def preprocess_with_info(img: np.ndarray, size: int = 256, crop: str = "lung") -> tuple[np.ndarray, dict]:
+def check_box(box, shape: tuple[int, int]) -> tuple[tuple[int, int, int, int] | None, str]:
+    """A user-supplied lung box ``(top, left, bottom, right)`` in pixels of the original image (bottom and
+    right exclusive, like slices; fractions are widened outwards to whole pixels). Returns the integer
+    box, or ``(None, reason)`` when it is not a non-empty box inside the image."""
+    H, W = shape
+    try:
+        vals = [float(v) for v in box]
+    except (TypeError, ValueError):
+        return None, f"invalid box {box!r}: four numbers expected"
+    if len(vals) != 4 or not all(np.isfinite(vals)):
+        return None, f"invalid box {box!r}: four finite numbers expected"
+    t, l = int(np.floor(vals[0])), int(np.floor(vals[1]))
+    b, r = int(np.ceil(vals[2])), int(np.ceil(vals[3]))
+    text = f"({_fmt(vals[0])}, {_fmt(vals[1])}, {_fmt(vals[2])}, {_fmt(vals[3])})"
+    if not (t < b and l < r):
+        return None, f"invalid box {text}: top < bottom and left < right required"
+    if t < 0 or l < 0 or b > H or r > W:
+        return None, f"invalid box {text}: outside the {H}x{W} image"
+    return (t, l, b, r), ""
+
+
+def _fmt(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+def box_from_mask(mask: np.ndarray, shape: tuple[int, int]) -> tuple[tuple[int, int, int, int] | None, str]:
+    """The bounding box (half-open) of the non-zero pixels of a lung mask the size of the image (a colour
+    mask counts a pixel when any channel is non-zero). ``(None, reason)`` for a wrong size or empty mask."""
+    m = np.asarray(mask)
+    if m.ndim == 3:
+        m = m.any(axis=-1)
+    if m.ndim != 2:
+        return None, f"mask has shape {m.shape}, not a 2-D image"
+    if m.shape != tuple(shape):
+        return None, f"mask size {m.shape[0]}x{m.shape[1]} does not match the image {shape[0]}x{shape[1]}"
+    rows = np.nonzero(m.any(axis=1))[0]
+    if rows.size == 0:
+        return None, "mask is empty"
+    cols = np.nonzero(m.any(axis=0))[0]
+    return (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1), ""
+
+
+def lung_square(lung: tuple[int, int, int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The crop square of a lung box: widened by ``LUNG_MARGIN`` of its height/width on every side,
+    clipped to the image, made square with real image content (:func:`_square_in_image`)."""
+    t, l, b, r = lung
+    my, mx = LUNG_MARGIN * (b - t), LUNG_MARGIN * (r - l)
+    wide = (
+        max(0, int(np.floor(t - my))),
+        max(0, int(np.floor(l - mx))),
+        min(shape[0], int(np.ceil(b + my))),
+        min(shape[1], int(np.ceil(r + mx))),
+    )
+    return _square_in_image(wide, shape)
+
+
+def preprocess_with_info(
+    img: np.ndarray,
+    size: int = 256,
+    crop: str = "lung",
+    box=None,
+    mask: np.ndarray | None = None,
+) -> tuple[np.ndarray, dict]:
     """:func:`preprocess` plus ``info``: ``crop_box`` (top, left, bottom, right) of the square taken from
-    the image (may reach outside it where padded), ``lung_box`` (the detected box before widening, or
-    None), ``fallback`` (True when ``crop="lung"`` found no plausible lungs) and ``reason``."""
+    the image (may reach outside it where padded), ``lung_box`` (the detected or supplied box before
+    widening, or None), ``fallback`` (True when no usable lung box was found or given) and ``reason``.
+
+    ``box`` (``crop="boxes"``): the user's lung box (top, left, bottom, right) in pixels of ``img``;
+    ``mask`` (``crop="masks"``): a lung mask the size of ``img``, its non-zero pixels' bounding box is used.
+    Missing or invalid ones fall back to the whole image made square (``reason`` says why)."""
     if crop not in CROP_MODES:
         raise ValueError(f"unknown crop mode {crop!r}; choose one of {', '.join(CROP_MODES)}")
     img = np.asarray(img)
@@ -232,29 +302,26 @@ def preprocess_with_info(img: np.ndarray, size: int = 256, crop: str = "lung") -
         raise ValueError(f"image size must be positive, got {size}")
     x = normalise(img)
     info: dict = {"crop_box": None, "lung_box": None, "fallback": False, "reason": ""}
-    if crop == "lung":
-        lung, reason = find_lung_box(x)
+    if crop == "none":
+        square = whole_image_square(x.shape)
+    else:
+        if crop == "lung":
+            lung, reason = find_lung_box(x)
+        elif crop == "boxes":
+            lung, reason = (None, "no lung box given") if box is None else check_box(box, x.shape)
+        else:
+            lung, reason = (None, "no lung mask given") if mask is None else box_from_mask(mask, x.shape)
         if lung is None:
             info["fallback"], info["reason"] = True, reason
-            box = whole_image_square(x.shape)
+            square = whole_image_square(x.shape)
         else:
-            info["lung_box"] = lung
-            t, l, b, r = lung
-            my, mx = LUNG_MARGIN * (b - t), LUNG_MARGIN * (r - l)
-            wide = (
-                max(0, int(np.floor(t - my))),
-                max(0, int(np.floor(l - mx))),
-                min(x.shape[0], int(np.ceil(b + my))),
-                min(x.shape[1], int(np.ceil(r + mx))),
-            )
-            box = _square_in_image(wide, x.shape)
-    else:
-        box = whole_image_square(x.shape)
-    info["crop_box"] = tuple(int(v) for v in box)
-    out = _resize(_extract(x, box), (int(size), int(size)))
+            info["lung_box"] = tuple(int(v) for v in lung)
+            square = lung_square(lung, x.shape)
+    info["crop_box"] = tuple(int(v) for v in square)
+    out = _resize(_extract(x, square), (int(size), int(size)))
     return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), info
 
 
-def preprocess(img: np.ndarray, size: int = 256, crop: str = "lung") -> np.ndarray:
+def preprocess(img: np.ndarray, size: int = 256, crop: str = "lung", box=None, mask: np.ndarray | None = None) -> np.ndarray:
     """A decoded X-ray -> uint8 (size, size): percentile clip, lung (or whole-image) square crop, resize."""
-    return preprocess_with_info(img, size, crop)[0]
+    return preprocess_with_info(img, size, crop, box=box, mask=mask)[0]
