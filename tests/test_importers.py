@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from pydicom.uid import ExplicitVRBigEndian, RLELossless
 
 from shared.data import synth
 from shared.data.importers import (
@@ -19,7 +20,7 @@ from shared.data.importers import (
 )
 from shared.data.manifest import list_sites, read_manifest, read_rejected
 from shared.errors import ConfigError, DataError
-from tests.dicom_helpers import write_dicom
+from tests.dicom_helpers import write_dicom, write_dicom_as
 
 try:
     import openpyxl
@@ -32,6 +33,13 @@ def _dcm(path: Path, seed: int = 0, photometric: str = "MONOCHROME2") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = np.random.default_rng(seed).integers(0, 4000, (16, 16)).astype(np.uint16)
     return write_dicom(path, arr, photometric=photometric)
+
+
+def _dcm_as(path: Path, syntax, seed: int = 0) -> Path:
+    """A DICOM in another transfer syntax (compressed or big-endian): it must import like any other."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.random.default_rng(seed).integers(0, 4000, (16, 16)).astype(np.uint16)
+    return write_dicom_as(path, arr, syntax)
 
 
 def _truncated(path: Path) -> Path:
@@ -110,7 +118,7 @@ def aic_src(tmp_path_factory) -> Path:
     _dcm(i / "P_1.dcm", 1)
     _dcm(i / "sub" / "P_2.dcm", 2)
     _dcm(i / "P_3", 3)
-    _dcm(i / "P_4.dcm", 4)
+    _dcm_as(i / "P_4.dcm", ExplicitVRBigEndian, 4)  # big-endian
     _dcm(i / "P_5.dcm", 5)
     _dcm(i / "P_6.dcm", 6)
     _truncated(i / "P_8.dcm")
@@ -122,7 +130,7 @@ def aic_src(tmp_path_factory) -> Path:
     _dcm(i / "P_99.dcm", 13)  # no row references it
     (i / "notes.txt").write_text("not a DICOM and not listed\n")
     _dcm(src / "imgs_r2" / "C" / "P_1_7", 20)
-    _dcm(src / "imgs_r2" / "P_1_8.dcm", 21)
+    _dcm_as(src / "imgs_r2" / "P_1_8.dcm", RLELossless, 21)  # compressed (RLE)
     _dcm(src / "imgs_r2" / "x" / "y" / "P_1_9.dcm", 22)
     _dcm(src / "imgs_r3" / "P_3_45.dcm", 30)  # release 3 has no workbook
     _xlsx(src / "AIforCOVID.xlsx", [("Foglio1", AIC_R1)])
