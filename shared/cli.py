@@ -102,6 +102,12 @@ def cmd_report(a: argparse.Namespace) -> None:
     print(f"\ntable: {md_path}")
 
 
+def cmd_dashboard(a: argparse.Namespace) -> None:
+    from shared.dashboard import run
+
+    run(a)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mdmt", description="Federated multi-dataset multi-task learning for COVID-19 CXR prognosis")
     sub = p.add_subparsers(dest="verb", required=True)
@@ -178,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workspace", default="runs")
     s.add_argument("--store", default="")
     s.set_defaults(fn=cmd_report)
+
+    from shared.dashboard.cli import add_arguments as dashboard_arguments  # no Dash import until it runs
+
+    s = sub.add_parser("dashboard", help="serve the evaluation dashboard over run stores (the 'dashboard' extra)")
+    dashboard_arguments(s)
+    s.set_defaults(fn=cmd_dashboard)
     return p
 
 

@@ -20,8 +20,7 @@ from shared.checkpoint import save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, role_tasks
-from shared.metrics import auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
-from shared.train import HIST_BINS
+from shared.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from shared.model import build_model
 from shared.seeding import derive_seed
 from shared.store import RunStore, UnitKey

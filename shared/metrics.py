@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 
-from shared.train import HIST_BINS
+HIST_BINS = 200  # per-class histograms of predicted P(SEVERE) that sites send instead of per-sample scores
 
 BIN_CENTRES = (np.arange(HIST_BINS) + 0.5) / HIST_BINS
 

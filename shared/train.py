@@ -13,10 +13,10 @@ import pandas as pd
 import torch
 
 from shared.loss import mdmt_loss
+from shared.metrics import HIST_BINS
 from shared.model import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
 from shared.methods import PROGNOSIS, SEVERITY
 
-HIST_BINS = 200  # per-class histograms of predicted P(SEVERE) sent to the server instead of per-sample scores
 
 
 @dataclass

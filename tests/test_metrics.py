@@ -7,7 +7,7 @@ from imblearn.metrics import geometric_mean_score
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from shared.metrics import auc_ci, auc_from_hist, binary_metrics, multiclass_metrics
-from shared.train import HIST_BINS
+from shared.metrics import HIST_BINS
 
 
 def _sample(seed=0, n=300):
