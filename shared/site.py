@@ -87,7 +87,8 @@ def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
     return pd.Series(site_splits(df, loc.site, cfg.seed, cfg.val_fraction).to_numpy(), index=df["image"].to_numpy())
 
 
-def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None) -> TaskData:
+def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None,
+               splits: pd.Series | None = None) -> TaskData:
     """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
@@ -96,7 +97,8 @@ def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, 
     if split == "all":
         mask = np.ones(len(table), dtype=bool)
     else:
-        mask = (table["image"].map(manifest_splits(cfg, loc)) == split).to_numpy()
+        splits = splits if splits is not None else manifest_splits(cfg, loc)
+        mask = (table["image"].map(splits) == split).to_numpy()
     y_prog = table["y_prog"].to_numpy(dtype=np.int64).copy()
     y_sev = table["y_sev"].to_numpy(dtype=np.int64).copy()
     if PROGNOSIS not in tasks:
@@ -111,10 +113,10 @@ def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
     """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
     from shared.data.manifest import manifest_hash
 
-    sd = _load(cfg, loc)
+    sd, splits = _load(cfg, loc), manifest_splits(cfg, loc)
     out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
     for split in SPLIT_CHOICES:
-        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd)
+        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=splits)
         c = d.counts()
         out[f"{split}-prognosis"] = c[PROGNOSIS]
         out[f"{split}-severity"] = c[SEVERITY]
