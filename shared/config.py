@@ -7,7 +7,7 @@ with a one-line :class:`~shared.errors.ConfigError` naming the key and what is a
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 

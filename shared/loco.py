@@ -7,7 +7,6 @@ ports, ``flwr run`` the app against it, stop every process it started, then writ
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any

@@ -7,17 +7,23 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 
-def write_dicom(path, arr, photometric="MONOCHROME2", bits_stored=None, modality="CR", **elements):
-    """A real DICOM file (preamble + file meta) written by pydicom's dcmwrite."""
+def _dataset(sop_class, modality):
+    """An empty dataset with file meta (Explicit VR Little Endian) and fresh instance UIDs."""
     ds = Dataset()
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPClassUID = sop_class
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = modality
+    return ds
+
+
+def write_dicom(path, arr, photometric="MONOCHROME2", bits_stored=None, modality="CR", **elements):
+    """A real DICOM file (preamble + file meta) written by pydicom's dcmwrite."""
+    ds = _dataset(SecondaryCaptureImageStorage, modality)
     ds.Manufacturer = "TESTCO"
     arr = np.asarray(arr)
     if bits_stored is None:
@@ -86,17 +92,7 @@ def write_jpeg_baseline_dicom(path, arr8, quality=95):
 
 def write_non_image(path, sop_class):
     """A DICOM object without pixel data, e.g. a structured report or a presentation state."""
-    from pydicom.uid import ExplicitVRLittleEndian as LE
-
-    ds = Dataset()
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = LE
-    ds.file_meta = meta
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "SR"
+    ds = _dataset(sop_class, "SR")
     ds.PatientID = "P1"
     ds.save_as(path, enforce_file_format=True)
     return path

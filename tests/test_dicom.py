@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.dataset import Dataset
 
 from shared.data.dicom import read_dicom, read_image
 from shared.errors import DicomRejected
@@ -193,7 +192,6 @@ def test_voi_after_rescale_then_monochrome1_inversion(tmp_path):
 
 
 def test_voi_lut_sequence_preferred_and_exact(tmp_path):
-    from pydicom.dataset import Dataset
     from pydicom.sequence import Sequence
 
     item = Dataset()

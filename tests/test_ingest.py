@@ -10,8 +10,6 @@ import stat
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from shared.data import cache as cache_mod
 from shared.data.cache import cache_dir_for, ingest_federation, ingest_site, load_site

@@ -93,7 +93,6 @@ def test_checkpoints_carry_config_and_manifest_hashes(sim_run):
 
 
 def test_driver_stopped_every_process_it_started(sim_run):
-    import os
     from pathlib import Path
 
     cfg, _, _ = sim_run
