@@ -29,7 +29,7 @@ class FlowerRounds:
         self.grid, self.node_of, self.timeout = grid, node_of, timeout
 
     def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
-        strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
+        strategy = TaskAwareFedAvg(plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]))
         record = to_record(arrays)
         msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
         new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
@@ -82,7 +82,7 @@ def main(grid: Grid, context: Context) -> None:
     store = RunStore(cfg.store_path)
     try:
         # Every unit of the config; finished ones are skipped so an interrupted sweep resumes.
-        for key in unit_keys(cfg):
+        for key in unit_keys(cfg, {s: i.role for s, i in sites.items()}):
             if store.unit_status(key) == "done":
                 log.info("unit %s: already done, skipped", key.unit_id)
                 continue

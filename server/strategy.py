@@ -26,11 +26,12 @@ def from_record(rec: ArrayRecord) -> dict[str, np.ndarray]:
 class TaskAwareFedAvg(FedAvg):
     """FedAvg whose train/evaluate messages go to the sites a unit's plan names, per-site config included."""
 
-    def __init__(self, plan: UnitPlan, node_of: dict[str, int], previous: dict[str, np.ndarray]):
+    def __init__(self, plan: UnitPlan, node_of: dict[str, int], previous: dict[str, np.ndarray],
+                 aggregation: str = "fedavg"):
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, weighted_by_key=P.NUM_EXAMPLES)
         self.plan, self.node_of = plan, node_of
         self.site_of = {n: s for s, n in node_of.items()}
-        self.previous = previous
+        self.previous, self.aggregation = previous, aggregation
         self.train_status: dict[str, str] = {}
         self.trained: dict[str, TrainResult] = {}
         self.bytes_up: dict[str, int] = {}
@@ -49,7 +50,7 @@ class TaskAwareFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
                            ) -> Iterable[Message]:
-        splits = {s: {P.CFG_SPLIT: sp} for s, sp in self.plan.eval_splits.items()}
+        splits = {s: {P.CFG_SPLIT: ",".join(sp)} for s, sp in self.plan.eval_splits.items()}
         return self._messages(arrays, config, splits, MessageType.EVALUATE)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -61,13 +62,14 @@ class TaskAwareFedAvg(FedAvg):
         self.trained = {s: t for s, (_, t) in got.items()}
         if not got:
             return None, None
-        self.previous = aggregate_replies(self.previous, got)
+        self.previous = aggregate_replies(self.previous, got, self.aggregation)
         return to_record(self.previous), MetricRecord({P.NUM_EXAMPLES: sum(t.n_examples for t in self.trained.values())})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies_by_site, self.eval_status = collect(replies, self.site_of, self.plan.eval_splits)
-        self.evals = {s: P.read_eval(dict(m.content[P.METRICS])) for s, m in replies_by_site.items()}
-        return MetricRecord({P.NUM_EXAMPLES: sum(sum(e.n.values()) for e in self.evals.values())})
+        self.evals = {s: P.read_split_evals(dict(m.content[P.METRICS]), list(self.plan.eval_splits[s]))
+                      for s, m in replies_by_site.items()}
+        return MetricRecord({P.NUM_EXAMPLES: sum(sum(e.n.values()) for per in self.evals.values() for e in per.values())})
 
 
 def collect(replies: Iterable[Message], site_of: dict[int, str], expected: Iterable[str]

@@ -8,6 +8,7 @@ trained this round keeps the previous global value. Integer buffers keep their d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -31,12 +32,17 @@ def _weighted_mean(values: list[np.ndarray], weights: list[float], dtype: np.dty
     return np.asarray(acc, dtype=dtype)
 
 
-def task_aware_fedavg(previous: dict[str, np.ndarray], updates: list[SiteUpdate]) -> dict[str, np.ndarray]:
-    """The new global state; ``previous`` supplies keys nobody trained and the dtypes."""
+def task_aware_fedavg(previous: dict[str, np.ndarray], updates: list[SiteUpdate],
+                      keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+    """The new global state; ``previous`` supplies keys nobody trained and the dtypes. Keys for which
+    ``keep`` is true are not averaged (FedBN: the sites keep their own BatchNorm statistics)."""
     if not updates:
         return dict(previous)
     out: dict[str, np.ndarray] = {}
     for key, prev in previous.items():
+        if keep is not None and keep(key):
+            out[key] = prev
+            continue
         task = head_of(key)
         if task is None:
             contrib = [(u.arrays[key], u.n_examples) for u in updates if u.n_examples > 0]

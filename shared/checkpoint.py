@@ -28,4 +28,4 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], *, round: int, un
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs

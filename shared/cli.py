@@ -89,17 +89,54 @@ def cmd_loco(a: argparse.Namespace) -> None:
     loco(values, cpus_per_client=a.cpus_per_client)
 
 
+def cmd_experiment(a: argparse.Namespace) -> None:
+    from shared.experiment import run_experiment
+
+    overrides = _kv(a.set or [])
+    if a.workspace:
+        overrides["workspace"] = a.workspace
+    print(run_experiment(a.config, overrides, workers=a.workers, cpus_per_client=a.cpus_per_client))
+
+
+def _store_path(a: argparse.Namespace) -> Path:
+    return Path(a.store) if a.store else Path(a.workspace) / "store.sqlite"
+
+
 def cmd_report(a: argparse.Namespace) -> None:
-    from shared.report import to_markdown, write_loco_report
+    from shared.report import write_report
     from shared.store import RunStore
 
-    store = RunStore(Path(a.store) if a.store else Path(a.workspace) / "store.sqlite", readonly=True)
+    store = RunStore(_store_path(a), readonly=True)
     try:
-        df, csv_path, md_path = write_loco_report(store, Path(a.workspace) / "reports")
+        out = Path(a.out) if a.out else Path(a.workspace) / "reports"
+        print(write_report(store, out, n_boot=a.bootstrap, seed=a.seed))
     finally:
         store.close()
-    print(to_markdown(df) if len(df) else "no finished LOCO units in the store yet")
-    print(f"\ntable: {md_path}")
+
+
+def cmd_runs(a: argparse.Namespace) -> None:
+    from shared import runs
+    from shared.store import RunStore
+
+    if not _store_path(a).is_file():
+        raise MDMTError(f"{_store_path(a)}: run store not found; give --store or --workspace")
+    store = RunStore(_store_path(a), readonly=a.action != "delete")
+    try:
+        if a.action == "list":
+            print(runs.format_units(runs.list_units(store, a.match)))
+        elif a.action == "export":
+            print(runs.export_units(store, Path(a.out), a.match))
+        else:
+            print(runs.delete_units(store, a.match, yes=a.yes))
+    finally:
+        store.close()
+
+
+def cmd_predict(a: argparse.Namespace) -> None:
+    from shared.predict import predict
+
+    print(predict(Path(a.checkpoint), [Path(x) for x in a.inputs], out_dir=Path(a.out), saliency=a.saliency,
+                  device=a.device, crop_source=a.crop_source or None))
 
 
 def cmd_dashboard(a: argparse.Namespace) -> None:
@@ -166,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("loco", help="leave-one-centre-out: one Flower simulation per config, every held-out centre")
     s.add_argument("--fed", help="federation folder")
-    s.add_argument("--method", help="comma-separated: mdmt, stl_prognosis, stl_severity, centralised_mdmt")
+    s.add_argument("--method", help="comma-separated: mdmt, stl_prognosis, stl_severity, ft, local, centralised_mdmt")
     s.add_argument("--backbone")
     s.add_argument("--rounds", type=int)
     s.add_argument("--image-size", type=int)
@@ -180,10 +217,39 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-client", type=float, default=1.0)
     s.set_defaults(fn=cmd_loco)
 
-    s = sub.add_parser("report", help="print the LOCO table of a workspace's run store")
+    s = sub.add_parser("experiment", help="run a grid of methods x backbones x protocols x folds; resumes where it stopped")
+    s.add_argument("config", help="experiment TOML (run-config keys; protocol may be 'loco,cv'; optional [synth] table)")
+    s.add_argument("--workers", type=int, default=1, help="simulations side by side (one per backbone x protocol)")
+    s.add_argument("--workspace", help="overrides the file's workspace")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
+    s.add_argument("--cpus-per-client", type=float, default=1.0)
+    s.set_defaults(fn=cmd_experiment)
+
+    s = sub.add_parser("report", help="tables, statistics and plots from a run store (markdown, CSV, LaTeX, PNG)")
     s.add_argument("--workspace", default="runs")
-    s.add_argument("--store", default="")
+    s.add_argument("--store", default="", help="default: <workspace>/store.sqlite")
+    s.add_argument("--out", default="", help="default: <workspace>/reports")
+    s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC intervals")
+    s.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     s.set_defaults(fn=cmd_report)
+
+    s = sub.add_parser("runs", help="list, export or delete units of a run store")
+    s.add_argument("action", choices=("list", "export", "delete"))
+    s.add_argument("match", nargs="*", help="unit-id patterns (shell-style, e.g. 'mdmt/*/loco/A/*'); default: all")
+    s.add_argument("--workspace", default="runs")
+    s.add_argument("--store", default="", help="default: <workspace>/store.sqlite")
+    s.add_argument("--out", default="units.csv", help="export: a .csv or .parquet file")
+    s.add_argument("--yes", action="store_true", help="delete: do it (without it, only list what would go)")
+    s.set_defaults(fn=cmd_runs)
+
+    s = sub.add_parser("predict", help="score new DICOMs with a checkpoint, using the checkpoint's own preprocessing")
+    s.add_argument("checkpoint", help="a best.pt / latest.pt written by a run")
+    s.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER")
+    s.add_argument("--out", default="predictions", help="folder for predictions.csv and heatmaps")
+    s.add_argument("--saliency", action="store_true", help="write a Grad-CAM heatmap PNG per image (the 'explain' extra)")
+    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--crop-source", default="", help="box table or mask folder, for checkpoints trained with crop=boxes|masks")
+    s.set_defaults(fn=cmd_predict)
 
     from shared.dashboard.cli import add_arguments as dashboard_arguments  # no Dash import until it runs
 
@@ -193,8 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a run like Ctrl-C: every process it started is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    import signal
+    import threading
+
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # unit-id patterns given after options (mdmt runs list --store S 'mdmt/*')
+        if getattr(args, "verb", "") != "runs" or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.match = [*args.match, *extra]
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
     try:
         args.fn(args)
     except MDMTError as exc:
@@ -203,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mdmt {args.verb}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -15,7 +15,10 @@ from shared.errors import ConfigError
 
 LOSS_NORMS = ("task", "batch")
 SEVERITY_HEADS = ("global4",)
-PROTOCOLS = ("loco",)
+PROTOCOLS = ("loco", "cv")
+AGGREGATIONS = ("fedavg", "fedprox", "fedbn")
+AUGMENTS = ("paper", "none")
+CLASS_WEIGHTS = ("none", "balanced")
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -27,12 +30,14 @@ def _split_list(value: str) -> tuple[str, ...]:
 class RunConfig:
     """Everything a run needs; every field has a default and a kebab-case key."""
 
-    method: str = "mdmt"  # comma-separated list: mdmt, stl_prognosis, stl_severity, centralised_mdmt
+    method: str = "mdmt"  # comma-separated list: mdmt, stl_prognosis, stl_severity, ft, local, centralised_mdmt
     backbone: str = "resnet18"  # comma-separated list of registry names
     weights: str = ""  # local weights file for the backbone (server only)
     pretrained: bool = False  # ImageNet weights (needs a local file or a reachable hub)
-    protocol: str = "loco"
-    holdouts: str = "A"  # comma-separated held-out prognosis centres, one fold each
+    protocol: str = "loco"  # loco (leave one centre out) | cv (patient-level k-fold at every site)
+    holdouts: str = "A"  # loco: comma-separated held-out prognosis centres, one fold each
+    cv_folds: int = 5  # cv: number of folds (test = fold k, validation = fold k+1)
+    folds: str = ""  # cv: comma-separated folds to run (empty = all)
     fed_dir: str = "runs/demo-federation"
     sites: str = ""  # simulation: site names in partition-id order; empty = all sites of fed-dir, sorted
     workspace: str = "runs"
@@ -46,12 +51,20 @@ class RunConfig:
     local_epochs: int = 1
     local_steps: int = 0  # > 0: a fixed number of optimiser steps per round instead of epochs
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 1e-3  # initial learning rate; the server owns it and sends it every round
     weight_decay: float = 1e-5
+    lr_patience: int = 15  # rounds without a lower training-site validation loss before the lr is reduced; 0 = never
+    lr_factor: float = 0.65
+    min_lr: float = 1e-8
     loss_norm: str = "task"
+    class_weight: str = "none"  # none | balanced (per site, inverse class frequency of its training rows)
+    augment: str = "paper"  # paper (shift, zoom, flip, rotation, elastic; each p=0.5) | none
+    aggregation: str = "fedavg"  # fedavg (task-aware) | fedprox | fedbn (BatchNorm statistics stay at the sites)
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term
+    ft_phase1_rounds: int = 0  # ft: rounds of its STL-severity phase 1 (0 = num-rounds)
     severity_head: str = "global4"
-    patience: int = 0  # rounds without improvement before early stop; 0 = never stop early
-    select_after: int = 0  # rounds before model selection may pick a round
+    patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
+    select_after: int = 40  # rounds before model selection may pick a round
     val_fraction: float = 0.1
     threshold: str = "val"  # prognosis decision threshold: "val" (Youden's J on the training sites' validation) or a number
     seed: int = 0
@@ -109,6 +122,9 @@ class RunConfig:
             "loss-norm": (self.loss_norm, LOSS_NORMS),
             "severity-head": (self.severity_head, SEVERITY_HEADS),
             "device": (self.device, DEVICES),
+            "aggregation": (self.aggregation, AGGREGATIONS),
+            "augment": (self.augment, AUGMENTS),
+            "class-weight": (self.class_weight, CLASS_WEIGHTS),
         }
         from shared.data.dicom import VOI_MODES
         from shared.data.preprocess import CROP_MODES
@@ -137,8 +153,17 @@ class RunConfig:
                 raise bad("threshold", f"is '{self.threshold}'; use 'val' or a number between 0 and 1")
         if not 0.0 < self.val_fraction < 0.5:
             raise bad("val-fraction", f"must be in (0, 0.5), got {self.val_fraction}")
-        if self.patience < 0 or self.select_after < 0:
-            raise bad("patience", "and 'select-after' must be >= 0")
+        if self.patience < 0 or self.select_after < 0 or self.lr_patience < 0 or self.ft_phase1_rounds < 0:
+            raise bad("patience", "'select-after', 'lr-patience' and 'ft-phase1-rounds' must be >= 0")
+        if not 0.0 < self.lr_factor < 1.0:
+            raise bad("lr-factor", f"must be in (0, 1), got {self.lr_factor}")
+        if self.proximal_mu < 0 or self.min_lr < 0:
+            raise bad("proximal-mu", "and 'min-lr' must be >= 0")
+        if self.cv_folds < 2:
+            raise bad("cv-folds", f"must be at least 2, got {self.cv_folds}")
+        for f in self.fold_list:
+            if not f.isdigit() or int(f) >= self.cv_folds:
+                raise bad("folds", f"has '{f}'; use fold numbers 0..{self.cv_folds - 1}")
 
     def check_server_files(self, source: str = "run config") -> None:
         """Files only the server reads (the sites never need the weights file: they get the model from it)."""
@@ -157,6 +182,14 @@ class RunConfig:
     @property
     def holdout_list(self) -> tuple[str, ...]:
         return _split_list(self.holdouts)
+
+    @property
+    def fold_list(self) -> tuple[str, ...]:
+        return _split_list(self.folds)
+
+    @property
+    def cv_fold_list(self) -> tuple[str, ...]:
+        return self.fold_list or tuple(str(k) for k in range(self.cv_folds))
 
     @property
     def site_list(self) -> tuple[str, ...]:

@@ -14,12 +14,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from shared import protocol as P
-from shared.train import TrainResult
+from shared.train import TrainResult, is_bn_stat
 from shared.aggregate import SiteUpdate, task_aware_fedavg
-from shared.checkpoint import save_checkpoint
+from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
-from shared.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, role_tasks
+from shared.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, local_site, role_tasks
 from shared.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from shared.model import build_model
 from shared.seeding import derive_seed
@@ -48,36 +48,75 @@ class UnitPlan:
     holdout: str | None
     train_sites: list[str]  # sites whose data trains the model
     train_messages: dict[str, dict[str, Any]]  # site that receives a train message -> extra config
-    eval_splits: dict[str, str]  # site -> split it evaluates
+    eval_splits: dict[str, tuple[str, ...]]  # site -> the splits it evaluates every round
+
+    @property
+    def protocol(self) -> str:
+        return self.key.protocol
 
 
-def unit_keys(cfg: RunConfig) -> list[UnitKey]:
-    """Every (method, backbone, fold) of a config; a method without LOCO runs once (fold '-')."""
-    keys = []
+def _folds(cfg: RunConfig, method: Method) -> tuple[str, ...]:
+    if cfg.protocol == "cv":
+        return cfg.cv_fold_list
+    if not method.loco:
+        return ("-",)
+    if not cfg.holdout_list:
+        raise ConfigError(f"method '{method.name}' needs at least one held-out centre in 'holdouts'")
+    return cfg.holdout_list
+
+
+def unit_keys(cfg: RunConfig, roles: dict[str, str] | None = None) -> list[UnitKey]:
+    """Every (method, backbone, fold) of a config, in run order.
+
+    A method without LOCO runs once under loco (fold '-'); under cv every method runs every fold. A
+    method that starts from another's model (ft) is preceded by that method's unit of the same fold
+    rule. The local method becomes one unit per training site ('local:<site>'), which needs ``roles``
+    (site -> role) to know the sites.
+    """
+    keys: list[UnitKey] = []
+
+    def add(name: str, backbone: str, fold: str) -> None:
+        k = UnitKey(name, backbone, cfg.protocol, fold, cfg.seed)
+        if k not in keys:
+            keys.append(k)
+
     for backbone in cfg.backbones:
         for m in cfg.methods:
             method = get_method(m)
-            folds = cfg.holdout_list if method.loco else ("-",)
-            if method.loco and not folds:
-                raise ConfigError(f"method '{m}' needs at least one held-out centre in 'holdouts'")
-            keys.extend(UnitKey(m, backbone, cfg.protocol, f, cfg.seed) for f in folds)
+            for fold in _folds(cfg, method):
+                if method.init_from:
+                    first = get_method(method.init_from)
+                    add(first.name, backbone, fold if (cfg.protocol == "cv" or first.loco) else "-")
+                if method.per_site:
+                    if roles is None:
+                        raise ConfigError(f"method '{m}' needs the federation's sites to plan its units")
+                    for site in sorted(roles):
+                        if site != fold and method.trains(role_tasks(roles[site])):
+                            add(f"{m}:{site}", backbone, fold)
+                else:
+                    add(m, backbone, fold)
     return keys
 
 
 def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
     method = get_method(key.method)
-    holdout = None if key.fold == "-" else key.fold
+    cv = key.protocol == "cv"
+    holdout = None if (cv or key.fold == "-") else key.fold
     if holdout is not None:
         if holdout not in sites:
             raise ConfigError(f"held-out centre '{holdout}' is not a site of this federation ({', '.join(sorted(sites))})")
         if PROGNOSIS not in role_tasks(sites[holdout].role):
             raise ConfigError(f"held-out centre '{holdout}' has no prognosis labels (role {sites[holdout].role})")
+    only = local_site(key.method)
+    if only is not None and only not in sites:
+        raise ConfigError(f"unit {key.unit_id}: site '{only}' is not connected ({', '.join(sorted(sites))})")
+    pool = "all" if cv else "train"  # under cv every site's rows rotate through train/val/test
     train_sites = []
     for name in sorted(sites):
         info = sites[name]
-        if name == holdout or not method.trains(role_tasks(info.role)):
+        if name == holdout or not method.trains(role_tasks(info.role)) or (only is not None and name != only):
             continue
-        if sum(info.counts.get(f"train-{t}", 0) for t in method.tasks) > 0:
+        if sum(info.counts.get(f"{pool}-{t}", 0) for t in method.tasks) > 0:
             train_sites.append(name)
     if not train_sites:
         raise ConfigError(f"method '{key.method}' has no site to train on (sites: {', '.join(sorted(sites))})")
@@ -85,10 +124,42 @@ def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
         messages = {train_sites[0]: {P.CFG_POOL: ",".join(train_sites)}}
     else:
         messages = {s: {} for s in train_sites}
-    evals = {s: "val" for s in train_sites}
+    evals: dict[str, tuple[str, ...]] = {}
+    for s in train_sites:
+        has_test = cv or any(sites[s].counts.get(f"test-{t}", 0) > 0 for t in TASKS)
+        evals[s] = ("val", "test") if has_test else ("val",)
     if holdout is not None:
-        evals[holdout] = "all"
+        evals[holdout] = ("all",)
     return UnitPlan(key, method, holdout, train_sites, messages, evals)
+
+
+def unit_rounds(cfg: RunConfig, key: UnitKey) -> int:
+    """Rounds of a unit: stl_severity (FT's phase 1) may get its own count."""
+    if key.method == "stl_severity" and cfg.ft_phase1_rounds > 0:
+        return cfg.ft_phase1_rounds
+    return cfg.num_rounds
+
+
+class ServerLR:
+    """The learning rate the server sends each round: torch's ReduceLROnPlateau on the training sites'
+    monitored validation loss (a round counts as an epoch); lr-patience 0 keeps it constant."""
+
+    def __init__(self, cfg: RunConfig):
+        import torch
+
+        self._param = torch.nn.Parameter(torch.zeros(1))
+        self._opt = torch.optim.SGD([self._param], lr=cfg.lr)
+        self._sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            self._opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
+            if cfg.lr_patience > 0 else None)
+
+    @property
+    def lr(self) -> float:
+        return float(self._opt.param_groups[0]["lr"])
+
+    def step(self, val_loss: float) -> None:
+        if self._sched is not None and not math.isnan(val_loss):
+            self._sched.step(val_loss)
 
 
 @dataclass
@@ -108,8 +179,9 @@ class Rounds(Protocol):
         """Send a train message to each of ``plan.train_messages`` and aggregate the replies."""
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
-                 ) -> tuple[dict[str, P.SiteEval], dict[str, str]]:
-        """Send an evaluate message to each of ``plan.eval_splits``; returns their statistics and status."""
+                 ) -> tuple[dict[str, dict[str, P.SiteEval]], dict[str, str]]:
+        """Send an evaluate message to each of ``plan.eval_splits``; returns site -> split -> statistics,
+        and each site's status."""
 
 
 @dataclass
@@ -147,34 +219,60 @@ def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-def aggregate_replies(previous: dict[str, np.ndarray], replies: dict[str, tuple[dict[str, np.ndarray], TrainResult]]
-                      ) -> dict[str, np.ndarray]:
-    """Task-aware FedAvg of the sites' returned arrays, weighted by their reported counts."""
+def starting_arrays(cfg: RunConfig, key: UnitKey, store: RunStore) -> tuple[dict[str, np.ndarray], str]:
+    """The unit's starting model and where it came from: the seeded initial model, or, for a method that
+    starts from another's (ft), that unit's selected checkpoint."""
+    method = get_method(key.method)
+    if not method.init_from:
+        return initial_arrays(cfg, key.backbone), "init"
+    first = get_method(method.init_from)
+    src = UnitKey(first.name, key.backbone, key.protocol,
+                  key.fold if (key.protocol == "cv" or first.loco) else "-", key.seed)
+    path = cfg.workspace_path / "checkpoints" / src.slug / "best.pt"
+    if store.unit_status(src) != "done" or not path.is_file():
+        raise ConfigError(f"unit {key.unit_id} starts from {src.unit_id}, which has not finished "
+                          f"(status {store.unit_status(src)}, checkpoint {path})")
+    state = load_checkpoint(path)["state_dict"]
+    return {k: v.numpy().copy() for k, v in state.items()}, src.unit_id
+
+
+def aggregate_replies(previous: dict[str, np.ndarray], replies: dict[str, tuple[dict[str, np.ndarray], TrainResult]],
+                      aggregation: str = "fedavg") -> dict[str, np.ndarray]:
+    """Task-aware FedAvg of the sites' returned arrays, weighted by their reported counts; under fedbn the
+    BatchNorm statistics are not averaged (each site keeps its own)."""
     updates = [SiteUpdate(s, arr, t.n_examples, t.n_task) for s, (arr, t) in sorted(replies.items())]
-    return task_aware_fedavg(previous, updates)
+    return task_aware_fedavg(previous, updates, keep=is_bn_stat if aggregation == "fedbn" else None)
 
 
-def monitored_val_loss(plan: UnitPlan, evals: dict[str, P.SiteEval]) -> float:
+Evals = dict[str, dict[str, P.SiteEval]]  # site -> split -> statistics
+
+
+def _train_val(plan: UnitPlan, evals: Evals) -> list[P.SiteEval]:
+    return [evals[s]["val"] for s in plan.train_sites if "val" in evals.get(s, {})]
+
+
+def monitored_val_loss(plan: UnitPlan, evals: Evals) -> float:
+    """The monitored task's validation loss over the training sites: what selects rounds, reduces the lr
+    and stops early. Held-out and test rows never enter it."""
     task = plan.method.monitor
-    total = sum(evals[s].loss_sum[task] for s in plan.train_sites if s in evals)
-    n = sum(evals[s].n[task] for s in plan.train_sites if s in evals)
-    return total / n if n else float("nan")
+    vals = _train_val(plan, evals)
+    n = sum(e.n[task] for e in vals)
+    return sum(e.loss_sum[task] for e in vals) / n if n else float("nan")
 
 
-def validation_hist(plan: UnitPlan, evals: dict[str, P.SiteEval]) -> np.ndarray | None:
+def validation_hist(plan: UnitPlan, evals: Evals) -> np.ndarray | None:
     """The training sites' validation histograms of P(SEVERE), pooled."""
-    hists = [evals[s].prog_hist for s in plan.train_sites if s in evals and plan.eval_splits.get(s) == "val"]
+    hists = [e.prog_hist for e in _train_val(plan, evals)]
     return sum(hists) if hists else None
 
 
-def eval_rows(plan: UnitPlan, evals: dict[str, P.SiteEval], threshold: str = "val") -> tuple[list, list]:
+def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val") -> tuple[list, list]:
     """(metrics rows, eval_stats rows) for the store. Prognosis confusion metrics use the round's decision
     threshold (see shared.metrics.threshold_bin), logged as a metric of site '*'."""
     metrics, stats = [], []
     k = threshold_bin(threshold, validation_hist(plan, evals))
     metrics.append(("*", PROGNOSIS, "val", "threshold", k / HIST_BINS))
-    for site, ev in sorted(evals.items()):
-        split = plan.eval_splits[site]
+    for site, split, ev in ((s, sp, e) for s, per in sorted(evals.items()) for sp, e in sorted(per.items())):
         if ev.n[PROGNOSIS]:
             m = binary_metrics(cm_at_bin(ev.prog_hist, k))
             m["auc"] = auc_from_hist(ev.prog_hist)
@@ -191,21 +289,42 @@ def eval_rows(plan: UnitPlan, evals: dict[str, P.SiteEval], threshold: str = "va
     return metrics, stats
 
 
+def round_config(cfg: RunConfig, key: UnitKey, rnd: int, lr: float) -> dict[str, Any]:
+    """What every site receives with a round's messages."""
+    return {P.CFG_ROUND: rnd, P.CFG_UNIT: key.unit_id, P.CFG_METHOD: key.method, P.CFG_BACKBONE: key.backbone,
+            P.CFG_PROTOCOL: key.protocol, P.CFG_FOLD: key.fold, P.CFG_LR: lr, P.CFG_AGGREGATION: cfg.aggregation,
+            P.CFG_PROX_MU: cfg.proximal_mu if cfg.aggregation == "fedprox" else 0.0}
+
+
+def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
+    rows = []
+    for s, t in tr.trained.items():
+        rows += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
+                 (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
+        rows += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
+    rows += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
+             for name, v in (("bytes_down", down), ("bytes_up", up))]
+    return rows
+
+
 def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds: Rounds, store: RunStore,
              flwr_run_id: str = "") -> int | None:
     """Run one unit to completion; returns the selected round."""
     key = plan.key
     hashes = {s: sites[s].manifest_hash for s in plan.train_sites}
-    conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold}
-    store.start_unit(key, plan.train_sites, plan.eval_splits, conf, hashes, flwr_run_id)
+    arrays, start = starting_arrays(cfg, key, store)
+    n_rounds = unit_rounds(cfg, key)
+    conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold,
+                               "num-rounds": n_rounds, "starts-from": start}
+    store.start_unit(key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf, hashes,
+                     flwr_run_id)
     ckpt_dir = cfg.workspace_path / "checkpoints" / key.slug
-    arrays = initial_arrays(cfg, key.backbone)
     sel = Selection(cfg.patience, cfg.select_after)
+    lr = ServerLR(cfg)
     log.info("unit %s: train on %s, evaluate %s", key.unit_id, ",".join(plan.train_sites),
-             ",".join(f"{s}:{sp}" for s, sp in plan.eval_splits.items()))
-    for rnd in range(1, cfg.num_rounds + 1):
-        rcfg = {P.CFG_ROUND: rnd, P.CFG_UNIT: key.unit_id, P.CFG_METHOD: key.method, P.CFG_BACKBONE: key.backbone,
-                P.CFG_FOLD: key.fold, P.CFG_LR: cfg.lr}
+             ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()))
+    for rnd in range(1, n_rounds + 1):
+        rcfg = round_config(cfg, key, rnd, lr.lr)
         tr = rounds.train(rnd, arrays, plan, rcfg)
         arrays, trained, train_status = tr.arrays, tr.trained, tr.status
         if len(trained) < max(1, min(cfg.min_sites, len(plan.train_messages))):
@@ -215,24 +334,25 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             raise RuntimeError(msg)
         evals, eval_status = rounds.evaluate(rnd, arrays, plan, rcfg)
         metrics, stats = eval_rows(plan, evals, cfg.threshold)
-        for s, t in trained.items():
-            metrics += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
-                        (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
-            metrics += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
-        metrics += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
-                    for name, v in (("bytes_down", down), ("bytes_up", up))]
+        metrics += train_rows(tr)
         val_loss = monitored_val_loss(plan, evals)
-        metrics.append(("*", plan.method.monitor, "val", "monitored_loss", val_loss))
+        metrics += [("*", plan.method.monitor, "val", "monitored_loss", val_loss), ("*", "all", "train", "lr", lr.lr)]
         improved = sel.update(rnd, val_loss)
+        lr.step(val_loss)
         participation = [(s, "train", st, "") for s, st in train_status.items()]
-        participation += [(s, "evaluate", st, plan.eval_splits.get(s, "")) for s, st in eval_status.items()]
+        participation += [(s, "evaluate", st, ",".join(plan.eval_splits.get(s, ()))) for s, st in eval_status.items()]
         store.log_round(key, rnd, metrics, stats, participation)
-        save_checkpoint(ckpt_dir / "latest.pt", arrays, round=rnd, unit_id=key.unit_id, config=conf, manifest_hashes=hashes)
+        meta = dict(round=rnd, unit_id=key.unit_id, config=conf, manifest_hashes=hashes)
+        save_checkpoint(ckpt_dir / "latest.pt", arrays, **meta)
         if improved:
-            save_checkpoint(ckpt_dir / "best.pt", arrays, round=rnd, unit_id=key.unit_id, config=conf, manifest_hashes=hashes)
+            save_checkpoint(ckpt_dir / "best.pt", arrays, **meta, extra={"threshold": _threshold_value(metrics)})
         log.info("unit %s round %d: monitored val loss %.4f%s", key.unit_id, rnd, val_loss, " (best)" if improved else "")
         if sel.should_stop(rnd):
             log.info("unit %s: early stop after round %d (best %s)", key.unit_id, rnd, sel.best_round)
             break
     store.finish_unit(key, "done", sel.best_round)
     return sel.best_round
+
+
+def _threshold_value(metrics: list[tuple[str, str, str, str, float]]) -> float:
+    return next(float(v) for s, _, _, name, v in metrics if s == "*" and name == "threshold")

@@ -24,6 +24,7 @@ from shared.errors import MDMTError
 
 CONNECTION = "mdmt-local"
 TOKEN_VAR = "MDMT_PROCESS_TOKEN"
+_ACTIVE: set["LocalSimulation"] = set()  # started in this process and not yet stopped
 
 
 def free_port() -> int:
@@ -153,10 +154,19 @@ class LocalSimulation:
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
     def __enter__(self) -> "LocalSimulation":
+        _ACTIVE.add(self)
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        _ACTIVE.discard(self)
+
+
+def stop_all() -> None:
+    """Stop every simulation this process still runs (an interrupted sweep with several workers)."""
+    for sim in list(_ACTIVE):
+        sim.stop()
+        _ACTIVE.discard(sim)
 
 
 def _alive(pid: int) -> bool:

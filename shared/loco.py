@@ -28,6 +28,11 @@ def prognosis_sites(fed: Path) -> list[str]:
     return [s for s in list_sites(fed) if site_role(read_manifest(fed / s)) in ("prognosis", "both")]
 
 
+def site_roles(cfg: RunConfig) -> dict[str, str]:
+    """site -> role of the config's sites, read from their manifests (simulation: all data is local)."""
+    return {s: site_role(read_manifest(cfg.fed_path / s)) for s in cfg.site_list}
+
+
 def prepare_config(values: dict[str, Any]) -> RunConfig:
     """The full, validated config of a simulation: absolute paths, every site named, holdouts defaulted."""
     cfg = RunConfig.from_mapping(values, source="loco")
@@ -58,21 +63,31 @@ def write_run_config(cfg: RunConfig, path: Path) -> Path:
     return path
 
 
-def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print) -> Path:
-    """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure."""
+def ingest_sites(cfg: RunConfig) -> None:
+    """Decode and cache every site of the config once (later runs reuse the cache)."""
     from shared.data.cache import ingest_site
 
-    ws = cfg.workspace_path
     for site in cfg.site_list:
         ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True,
                     voi=cfg.voi, crop_source=cfg.crop_source or None)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+
+def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "",
+                   ingest: bool = True) -> Path:
+    """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure.
+
+    ``tag`` names this simulation's Flower home, config and log, so several can run side by side.
+    """
+    ws = cfg.workspace_path
+    if ingest:
+        ingest_sites(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
     run_cfg = write_run_config(cfg, ws / "configs" / f"run-{stamp}.toml")
     log_path = ws / "logs" / f"flwr-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     n_sites = len(cfg.site_list)
-    echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg))}, log: {log_path}")
-    with LocalSimulation(ws / "flwr") as sim, open(log_path, "wb") as log:
+    echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg, site_roles(cfg)))}, log: {log_path}")
+    with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
         proc = subprocess.Popen(
             [*sim.flwr_run_command(APP_DIR, run_cfg, n_sites, cpus_per_client)],
             env=sim.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=APP_DIR,
@@ -120,7 +135,7 @@ def _check_units(cfg: RunConfig, log_path: Path) -> None:
         status = {u["unit_id"]: (u["status"], u["message"]) for u in store.units()}
     finally:
         store.close()
-    bad = [(k.unit_id, status.get(k.unit_id, ("not run", ""))) for k in unit_keys(cfg)
+    bad = [(k.unit_id, status.get(k.unit_id, ("not run", ""))) for k in unit_keys(cfg, site_roles(cfg))
            if status.get(k.unit_id, ("",))[0] != "done"]
     if bad:
         first = "; ".join(f"{u}: {st}{' (' + msg + ')' if msg else ''}" for u, (st, msg) in bad[:3])

@@ -21,13 +21,19 @@ class LossTerms:
     severity: torch.Tensor
 
 
-def masked_term(logits: torch.Tensor, target: torch.Tensor, norm: str) -> torch.Tensor:
-    """One task's term; ``target`` is -1 where the sample has no label for this task."""
-    mask = (target >= 0).to(logits.dtype)
-    per_sample = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
-    summed = (per_sample * mask.float()).sum()
+def masked_term(logits: torch.Tensor, target: torch.Tensor, norm: str,
+                class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """One task's term; ``target`` is -1 where the sample has no label for this task. With
+    ``class_weight`` each sample's loss is scaled by its class's weight and a ``task`` term is the
+    weighted mean (as ``torch.nn.CrossEntropyLoss(weight=...)`` computes it)."""
+    mask = (target >= 0).float()
+    tgt = target.clamp_min(0)
+    per_sample = F.cross_entropy(logits.float(), tgt, reduction="none")
+    if class_weight is not None:
+        mask = mask * class_weight.to(per_sample.device, torch.float32)[tgt]
+    summed = (per_sample * mask).sum()
     if norm == "task":
-        return summed / mask.float().sum().clamp_min(1.0)
+        return summed / mask.sum().clamp_min(1e-12)  # no label in the batch: exactly 0
     if norm == "batch":
         return summed / max(int(target.shape[0]), 1)
     raise ValueError(f"loss normalisation '{norm}' is not 'task' or 'batch'")
@@ -41,7 +47,9 @@ def mdmt_loss(
     norm: str = "task",
     weight_prog: float = 1.0,
     weight_sev: float = 1.0,
+    class_weights: dict[str, torch.Tensor] | None = None,
 ) -> LossTerms:
-    lp = masked_term(logits_prog, y_prog, norm)
-    ls = masked_term(logits_sev, y_sev, norm)
+    cw = class_weights or {}
+    lp = masked_term(logits_prog, y_prog, norm, cw.get("prognosis"))
+    ls = masked_term(logits_sev, y_sev, norm, cw.get("severity"))
     return LossTerms(weight_prog * lp + weight_sev * ls, lp, ls)

@@ -27,8 +27,11 @@ CFG_UNIT = "unit-id"
 CFG_METHOD = "method"
 CFG_BACKBONE = "backbone"
 CFG_FOLD = "fold"
-CFG_SPLIT = "split"  # which of the site's rows to evaluate: val | test | all
+CFG_SPLIT = "split"  # which of the site's rows to evaluate: comma-separated val | test | all
+CFG_PROTOCOL = "protocol"  # loco | cv: which rule assigns the site's rows to train/val/test
 CFG_LR = "lr"
+CFG_AGGREGATION = "aggregation"  # fedavg | fedprox | fedbn
+CFG_PROX_MU = "proximal-mu"
 CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
 
 NUM_EXAMPLES = "num-examples"
@@ -62,6 +65,21 @@ def eval_metrics(res: EvalResult) -> dict[str, Any]:
         "hist-prognosis": [int(v) for v in res.prog_hist.ravel()],
         "cm-severity": [int(v) for v in res.sev_cm.ravel()],
     }
+
+
+def split_eval_metrics(results: dict[str, EvalResult]) -> dict[str, Any]:
+    """One evaluate reply for several splits: every key of :func:`eval_metrics` prefixed ``<split>/``."""
+    out: dict[str, Any] = {NUM_EXAMPLES: 0}
+    for split, res in results.items():
+        m = eval_metrics(res)
+        out[NUM_EXAMPLES] += m[NUM_EXAMPLES]
+        out.update({f"{split}/{k}": v for k, v in m.items()})
+    return out
+
+
+def read_split_evals(m: dict[str, Any], splits: list[str]) -> dict[str, "SiteEval"]:
+    """The per-split statistics of one evaluate reply."""
+    return {sp: read_eval({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{sp}/")}) for sp in splits}
 
 
 @dataclass

@@ -19,7 +19,8 @@ from shared.errors import ConfigError, DataError
 from shared.methods import PROGNOSIS, SEVERITY, get_method
 from shared.model import build_model
 from shared.seeding import derive_seed
-from shared.train import TaskData, evaluate, resolve_device, train_local
+from shared.augment import get_augment
+from shared.train import TaskData, adapt_bn, evaluate, is_bn_stat, resolve_device, train_local
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -87,6 +88,22 @@ def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
     return pd.Series(site_splits(df, loc.site, cfg.seed, cfg.val_fraction).to_numpy(), index=df["image"].to_numpy())
 
 
+def site_roles(cfg: RunConfig, loc: SiteLocation, protocol: str = "loco", fold: str = "-") -> pd.Series:
+    """image -> train/val/test of the site under a protocol: loco uses :func:`manifest_splits` (a held-out
+    centre evaluates 'all'); cv fold k uses the site's own patient-level k-fold assignment."""
+    if protocol != "cv":
+        return manifest_splits(cfg, loc)
+    from shared.data.manifest import read_manifest
+    from shared.data.splits import cv_roles
+
+    df = read_manifest(loc.site_dir)
+    return pd.Series(cv_roles(df, loc.site, cfg.seed, int(fold), cfg.cv_folds).to_numpy(), index=df["image"].to_numpy())
+
+
+def _roles(cfg: RunConfig, loc: SiteLocation, rcfg: Mapping[str, Any]) -> pd.Series:
+    return site_roles(cfg, loc, str(rcfg.get(P.CFG_PROTOCOL, "loco")), str(rcfg.get(P.CFG_FOLD, "-")))
+
+
 def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None,
                splits: pd.Series | None = None) -> TaskData:
     """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
@@ -129,29 +146,56 @@ def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> tor
     return model
 
 
+def _fedbn_file(loc: SiteLocation, rcfg: Mapping[str, Any]) -> Path:
+    return loc.workspace / "fedbn" / (str(rcfg[P.CFG_UNIT]).replace("/", "__") + ".pt")
+
+
+def _fedbn(rcfg: Mapping[str, Any]) -> bool:
+    return str(rcfg.get(P.CFG_AGGREGATION, "fedavg")) == "fedbn"
+
+
 def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]):
     """One round of local training; returns (new state dict, train metrics dict)."""
     method = get_method(str(rcfg[P.CFG_METHOD]))
     locs = pooled_locations(cfg, loc, str(rcfg.get(P.CFG_POOL, "")))
-    data = TaskData.concat([load_split(cfg, l, "train", method.tasks) for l in locs])
+    data = TaskData.concat([load_split(cfg, l, "train", method.tasks, splits=_roles(cfg, l, rcfg)) for l in locs])
+    bn_file = _fedbn_file(loc, rcfg)
+    if _fedbn(rcfg) and bn_file.is_file():  # FedBN: this site's own BatchNorm statistics replace the global ones
+        state = state | torch.load(bn_file, map_location="cpu")
     model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
     seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
     res = train_local(
         model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
         lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
-        device=resolve_device(cfg.device), seed=seed,
+        device=resolve_device(cfg.device), seed=seed, augment=get_augment(cfg.augment),
+        class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)),
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if _fedbn(rcfg):
+        bn_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v for k, v in new_state.items() if is_bn_stat(k)}, bn_file)
     return new_state, P.train_metrics(res)
 
 
 def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Score both tasks on one split; per-sample predictions are written to the site's own workspace."""
-    split = str(rcfg[P.CFG_SPLIT])
-    data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY))
-    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
-    res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=resolve_device(cfg.device))
+    """Score both tasks on each requested split; per-sample predictions are written to the site's own
+    workspace. Under FedBN a training site uses its own BatchNorm statistics and any other site (a
+    held-out centre) re-estimates them on the rows it evaluates."""
+    splits = [sp for sp in str(rcfg[P.CFG_SPLIT]).split(",") if sp]
+    roles = _roles(cfg, loc, rcfg)
+    bn_file = _fedbn_file(loc, rcfg)
+    if _fedbn(rcfg) and bn_file.is_file():
+        state = state | torch.load(bn_file, map_location="cpu")
+    device = resolve_device(cfg.device)
     out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
-    res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
-    return P.eval_metrics(res)
+    results = {}
+    for split in splits:
+        data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), splits=roles)
+        model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+        if _fedbn(rcfg) and not bn_file.is_file():
+            adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+        res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+        res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
+        results[split] = res
+    return P.split_eval_metrics(results)

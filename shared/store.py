@@ -147,3 +147,14 @@ class RunStore:
 
     def metrics(self, unit_id: str) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM metrics WHERE unit_id=? ORDER BY round, site, task, name", (unit_id,)).fetchall()
+
+    # ---- housekeeping ---------------------------------------------------------------------------
+    def delete_units(self, unit_ids: list[str]) -> dict[str, int]:
+        """Delete units and their metrics, eval_stats and participation rows in one transaction.
+        Returns the number of rows deleted per table."""
+        counts: dict[str, int] = {}
+        with self.tx() as db:
+            for table in ("metrics", "eval_stats", "participation", "units"):
+                cur = db.executemany(f"DELETE FROM {table} WHERE unit_id=?", [(u,) for u in unit_ids])
+                counts[table] = max(cur.rowcount, 0)
+        return counts

@@ -64,11 +64,13 @@ class Feeder:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.pin = device.type == "cuda"
 
-    def __call__(self, images: np.ndarray) -> torch.Tensor:
+    def __call__(self, images: np.ndarray, augment=None, gen: torch.Generator | None = None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.pin:
             x = x.pin_memory()
         x = x.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        if augment is not None:
+            x = augment(x, gen)
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
 
@@ -85,6 +87,50 @@ def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return torch.autocast("cpu", enabled=False)
+
+
+def balanced_class_weights(data: "TaskData") -> dict[str, torch.Tensor]:
+    """Per task, scikit-learn's 'balanced' weights (n / (k x count)) of the classes present; absent
+    classes weigh 1."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    out = {}
+    for task, y in ((PROGNOSIS, data.y_prog), (SEVERITY, data.y_sev)):
+        y = y[y >= 0]
+        w = np.ones(NUM_CLASSES[task], dtype=np.float32)
+        if len(y):
+            present = np.unique(y)
+            w[present] = compute_class_weight("balanced", classes=present, y=y)
+        out[task] = torch.from_numpy(w)
+    return out
+
+
+BN_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_bn_stat(key: str) -> bool:
+    """A BatchNorm running statistic (what FedBN keeps at the site)."""
+    return key.rsplit(".", 1)[-1] in BN_STAT_SUFFIXES
+
+
+@torch.no_grad()
+def adapt_bn(model: torch.nn.Module, data: "TaskData", *, batch_size: int = 64, device: torch.device | str = "cpu") -> None:
+    """Re-estimate BatchNorm statistics on ``data`` (no labels used): how a site without FedBN statistics
+    of its own (a held-out centre) evaluates a FedBN model."""
+    device = torch.device(device) if isinstance(device, str) else device
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(data) == 0:
+        return
+    model.to(device)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    feed = Feeder(device)
+    for idx in _batches(len(data), batch_size, None):
+        with _autocast(device):
+            model(feed(data.images[idx]))
+    model.eval()
 
 
 @dataclass
@@ -109,8 +155,15 @@ def train_local(
     loss_norm: str = "task",
     device: torch.device | str = "cpu",
     seed: int = 0,
+    augment=None,
+    class_weight: str = "none",
+    prox_mu: float = 0.0,
 ) -> TrainResult:
-    """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs."""
+    """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs.
+
+    ``augment``: a batch transform (shared.augment) applied on the device; ``class_weight``: none or
+    balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received.
+    """
     device = torch.device(device) if isinstance(device, str) else device
     t0 = time.perf_counter()
     used = (data.y_prog >= 0) | (data.y_sev >= 0)
@@ -127,8 +180,11 @@ def train_local(
     params = [p for name, p in model.named_parameters()
               if not name.startswith("heads.") or name.split(".")[1] in present]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    weights = {k: v.to(device) for k, v in balanced_class_weights(data).items()} if class_weight == "balanced" else None
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
     feed = Feeder(device)
     y_prog = torch.from_numpy(data.y_prog).to(device)
     y_sev = torch.from_numpy(data.y_sev).to(device)
@@ -137,13 +193,16 @@ def train_local(
     epoch = 0
     while True:
         for idx in _batches(n, batch_size, rng):
-            x = feed(data.images[idx])
+            x = feed(data.images[idx], augment, gen)
             tidx = torch.from_numpy(idx).to(device)
             with _autocast(device):
                 lp, ls = model(x)
-            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm)
+            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm, class_weights=weights)
+            objective = loss.total
+            if anchor is not None:
+                objective = objective + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
+            objective.backward()
             opt.step()
             done += 1
             sums += float(loss.total.detach())

@@ -189,23 +189,42 @@ def _cv_strata(df: pd.DataFrame, site: str) -> np.ndarray:
     return np.array([f"{p}|{site}" if p else f"{s}|{m}|{site}" for p, s, m in zip(prog, fine, manu)], dtype=object)
 
 
-def cv_folds(tables: dict[str, pd.DataFrame], seed: int, n_folds: int = 5) -> pd.DataFrame:
-    """Patient-level k-fold assignment over the whole federation: fold of each (site, image)."""
+def site_cv_folds(df: pd.DataFrame, site: str, seed: int, n_folds: int = 5) -> np.ndarray:
+    """Patient-level k-fold assignment of one site's rows, stratified by class (x manufacturer for severity
+    rows): the fold index of each row. Computed from the site's own manifest only, so a site daemon and
+    ``mdmt splits`` agree without seeing other sites; stratifying each centre by class stratifies the
+    federation by class x centre. A site with fewer patients than folds deals its patients round-robin."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    parts = [pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "stratum": _cv_strata(t, s),
-                           "group": s + "\x1f" + t["patient_id"].astype(str).to_numpy()})
-             for s, t in sorted(tables.items())]
-    allrows = pd.concat(parts, ignore_index=True)
-    labels = _merge_rare(allrows["stratum"].to_numpy(), allrows["group"].to_numpy(), n_folds)
-    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=site_seed(seed, "*", "cv"))
-    fold = np.zeros(len(allrows), dtype=int)
+    groups = df["patient_id"].astype(str).to_numpy()
+    fold = np.zeros(len(df), dtype=int)
+    patients = np.unique(groups)
+    if len(patients) < n_folds:
+        order = np.random.default_rng(site_seed(seed, site, "cv")).permutation(patients)
+        pos = {p: i % n_folds for i, p in enumerate(order)}
+        return np.array([pos[g] for g in groups], dtype=int)
+    labels = _merge_rare(_cv_strata(df, site), groups, n_folds)
+    sgkf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=site_seed(seed, site, "cv"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(allrows)), labels, allrows["group"].to_numpy())):
+        for k, (_, idx) in enumerate(sgkf.split(np.zeros(len(df)), labels, groups)):
             fold[idx] = k
-    allrows["cv_fold"] = fold
-    return allrows[["site", "image", "cv_fold"]]
+    return fold
+
+
+def cv_roles(df: pd.DataFrame, site: str, seed: int, fold: int, n_folds: int = 5,
+             exclude_consensus: bool = True) -> pd.Series:
+    """A site's rows in CV fold ``fold``: test = fold k, validation = fold k+1, training = the rest; the
+    manifest's ``split = test`` rows and (by default) BRIXIA's consensus set are always ``test``."""
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"CV fold {fold} is outside 0..{n_folds - 1}")
+    k = site_cv_folds(df, site, seed, n_folds)
+    role = np.where(k == fold, "test", np.where(k == (fold + 1) % n_folds, "val", "train")).astype(object)
+    fixed = (_col(df, "split") == "test").to_numpy()
+    if exclude_consensus:
+        fixed = fixed | consensus_rows(df).to_numpy()
+    role[fixed] = "test"
+    return pd.Series(role, index=df.index, dtype=object)
 
 
 def federation_splits(tables: dict[str, pd.DataFrame], prognosis_sites: list[str], seed: int,
@@ -219,20 +238,14 @@ def federation_splits(tables: dict[str, pd.DataFrame], prognosis_sites: list[str
     In both, the manifest's ``split = test`` rows and (by default) BRIXIA's consensus set are ``test``.
     """
     rows = []
-    fixed_test = {s: (_col(t, "split") == "test") | (consensus_rows(t) if exclude_consensus else False)
-                  for s, t in tables.items()}
     base = {s: site_splits(t, s, seed, val_fraction, exclude_consensus) for s, t in tables.items()}
     for holdout in prognosis_sites:
         for s, t in sorted(tables.items()):
             role = ["test"] * len(t) if s == holdout else base[s].to_numpy()
             rows.append(pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "protocol": "loco",
                                       "fold": holdout, "role": role}))
-    folds = cv_folds(tables, seed, n_folds)
     for k in range(n_folds):
-        role = np.where(folds["cv_fold"] == k, "test", np.where(folds["cv_fold"] == (k + 1) % n_folds, "val", "train"))
-        part = pd.DataFrame({"site": folds["site"], "image": folds["image"], "protocol": "cv", "fold": str(k), "role": role})
-        for s, t in tables.items():
-            m = (part["site"] == s).to_numpy()
-            part.loc[m, "role"] = np.where(fixed_test[s].to_numpy(), "test", part.loc[m, "role"].to_numpy())
-        rows.append(part)
+        for s, t in sorted(tables.items()):
+            rows.append(pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "protocol": "cv", "fold": str(k),
+                                      "role": cv_roles(t, s, seed, k, n_folds, exclude_consensus).to_numpy()}))
     return pd.concat(rows, ignore_index=True)[list(SPLIT_FILE_COLUMNS)]

@@ -882,10 +882,7 @@ def _write_published(out: Path, layout: str, plans: dict, seed: int, scale: floa
     # brixia
     recs = plans[SEVERITY_SITE]
     n = len(recs)
-    n_cons = min(n, scaled_count(CONSENSUS_TESTSET_COUNT, scale, CONSENSUS_FLOOR))
-    crng = np.random.default_rng(derive_seed(seed, "synth", SEVERITY_SITE, "consensus"))
-    consensus = np.zeros(n, bool)
-    consensus[crng.choice(n, size=n_cons, replace=False)] = True
+    consensus = _consensus_flags(n, scale, seed)
     ddir = out / BRIXIA_DICOM_DIR
     ddir.mkdir(parents=True, exist_ok=True)
     meta_rows = []
@@ -910,6 +907,15 @@ def _write_published(out: Path, layout: str, plans: dict, seed: int, scale: floa
     meta.to_csv(out / BRIXIA_METADATA, sep=";", index=False)
     return {"layout": "brixia", "dicom_dir": BRIXIA_DICOM_DIR, "metadata": BRIXIA_METADATA, "images": n,
             "consensus_testset": int(consensus.sum()), "truth": truth}
+
+
+def _consensus_flags(n: int, scale: float, seed: int) -> np.ndarray:
+    """Which BRIXIA images form the consensus test set (the published 150, scaled)."""
+    n_cons = min(n, scaled_count(CONSENSUS_TESTSET_COUNT, scale, CONSENSUS_FLOOR))
+    crng = np.random.default_rng(derive_seed(seed, "synth", SEVERITY_SITE, "consensus"))
+    consensus = np.zeros(n, bool)
+    consensus[crng.choice(n, size=n_cons, replace=False)] = True
+    return consensus
 
 
 def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layout="federation", progress=True) -> dict:
@@ -992,6 +998,8 @@ def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layo
                     "split": "",
                     "manufacturer": [look_for(site, r["manufacturer"]).manufacturer for r in plans[site]],
                 })
+                if site == SEVERITY_SITE:
+                    man["ConsensusTestset"] = np.where(_consensus_flags(len(man), scale, seed), "1", "0")
                 write_manifest(sdir, man)
     finally:
         if bar is not None:
