@@ -62,6 +62,13 @@ class RunConfig:
     aggregation: str = "fedavg"  # fedavg (task-aware) | fedprox | fedbn (BatchNorm statistics stay at the sites)
     proximal_mu: float = 0.01  # fedprox: weight of the proximal term
     ft_phase1_rounds: int = 0  # ft: rounds of its STL-severity phase 1 (0 = num-rounds)
+    dp: bool = False  # DP-SGD at every site (Opacus); the model is built with GroupNorm instead of BatchNorm
+    dp_noise_multiplier: float = 0.0  # > 0: this noise; 0: derive it from dp-target-epsilon
+    dp_target_epsilon: float = 0.0  # > 0: noise chosen so the whole run (num-rounds x local epochs) spends this
+    dp_max_grad_norm: float = 1.0  # per-sample clipping norm
+    dp_delta: float = 0.0  # 0 = 1 / (10 N), N = the site's training samples
+    dp_epsilon_budget: float = 0.0  # > 0: a site refuses to train once a round would take it past this epsilon
+    dp_accountant: str = "rdp"  # rdp | prv
     severity_head: str = "global4"
     patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 40  # rounds before model selection may pick a round
@@ -159,11 +166,26 @@ class RunConfig:
             raise bad("lr-factor", f"must be in (0, 1), got {self.lr_factor}")
         if self.proximal_mu < 0 or self.min_lr < 0:
             raise bad("proximal-mu", "and 'min-lr' must be >= 0")
+        if self.dp:
+            self.dp_settings(epochs=1)  # raises with the key name
+            if self.aggregation != "fedavg":
+                raise bad("aggregation", f"is '{self.aggregation}'; with dp = true use fedavg (DP-SGD replaces the "
+                          "gradients FedProx adds to, and the DP model has no BatchNorm for FedBN)")
         if self.cv_folds < 2:
             raise bad("cv-folds", f"must be at least 2, got {self.cv_folds}")
         for f in self.fold_list:
             if not f.isdigit() or int(f) >= self.cv_folds:
                 raise bad("folds", f"has '{f}'; use fold numbers 0..{self.cv_folds - 1}")
+
+    def dp_settings(self, epochs: int):
+        """The DP-SGD settings of a site (shared.privacy.DPSettings); ``epochs``: the local epochs the whole
+        run takes at that site, which a target epsilon is spread over."""
+        from shared.privacy import DPSettings
+
+        return DPSettings(noise_multiplier=self.dp_noise_multiplier or None,
+                          target_epsilon=self.dp_target_epsilon or None, epochs=max(int(epochs), 1),
+                          max_grad_norm=self.dp_max_grad_norm, delta=self.dp_delta or None,
+                          epsilon_budget=self.dp_epsilon_budget, accountant=self.dp_accountant)
 
     def check_server_files(self, source: str = "run config") -> None:
         """Files only the server reads (the sites never need the weights file: they get the model from it)."""

@@ -215,7 +215,8 @@ class Selection:
 
 def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
     """The model every site starts from: seeded from the config, the weights file loaded here only."""
-    model = build_model(backbone, weights=cfg.weights, pretrained=cfg.pretrained, seed=derive_seed(cfg.seed, "init", backbone))
+    model = build_model(backbone, weights=cfg.weights, pretrained=cfg.pretrained, seed=derive_seed(cfg.seed, "init", backbone),
+                        dp=cfg.dp)
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -302,6 +303,8 @@ def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
         rows += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
                  (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
         rows += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
+        if not math.isnan(t.epsilon):
+            rows.append((s, "all", "train", "epsilon", t.epsilon))
     rows += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
              for name, v in (("bytes_down", down), ("bytes_up", up))]
     return rows
@@ -332,6 +335,11 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             msg = f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained; missing: {missing}"
             store.finish_unit(key, "failed", sel.best_round, msg)
             raise RuntimeError(msg)
+        for s, t in trained.items():
+            if t.dp_refused:  # its privacy budget is spent: evaluate-only from now on
+                plan.train_messages.pop(s, None)
+                train_status[s] = f"refused: privacy budget (epsilon {t.epsilon:.3f} of {cfg.dp_epsilon_budget})"
+                log.info("unit %s round %d: site %s stops training: %s", key.unit_id, rnd, s, train_status[s])
         evals, eval_status = rounds.evaluate(rnd, arrays, plan, rcfg)
         metrics, stats = eval_rows(plan, evals, cfg.threshold)
         metrics += train_rows(tr)
@@ -349,6 +357,9 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         log.info("unit %s round %d: monitored val loss %.4f%s", key.unit_id, rnd, val_loss, " (best)" if improved else "")
         if sel.should_stop(rnd):
             log.info("unit %s: early stop after round %d (best %s)", key.unit_id, rnd, sel.best_round)
+            break
+        if not plan.train_messages:
+            log.info("unit %s: every training site has spent its privacy budget; stop after round %d", key.unit_id, rnd)
             break
     store.finish_unit(key, "done", sel.best_round)
     return sel.best_round

@@ -166,12 +166,19 @@ class MDMTNet(nn.Module):
         return self.heads[PROGNOSIS](feats), self.heads[SEVERITY](feats)
 
 
-def build_model(backbone: str, weights: str = "", pretrained: bool = False, seed: int | None = None) -> MDMTNet:
-    """The two-head model; with ``seed`` the random initialisation is reproducible."""
+def build_model(backbone: str, weights: str = "", pretrained: bool = False, seed: int | None = None,
+                dp: bool = False) -> MDMTNet:
+    """The two-head model; with ``seed`` the random initialisation is reproducible. ``dp`` prepares it for
+    DP-SGD (BatchNorm -> GroupNorm, no in-place ops; see shared.privacy): server and sites must agree."""
     if seed is not None:
         torch.manual_seed(seed)
     bb, width = build_backbone(backbone, weights, pretrained)
-    return MDMTNet(bb, width)
+    model = MDMTNet(bb, width)
+    if dp:
+        from shared.privacy import prepare_for_dp
+
+        prepare_for_dp(model)
+    return model
 
 
 def head_of(key: str) -> str | None:

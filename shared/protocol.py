@@ -36,7 +36,7 @@ CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one 
 
 NUM_EXAMPLES = "num-examples"
 TRAIN_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "train-loss", "train-loss-prognosis",
-              "train-loss-severity", "steps", "seconds")
+              "train-loss-severity", "steps", "seconds", "epsilon", "dp-refused")
 EVAL_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "loss-sum-prognosis", "loss-sum-severity",
              "cm-prognosis", "hist-prognosis", "cm-severity")
 
@@ -51,6 +51,8 @@ def train_metrics(res: TrainResult) -> dict[str, Any]:
         "train-loss-severity": float(res.loss_task[SEVERITY]),
         "steps": int(res.steps),
         "seconds": float(res.seconds),
+        "epsilon": float(res.epsilon),
+        "dp-refused": int(res.dp_refused),
     }
 
 
@@ -105,6 +107,8 @@ def read_train(m: dict[str, Any]) -> TrainResult:
         loss_task={PROGNOSIS: float(m["train-loss-prognosis"]), SEVERITY: float(m["train-loss-severity"])},
         steps=int(m["steps"]),
         seconds=float(m["seconds"]),
+        epsilon=float(m.get("epsilon", float("nan"))),
+        dp_refused=bool(m.get("dp-refused", 0)),
     )
 
 

@@ -20,7 +20,8 @@ from shared.methods import PROGNOSIS, SEVERITY, get_method
 from shared.model import build_model
 from shared.seeding import derive_seed
 from shared.augment import get_augment
-from shared.train import TaskData, adapt_bn, evaluate, is_bn_stat, resolve_device, train_local
+from shared.train import (TaskData, TrainResult, adapt_bn, balanced_class_weights, evaluate, is_bn_stat,
+                          resolve_device, train_local)
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -141,7 +142,7 @@ def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
 
 
 def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = build_model(backbone)
+    model = build_model(backbone, dp=cfg.dp)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -164,6 +165,9 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
         state = state | torch.load(bn_file, map_location="cpu")
     model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
     seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
+    if cfg.dp:
+        res = _train_dp(cfg, loc, model, data, rcfg, seed)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, P.train_metrics(res)
     res = train_local(
         model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
         lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
@@ -175,6 +179,51 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
         bn_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v for k, v in new_state.items() if is_bn_stat(k)}, bn_file)
     return new_state, P.train_metrics(res)
+
+
+def privacy_file(loc: SiteLocation, unit_id: str) -> Path:
+    """Where a site keeps the accountant history of one unit: on its own disk, so a restarted daemon or a
+    rerun of the unit continues the epsilon instead of starting from zero."""
+    return loc.workspace / "privacy" / (unit_id.replace("/", "__") + ".json")
+
+
+def _train_dp(cfg: RunConfig, loc: SiteLocation, model: torch.nn.Module, data: TaskData, rcfg: Mapping[str, Any],
+              seed: int) -> TrainResult:
+    """One round of DP-SGD (Opacus), or a refusal when the round would take the site past its budget."""
+    import math
+
+    from shared.privacy import (dp_train_steps, load_accountant, make_private_training, save_accountant,
+                                steps_per_epoch, trainable_parameters)
+
+    data = data.subset((data.y_prog >= 0) | (data.y_sev >= 0))
+    counts = data.counts()
+    if len(data) == 0:
+        return TrainResult(0, counts, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
+    per_epoch = steps_per_epoch(len(data), cfg.batch_size)
+    epochs = cfg.num_rounds * (cfg.local_epochs if cfg.local_steps <= 0 else math.ceil(cfg.local_steps / per_epoch))
+    settings = cfg.dp_settings(epochs).resolve(len(data), cfg.batch_size)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    opt = torch.optim.Adam(trainable_parameters(model, [t for t, c in counts.items() if c]),
+                           lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay)
+    pt = make_private_training(model, opt, n_samples=len(data), batch_size=cfg.batch_size, seed=seed, settings=settings)
+    acct = privacy_file(loc, str(rcfg[P.CFG_UNIT]))
+    load_accountant(pt.engine, acct)
+    steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+    if settings.epsilon_budget > 0 and pt.would_exceed(steps):
+        eps = pt.epsilon()
+        pt.close()
+        return TrainResult(0, {PROGNOSIS: 0, SEVERITY: 0}, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0,
+                           epsilon=eps, dp_refused=True)
+    weights = balanced_class_weights(data) if cfg.class_weight == "balanced" else None
+    res = dp_train_steps(pt, data, steps=steps, device=device, augment=get_augment(cfg.augment), seed=seed,
+                         class_weights=weights)
+    save_accountant(pt.engine, acct, site=loc.site, unit=str(rcfg[P.CFG_UNIT]), delta=settings.delta)
+    pt.close()
+    seen = sum(res.loss_count.values())
+    return TrainResult(len(data), counts, sum(res.loss_sum.values()) / seen if seen else 0.0,
+                       {t: (res.mean_loss(t) if res.loss_count[t] else 0.0) for t in res.loss_count},
+                       res.steps, res.seconds, epsilon=res.epsilon)
 
 
 def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:

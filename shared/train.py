@@ -141,6 +141,8 @@ class TrainResult:
     loss_task: dict[str, float]
     steps: int
     seconds: float
+    epsilon: float = float("nan")  # DP-SGD: epsilon spent so far at this site for this unit
+    dp_refused: bool = False  # DP-SGD: the site refused the round (its budget would be exceeded)
 
 
 def train_local(

@@ -179,7 +179,7 @@ def _expected(store: Path) -> dict:
     keep = weights > 0
     auc = roc_auc_score(labels[keep], scores[keep], sample_weight=weights[keep])
     sev_cm = np.asarray(json.loads(db.execute(
-        "SELECT cm FROM eval_stats WHERE unit_id=? AND round=1 AND site='BRIXIA' AND task='severity'",
+        "SELECT cm FROM eval_stats WHERE unit_id=? AND round=1 AND site='BRIXIA' AND task='severity' AND split='val'",
         (UNIT,)).fetchone()[0]))
     rounds, = db.execute("SELECT rounds_done FROM units WHERE unit_id=?", (UNIT,)).fetchone()
     db.close()
