@@ -1,14 +1,16 @@
 """ClientApp mods. ``message_log_mod`` keeps the site's own record of every message it received
-(time, run, message type, unit, round, split): the site's audit trail of what it was asked to do."""
+(time, run, message type, unit, round, split) and of what it sent back (record names, array names and
+shapes, metric keys and value kinds): the site's audit trail of what it was asked and what left it."""
 
 from __future__ import annotations
 
-from flwr.app import Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from shared import protocol as P
 from shared.config import RunConfig
 from shared.site import locate_site
-from shared.audit import append_message_log
+from shared.audit import append_message_log, append_reply_log, value_kind
 
 
 def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -16,4 +18,20 @@ def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable
     loc = locate_site(cfg, context.node_config)
     config = dict(msg.content.config_records.get("config", {})) if msg.content else {}
     append_message_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type, config=config)
-    return call_next(msg, context)
+    reply = call_next(msg, context)
+    if not reply.has_error():
+        append_reply_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type,
+                         unit_id=str(config.get(P.CFG_UNIT, "")), description=describe(reply))
+    return reply
+
+
+def describe(reply: Message) -> dict:
+    """Names, shapes and kinds of everything in a reply; never array contents."""
+    out = {}
+    for name, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord):
+            items = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in rec.items()}
+        else:
+            items = {k: value_kind(v) for k, v in rec.items()}
+        out[name] = {"kind": type(rec).__name__, "items": items}
+    return out
