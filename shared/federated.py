@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -161,6 +162,14 @@ class ServerLR:
         if self._sched is not None and not math.isnan(val_loss):
             self._sched.step(val_loss)
 
+    def state(self) -> dict[str, Any]:
+        return {"lr": self.lr, "scheduler": self._sched.state_dict() if self._sched is not None else None}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._opt.param_groups[0]["lr"] = float(state["lr"])
+        if self._sched is not None and state.get("scheduler") is not None:
+            self._sched.load_state_dict(state["scheduler"])
+
 
 @dataclass
 class TrainRound:
@@ -211,6 +220,12 @@ class Selection:
 
     def should_stop(self, rnd: int) -> bool:
         return self.patience > 0 and rnd > self.select_after and self.since_best >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best_round": self.best_round, "best_loss": self.best_loss, "since_best": self.since_best}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.best_round, self.best_loss, self.since_best = state["best_round"], state["best_loss"], state["since_best"]
 
 
 def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
@@ -315,18 +330,30 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
     """Run one unit to completion; returns the selected round."""
     key = plan.key
     hashes = {s: sites[s].manifest_hash for s in plan.train_sites}
-    arrays, start = starting_arrays(cfg, key, store)
-    n_rounds = unit_rounds(cfg, key)
-    conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold,
-                               "num-rounds": n_rounds, "starts-from": start}
-    store.start_unit(key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf, hashes,
-                     flwr_run_id)
     ckpt_dir = cfg.workspace_path / "checkpoints" / key.slug
     sel = Selection(cfg.patience, cfg.select_after)
     lr = ServerLR(cfg)
+    n_rounds = unit_rounds(cfg, key)
+    resumed = resume_state(cfg, key, store, ckpt_dir / "latest.pt")
+    if resumed is not None:
+        arrays, conf, done = resumed["arrays"], resumed["config"], resumed["round"]
+        sel.restore(resumed["selection"])
+        lr.restore(resumed["lr"])
+        for s in resumed["refused"]:
+            plan.train_messages.pop(s, None)
+        store.resume_unit(key, done)
+        log.info("unit %s: resumed after round %d from %s", key.unit_id, done, ckpt_dir / "latest.pt")
+    else:
+        arrays, start = starting_arrays(cfg, key, store)
+        conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold,
+                                   "num-rounds": n_rounds, "starts-from": start}
+        store.start_unit(key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf,
+                         hashes, flwr_run_id)
+        done = 0
+    refused: list[str] = list(resumed["refused"]) if resumed is not None else []
     log.info("unit %s: train on %s, evaluate %s", key.unit_id, ",".join(plan.train_sites),
              ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()))
-    for rnd in range(1, n_rounds + 1):
+    for rnd in range(done + 1, n_rounds + 1):
         rcfg = round_config(cfg, key, rnd, lr.lr)
         tr = rounds.train(rnd, arrays, plan, rcfg)
         arrays, trained, train_status = tr.arrays, tr.trained, tr.status
@@ -338,6 +365,7 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         for s, t in trained.items():
             if t.dp_refused:  # its privacy budget is spent: evaluate-only from now on
                 plan.train_messages.pop(s, None)
+                refused.append(s)
                 train_status[s] = f"refused: privacy budget (epsilon {t.epsilon:.3f} of {cfg.dp_epsilon_budget})"
                 log.info("unit %s round %d: site %s stops training: %s", key.unit_id, rnd, s, train_status[s])
         evals, eval_status = rounds.evaluate(rnd, arrays, plan, rcfg)
@@ -351,9 +379,11 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         participation += [(s, "evaluate", st, ",".join(plan.eval_splits.get(s, ()))) for s, st in eval_status.items()]
         store.log_round(key, rnd, metrics, stats, participation)
         meta = dict(round=rnd, unit_id=key.unit_id, config=conf, manifest_hashes=hashes)
-        save_checkpoint(ckpt_dir / "latest.pt", arrays, **meta)
         if improved:
             save_checkpoint(ckpt_dir / "best.pt", arrays, **meta, extra={"threshold": _threshold_value(metrics)})
+        # latest.pt last: it is what a resumed run continues from (server state included).
+        save_checkpoint(ckpt_dir / "latest.pt", arrays, **meta,
+                        extra={"selection": sel.state(), "lr": lr.state(), "refused": list(refused)})
         log.info("unit %s round %d: monitored val loss %.4f%s", key.unit_id, rnd, val_loss, " (best)" if improved else "")
         if sel.should_stop(rnd):
             log.info("unit %s: early stop after round %d (best %s)", key.unit_id, rnd, sel.best_round)
@@ -363,6 +393,25 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             break
     store.finish_unit(key, "done", sel.best_round)
     return sel.best_round
+
+
+def resume_state(cfg: RunConfig, key: UnitKey, store: RunStore, latest: Path) -> dict[str, Any] | None:
+    """What an interrupted unit continues from: its last complete round's checkpoint (global arrays,
+    selection, early-stopping and learning-rate state, sites out of privacy budget), when the store
+    still marks the unit running, the checkpoint is that unit's, and the store logged exactly that round.
+    None = start from round 1."""
+    if store.unit_status(key) != "running" or not latest.is_file():
+        return None
+    ck = load_checkpoint(latest)
+    row = next((u for u in store.units() if u["unit_id"] == key.unit_id), None)
+    if ck.get("unit_id") != key.unit_id or "selection" not in ck or row is None or int(row["rounds_done"]) < int(ck["round"]):
+        return None
+    expected = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "num-rounds": unit_rounds(cfg, key)}
+    if {k: ck["config"].get(k) for k in expected} != expected:
+        log.info("unit %s: config changed since the interrupted run; starting again", key.unit_id)
+        return None
+    return {"arrays": {k: v.numpy().copy() for k, v in ck["state_dict"].items()}, "config": ck["config"],
+            "round": int(ck["round"]), "selection": ck["selection"], "lr": ck["lr"], "refused": ck.get("refused", [])}
 
 
 def _threshold_value(metrics: list[tuple[str, str, str, str, float]]) -> float:

@@ -39,17 +39,19 @@ def _bin(name: str) -> str:
     return str(cand) if cand.exists() else (shutil.which(name) or name)
 
 
-def processes_with_token(token: str) -> list[int]:
+def processes_with_token(token: str, *extra: str) -> list[int]:
+    """PIDs whose environment holds ``MDMT_PROCESS_TOKEN=<token>`` or any of the ``extra`` entries."""
     pids = []
-    needle = f"{TOKEN_VAR}={token}".encode()
+    needles = [f"{TOKEN_VAR}={token}".encode(), *(e.encode() for e in extra)]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if needle in (entry / "environ").read_bytes():
-                pids.append(int(entry.name))
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue
+        if any(n + b"\0" in environ + b"\0" for n in needles):
+            pids.append(int(entry.name))
     return pids
 
 
@@ -131,7 +133,8 @@ class LocalSimulation:
 
     def stop(self, grace: float = 10.0) -> None:
         """End every process this simulation started (by PID, found through the token), then clean up."""
-        pids = processes_with_token(self.token)
+        # Ray's agents are started without our token but with our private Ray temp folder.
+        pids = processes_with_token(self.token, f"RAY_TMPDIR={self.ray_tmp}")
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in pids:
                 try:

@@ -112,6 +112,14 @@ class RunStore:
                  json.dumps(manifest_hashes)),
             )
 
+    def resume_unit(self, key: UnitKey, after_round: int) -> None:
+        """Continue an interrupted unit: rows of rounds after ``after_round`` go, the rest stay."""
+        with self.tx() as db:
+            for table in ("metrics", "eval_stats", "participation"):
+                db.execute(f"DELETE FROM {table} WHERE unit_id=? AND round>?", (key.unit_id, after_round))
+            db.execute("UPDATE units SET status='running', rounds_done=?, message='' WHERE unit_id=?",
+                       (after_round, key.unit_id))
+
     def finish_unit(self, key: UnitKey, status: str, best_round: int | None, message: str = "") -> None:
         with self.tx() as db:
             db.execute("UPDATE units SET status=?, ended=?, best_round=?, message=? WHERE unit_id=?",

@@ -1,5 +1,6 @@
-"""`mdmt experiment`: a grid run as real Flower simulations; killed midway, a rerun finishes only the
-missing units and every process the killed sweep started is gone."""
+"""`mdmt experiment`: a grid run as real Flower simulations. Killed midway, a rerun finishes only the
+missing units, the interrupted unit continues after its last complete round, every process the killed
+sweep started is gone, and the final models equal those of an uninterrupted run bit for bit."""
 
 from __future__ import annotations
 
@@ -25,18 +26,19 @@ ROOT = Path(__file__).resolve().parent.parent
 def _write_config(path: Path, fed: Path, ws: Path) -> Path:
     path.write_text(
         f'fed-dir = "{fed}"\nworkspace = "{ws}"\nsites = "A,B,BRIXIA"\nmethod = "stl_prognosis,mdmt"\n'
-        'backbone = "resnet18"\nprotocol = "loco"\nholdouts = "A,B"\nimage-size = 32\nnum-rounds = 2\n'
+        'backbone = "resnet18"\nprotocol = "loco"\nholdouts = "A,B"\nimage-size = 32\nnum-rounds = 3\n'
         "batch-size = 16\nselect-after = 0\npatience = 0\nlr-patience = 0\nseed = 0\n"
     )
     return path
 
 
-def _units(store: Path) -> dict[str, tuple[str, float]]:
+def _units(store: Path) -> dict[str, tuple[str, float, int]]:
     if not store.is_file():
         return {}
     db = sqlite3.connect(store, timeout=30)
     try:
-        return {u: (st, started) for u, st, started in db.execute("SELECT unit_id, status, started FROM units")}
+        return {u: (st, started, n) for u, st, started, n in
+                db.execute("SELECT unit_id, status, started, rounds_done FROM units")}
     finally:
         db.close()
 
@@ -67,9 +69,10 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
-            if any(st == "done" for st, _ in _units(store).values()):
+            units = _units(store).values()
+            if any(st == "done" for st, _, _ in units) and any(st == "running" and n >= 1 for st, _, n in units):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         assert proc.poll() is None, "the sweep ended before it could be interrupted"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
@@ -84,8 +87,9 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     assert _marked(marker) == [], "processes of the interrupted sweep are still running"
 
     before = _units(store)
-    done_before = {u: started for u, (st, started) in before.items() if st == "done"}
-    assert 1 <= len(done_before) < 4
+    done_before = {u: started for u, (st, started, _) in before.items() if st == "done"}
+    interrupted = {u: n for u, (st, _, n) in before.items() if st == "running"}
+    assert 1 <= len(done_before) < 4 and len(interrupted) == 1
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -93,11 +97,29 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     after = _units(store)
     assert sorted(after) == sorted(["stl_prognosis/resnet18/loco/A/seed0", "stl_prognosis/resnet18/loco/B/seed0",
                                     "mdmt/resnet18/loco/A/seed0", "mdmt/resnet18/loco/B/seed0"])
-    assert all(st == "done" for st, _ in after.values())
-    # Units finished before the kill were not run again.
+    assert all(st == "done" and n == 3 for st, _, n in after.values())
+    # Units finished before the kill were not run again; the interrupted one went on after its last round.
     assert {u: after[u][1] for u in done_before} == done_before
+    (unit, rounds_before), = interrupted.items()
+    assert f"unit {unit}: resumed after round {rounds_before}" in rerun.stdout
     assert (ws / "reports").is_dir()
     assert _marked(marker) == []
+
+    # The same grid without interruption gives the same final and selected models, bit for bit.
+    ref_ws = tmp_path / "ref"
+    ref_cfg = _write_config(tmp_path / "ref.toml", small_federation, ref_ws)
+    ref = subprocess.run([sys.executable, "-m", "shared.cli", "experiment", str(ref_cfg)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    import torch
+
+    for uid in after:
+        slug = uid.replace("/", "__")
+        for name in ("latest.pt", "best.pt"):
+            got = torch.load(ws / "checkpoints" / slug / name, weights_only=True)
+            want = torch.load(ref_ws / "checkpoints" / slug / name, weights_only=True)
+            assert got["round"] == want["round"], (uid, name)
+            assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"]), (uid, name)
 
 
 def test_groups_split_by_backbone_and_protocol_with_workers(small_federation, tmp_path):
