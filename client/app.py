@@ -7,11 +7,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.mods import message_log_mod
+from client.secagg import secure_aggregation_mod
 from shared import protocol as P
 from shared.config import RunConfig
 from shared.site import locate_site, run_evaluate, run_train, site_summary
 
-app = ClientApp(mods=[message_log_mod])
+# SecAgg+ first: the message log then records the one train message a secure round hands to train().
+app = ClientApp(mods=[secure_aggregation_mod, message_log_mod])
 
 
 @app.query()

@@ -14,7 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from shared import protocol as P
 from shared.config import RunConfig
-from shared.federated import SiteInfo, TrainRound, UnitPlan, plan_unit, run_unit, unit_keys
+from shared.federated import SiteInfo, TrainRound, UnitPlan, plan_unit, run_unit, secagg_count_scale, unit_keys
 from shared.logs import setup_logging
 from shared.store import RunStore
 
@@ -23,12 +23,17 @@ log = logging.getLogger("mdmt")
 
 
 class FlowerRounds:
-    """shared.federated.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip."""
+    """shared.federated.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip (or one SecAgg+
+    round when secure aggregation is on and at least two sites train)."""
 
-    def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float):
+    def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float, cfg: RunConfig | None = None,
+                 sites: dict[str, SiteInfo] | None = None):
         self.grid, self.node_of, self.timeout = grid, node_of, timeout
+        self.cfg, self.sites = cfg, sites or {}
 
     def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+        if self.cfg is not None and self.cfg.secure_aggregation and len(plan.train_messages) >= 2:
+            return self._secure_train(arrays, plan, config)
         strategy = TaskAwareFedAvg(plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]))
         record = to_record(arrays)
         msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
@@ -36,6 +41,23 @@ class FlowerRounds:
         down = int(record.count_bytes())
         sizes = {s: (down, strategy.bytes_up.get(s, 0)) for s in strategy.train_status}
         return TrainRound(from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes)
+
+    def _secure_train(self, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+        from server.secagg import secure_train_round
+        from shared.secagg import SecAggSpec
+
+        cfg = self.cfg
+        site_of = {self.node_of[s]: s for s in plan.train_messages}
+        spec = SecAggSpec(clip=cfg.secagg_clip, count_scale=cfg.secagg_count_scale or secagg_count_scale(plan, self.sites))
+        res = secure_train_round(self.grid, list(site_of), arrays, config, spec=spec, timeout=self.timeout,
+                                 extra={self.node_of[s]: x for s, x in plan.train_messages.items()})
+        # The server learns only the summed counts; per-site reports carry none.
+        trained = {site_of[n]: P.read_train(m | {P.NUM_EXAMPLES: 0, "n-prognosis": 0, "n-severity": 0})
+                   for n, m in res.metrics.items() if res.status.get(n) == "ok"}
+        status = {site_of[n]: st for n, st in res.status.items()}
+        down = int(to_record(arrays).count_bytes())
+        sizes = {site_of[n]: (down, res.bytes_up.get(n, 0)) for n in site_of}
+        return TrainRound(res.arrays, trained, status, sizes, totals=dict(res.counts))
 
     def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
         strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
@@ -78,7 +100,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg.check_server_files()
     setup_logging()
     sites, node_of = discover_sites(grid, cfg)
-    rounds = FlowerRounds(grid, node_of, cfg.round_timeout)
+    rounds = FlowerRounds(grid, node_of, cfg.round_timeout, cfg, sites)
     store = RunStore(cfg.store_path)
     try:
         # Every unit of the config; finished ones are skipped so an interrupted sweep resumes.

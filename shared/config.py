@@ -69,6 +69,9 @@ class RunConfig:
     dp_delta: float = 0.0  # 0 = 1 / (10 N), N = the site's training samples
     dp_epsilon_budget: float = 0.0  # > 0: a site refuses to train once a round would take it past this epsilon
     dp_accountant: str = "rdp"  # rdp | prv
+    secure_aggregation: bool = False  # SecAgg+: the server only sees the masked sum of the sites' updates
+    secagg_clip: float = 8.0  # public bound on |local - global| of every weight; a site past it refuses the round
+    secagg_count_scale: int = 0  # public bound on a site's training count; 0 = the largest the sites reported
     severity_head: str = "global4"
     patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 40  # rounds before model selection may pick a round
@@ -171,6 +174,8 @@ class RunConfig:
             if self.aggregation != "fedavg":
                 raise bad("aggregation", f"is '{self.aggregation}'; with dp = true use fedavg (DP-SGD replaces the "
                           "gradients FedProx adds to, and the DP model has no BatchNorm for FedBN)")
+        if self.secagg_clip <= 0 or self.secagg_count_scale < 0:
+            raise bad("secagg-clip", "must be > 0 and 'secagg-count-scale' >= 0")
         if self.cv_folds < 2:
             raise bad("cv-folds", f"must be at least 2, got {self.cv_folds}")
         for f in self.fold_list:

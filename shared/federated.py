@@ -134,6 +134,13 @@ def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
     return UnitPlan(key, method, holdout, train_sites, messages, evals)
 
 
+def secagg_count_scale(plan: UnitPlan, sites: dict[str, SiteInfo]) -> int:
+    """The public count bound of a secure round: the largest training count a site of the unit reported."""
+    pool = "all" if plan.protocol == "cv" else "train"
+    return max([sum(sites[s].counts.get(f"{pool}-{t}", 0) for t in TASKS) for s in plan.train_messages if s in sites]
+               + [1])
+
+
 def unit_rounds(cfg: RunConfig, key: UnitKey) -> int:
     """Rounds of a unit: stl_severity (FT's phase 1) may get its own count."""
     if key.method == "stl_severity" and cfg.ft_phase1_rounds > 0:
@@ -179,6 +186,7 @@ class TrainRound:
     trained: dict[str, TrainResult]  # what each site that answered reported
     status: dict[str, str]  # every addressed site: ok, error: ..., no reply
     bytes: dict[str, tuple[int, int]] = field(default_factory=dict)  # site -> (bytes sent to it, bytes back)
+    totals: dict[str, int] = field(default_factory=dict)  # secure aggregation: the summed counts (no per-site ones)
 
 
 class Rounds(Protocol):
@@ -315,13 +323,16 @@ def round_config(cfg: RunConfig, key: UnitKey, rnd: int, lr: float) -> dict[str,
 def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
     rows = []
     for s, t in tr.trained.items():
-        rows += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds),
-                 (s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
+        rows += [(s, "all", "train", "loss", t.loss), (s, "all", "train", "seconds", t.seconds)]
+        if not tr.totals:  # under secure aggregation the server knows only the summed counts
+            rows += [(s, PROGNOSIS, "train", "n", t.n_task[PROGNOSIS]), (s, SEVERITY, "train", "n", t.n_task[SEVERITY])]
         rows += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
         if not math.isnan(t.epsilon):
             rows.append((s, "all", "train", "epsilon", t.epsilon))
     rows += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
              for name, v in (("bytes_down", down), ("bytes_up", up))]
+    names = {P.NUM_EXAMPLES: ("all", "n"), "n-prognosis": (PROGNOSIS, "n"), "n-severity": (SEVERITY, "n")}
+    rows += [("*", names[k][0], "train", names[k][1], v) for k, v in tr.totals.items() if k in names]
     return rows
 
 

@@ -157,7 +157,7 @@ def pack_update(local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
             parts.append(np.zeros(e.size))
             continue
         arr = np.asarray(local[e.key])
-        if tuple(arr.shape) != e.shape:
+        if arr.size != e.size:  # () and (1,) are the same buffer: state dicts and records disagree on 0-d arrays
             raise SecAggBoundError(f"secure aggregation: '{e.key}' has shape {tuple(arr.shape)}, the global model {e.shape}")
         d = arr.astype(np.float64).ravel() - np.asarray(reference[e.key], dtype=np.float64).ravel()
         peak = float(np.max(np.abs(d))) if d.size else 0.0
@@ -200,7 +200,7 @@ def unpack_sum(total: np.ndarray, reference: Mapping[str, np.ndarray], spec: Sec
             continue
         bound = spec.int_clip if e.integer else spec.clip
         value = np.asarray(reference[e.key], dtype=np.float64) + (seg * (bound * spec.count_scale / c)).reshape(e.shape)
-        out[e.key] = np.rint(value).astype(e.dtype) if e.integer else value.astype(e.dtype)
+        out[e.key] = np.asarray(np.rint(value) if e.integer else value).astype(e.dtype)
     return out, counts
 
 
