@@ -256,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("dashboard", help="serve the evaluation dashboard over run stores (the 'dashboard' extra)")
     dashboard_arguments(s)
     s.set_defaults(fn=cmd_dashboard)
+
+    from shared.deploy import add_arguments as deploy_arguments  # cryptography is imported only when a verb runs
+
+    deploy_arguments(sub)
     return p
 
 

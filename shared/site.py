@@ -32,6 +32,7 @@ class SiteLocation:
     site_dir: Path
     workspace: Path  # the site's own folder for predictions and its message log; never sent anywhere
     cache_root: Path
+    device: str = ""  # deployment: the site's own device choice (node_config 'device'); empty = the run config's
 
 
 def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
@@ -41,6 +42,7 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         site_dir = Path(str(node_config.get("data-dir") or cfg.fed_path / site)).expanduser().resolve()
         ws = Path(str(node_config.get("workspace") or cfg.workspace_path)).expanduser().resolve()
         cache = Path(str(node_config.get("cache-dir") or ws / "cache")).expanduser().resolve()
+        device = str(node_config.get("device", "") or "")
     elif "partition-id" in node_config:
         from shared.data.manifest import list_sites
 
@@ -54,9 +56,10 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         site = sites[pid]
         site_dir = cfg.fed_path / site
         ws, cache = cfg.workspace_path, cfg.cache_path
+        device = ""
     else:
         raise ConfigError("node_config has neither 'site' (deployment) nor 'partition-id' (simulation)")
-    return SiteLocation(site, site_dir, ws / "sites" / site, cache)
+    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device)
 
 
 def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteLocation]:
@@ -68,7 +71,7 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
         d = cfg.fed_path / s
         if not d.is_dir():
             raise DataError(f"{d}: pooled site folder not found (centralised runs need every site's data locally)")
-        out.append(SiteLocation(s, d, loc.workspace, loc.cache_root))
+        out.append(SiteLocation(s, d, loc.workspace, loc.cache_root, loc.device))
     return out
 
 
@@ -171,7 +174,7 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
     res = train_local(
         model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
         lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
-        device=resolve_device(cfg.device), seed=seed, augment=get_augment(cfg.augment),
+        device=resolve_device(loc.device or cfg.device), seed=seed, augment=get_augment(cfg.augment),
         class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)),
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -202,7 +205,7 @@ def _train_dp(cfg: RunConfig, loc: SiteLocation, model: torch.nn.Module, data: T
     per_epoch = steps_per_epoch(len(data), cfg.batch_size)
     epochs = cfg.num_rounds * (cfg.local_epochs if cfg.local_steps <= 0 else math.ceil(cfg.local_steps / per_epoch))
     settings = cfg.dp_settings(epochs).resolve(len(data), cfg.batch_size)
-    device = resolve_device(cfg.device)
+    device = resolve_device(loc.device or cfg.device)
     model.to(device)
     opt = torch.optim.Adam(trainable_parameters(model, [t for t, c in counts.items() if c]),
                            lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay)
@@ -235,7 +238,7 @@ def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tenso
     bn_file = _fedbn_file(loc, rcfg)
     if _fedbn(rcfg) and bn_file.is_file():
         state = state | torch.load(bn_file, map_location="cpu")
-    device = resolve_device(cfg.device)
+    device = resolve_device(loc.device or cfg.device)
     out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {}

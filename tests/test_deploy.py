@@ -1,0 +1,564 @@
+"""``mdmt deploy``: certificates, site keys, site configs, the service command lines and the site check.
+
+Fast tests check what the verbs write (against the ``cryptography`` verifier, Flower's own key loader and
+config parser, and a real TLS listener). The slow test runs a real TLS deployment on loopback: a SuperLink
+with SuperNode authentication, three registered SuperNodes started in a shuffled order, one SuperNode with
+an unregistered key (refused), and ``flwr run`` of this project's app to completion."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from shared import deploy as D
+from shared.errors import ConfigError, MDMTError
+from shared.launch import TOKEN_VAR, free_port, processes_with_token
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY_DIR = REPO / "deploy"
+
+
+def _run(argv: list[str]) -> int:
+    return D.main([str(a) for a in argv])
+
+
+# ---- certificates --------------------------------------------------------------------------------
+
+
+def test_certs_have_the_sans_and_verify_against_the_ca(tmp_path, capsys):
+    out = tmp_path / "certs"
+    assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org", "--san", "IP:10.0.0.5"]) == 0
+    sans = D.cert_sans(out / D.SERVER_CERT)
+    assert sans == ["DNS:coord.example.org", "IP:10.0.0.5", "DNS:localhost", "IP:127.0.0.1"]
+    for name in ("coord.example.org", "10.0.0.5", "localhost", "127.0.0.1"):
+        D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, name)
+    with pytest.raises(MDMTError, match="does not verify"):
+        D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, "other.example.org")
+    # Python's TLS stack (what the site check uses) loads the CA and the server pair as they are
+    ctx = ssl.create_default_context(cafile=str(out / D.CA_CERT))
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(out / D.SERVER_CERT, out / D.SERVER_KEY)
+    assert ctx.cert_store_stats()["x509_ca"] == 1
+    for secret in (D.CA_KEY, D.SERVER_KEY):
+        assert (out / secret).stat().st_mode & 0o777 == 0o600
+    # a certificate from another CA does not verify against this one
+    other = tmp_path / "other"
+    assert _run(["certs", "--out", other, "--san", "DNS:coord.example.org"]) == 0
+    with pytest.raises(MDMTError, match="does not verify"):
+        D.verify_server_cert(out / D.CA_CERT, other / D.SERVER_CERT, "coord.example.org")
+    assert "keep" in capsys.readouterr().out
+
+
+def test_certs_refuse_to_overwrite_and_rotate_with_the_same_or_a_new_ca(tmp_path, capsys):
+    out = tmp_path / "certs"
+    assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org"]) == 0
+    ca_before, server_before = (out / D.CA_CERT).read_bytes(), (out / D.SERVER_CERT).read_bytes()
+    capsys.readouterr()
+    assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "server.pem already exists" in err and "--rotate" in err and len(err.splitlines()) == 1
+    # --rotate: same CA, new server certificate, same names; the old pair is kept aside
+    assert _run(["certs", "--out", out, "--rotate"]) == 0
+    assert (out / D.CA_CERT).read_bytes() == ca_before
+    assert (out / D.SERVER_CERT).read_bytes() != server_before
+    assert D.cert_sans(out / D.SERVER_CERT)[0] == "DNS:coord.example.org"
+    D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, "coord.example.org")
+    archived = list((out / D.PREVIOUS_DIR).glob(f"*/{D.SERVER_CERT}"))
+    assert [p.read_bytes() for p in archived] == [server_before]
+    # --new-ca: a new CA; the bundle trusts both while sites switch
+    assert _run(["certs", "--out", out, "--new-ca"]) == 0
+    assert (out / D.CA_PREVIOUS).read_bytes() == ca_before
+    bundle = (out / D.CA_BUNDLE).read_text()
+    assert bundle.count("BEGIN CERTIFICATE") == 2
+    D.verify_server_cert(out / D.CA_BUNDLE, out / D.SERVER_CERT, "coord.example.org")
+    with pytest.raises(MDMTError):
+        D.verify_server_cert(out / D.CA_PREVIOUS, out / D.SERVER_CERT, "coord.example.org")
+
+
+@pytest.mark.parametrize("san, message", [("DNS:bad name", "not a DNS name"), ("IP:10.0.0.300", "not an IP address")])
+def test_certs_reject_bad_sans_in_one_line(tmp_path, capsys, san, message):
+    assert _run(["certs", "--out", tmp_path / "c", "--san", san]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c" / D.SERVER_CERT).exists()
+
+
+# ---- site keys -----------------------------------------------------------------------------------
+
+
+def test_site_key_is_ecdsa_p384_openssh_and_flower_accepts_it(tmp_path, capsys):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert _run(["site-key", "--site", "A", "--out", tmp_path]) == 0
+    printed = capsys.readouterr().out
+    private, public = tmp_path / "site-A", tmp_path / "site-A.pub"
+    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert private.stat().st_mode & 0o777 == 0o600
+    key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert try_load_public_key(public)  # Flower's `flwr supernode register` loader
+    fingerprint = D.key_fingerprint(serialization.load_ssh_public_key(public.read_bytes()))
+    assert fingerprint in printed and "flwr supernode register site-A.pub" in printed and "--name A" in printed
+    assert D.check_key_pair(private).startswith("ECDSA P-384 pair")
+    # an existing key is never replaced silently; a mismatched pair is named
+    assert _run(["site-key", "--site", "A", "--out", tmp_path]) == 2
+    assert "already exists" in capsys.readouterr().err
+    D.make_site_key("B", tmp_path)
+    (tmp_path / "site-A.pub").write_bytes((tmp_path / "site-B.pub").read_bytes())
+    with pytest.raises(MDMTError, match="does not belong to"):
+        D.check_key_pair(private)
+
+
+# ---- site config ---------------------------------------------------------------------------------
+
+
+def _site_config(tmp_path, site="A", data_dir=None, coordinator="127.0.0.1:9092", ca=None, device="cpu", port=None,
+                 name=None) -> Path:
+    out = tmp_path / (name or f"site-{site}.toml")
+    argv = ["site-config", "--site", site, "--data-dir", data_dir or tmp_path / "data" / site,
+            "--coordinator", coordinator, "--ca", ca or tmp_path / "ca.pem", "--device", device, "--out", out,
+            "--workspace", tmp_path / f"ws-{site}"]
+    if port:
+        argv += ["--supernode-port", port]
+    assert _run(argv) == 0
+    return out
+
+
+def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federation):
+    from flwr.common.config import parse_config_args
+
+    from shared.config import RunConfig
+    from shared.site import locate_site
+
+    path = _site_config(tmp_path, data_dir=small_federation / "A", port=9101)
+    cfg = D.load_site_config(path)
+    assert cfg == D.SiteConfig(site="A", data_dir=small_federation / "A", coordinator="127.0.0.1:9092",
+                               ca=tmp_path / "ca.pem", key=tmp_path / "site-A", workspace=tmp_path / "ws-A",
+                               device="cpu", supernode_port=9101)
+    # rewriting what was read gives the same file
+    D.write_site_config(cfg, tmp_path / "again.toml")
+    assert D.load_site_config(tmp_path / "again.toml") == cfg
+    # what flower-supernode parses from --node-config is what the ClientApp uses to find the site
+    argv, env = D.supernode_command(cfg)
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert node_config == {"site": "A", "data-dir": str(small_federation / "A"), "workspace": str(tmp_path / "ws-A"),
+                           "device": "cpu"}
+    loc = locate_site(RunConfig(), node_config)
+    assert loc.device == "cpu"  # the site's choice wins over the run config's device
+    assert (loc.site, loc.site_dir, loc.cache_root) == ("A", small_federation / "A", tmp_path / "ws-A" / "cache")
+    assert argv[argv.index("--superlink") + 1] == "127.0.0.1:9092"
+    assert argv[argv.index("--root-certificates") + 1] == str(tmp_path / "ca.pem")
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(tmp_path / "site-A")
+    assert argv[argv.index("--port") + 1] == "9101" and "--insecure" not in argv
+    assert not any("allow-runtime-dependency" in a for a in argv)
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1" and env["CUDA_VISIBLE_DEVICES"] == ""
+    # relative paths are relative to the file's folder
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "site.toml").write_text(
+        'site = "B"\ndata-dir = "data/B"\ncoordinator = "coord.example.org:9092"\nca = "ca.pem"\n'
+        'key = "keys/site-B"\nworkspace = "ws"\n')
+    rel = D.load_site_config(tmp_path / "rel" / "site.toml")
+    assert rel.data_dir == tmp_path / "rel" / "data" / "B" and rel.key == tmp_path / "rel" / "keys" / "site-B"
+    assert rel.device == "auto" and rel.supernode_port == D.DEFAULT_SUPERNODE_PORT and rel.cache_dir is None
+
+
+@pytest.mark.parametrize("text, message", [
+    ('site = "A"\n', "missing key 'data-dir'"),
+    ('site = "A"\ndata-dir = "d"\ncoordinator = "https://c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "URL prefix"),
+    ('site = "A"\ndata-dir = "d"\ncoordinator = "c"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "expected host:port"),
+    ('site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ndevice = "gpu"\n', "'device'"),
+    ('site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ncolour = 1\n',
+     "unknown key 'colour'"),
+    ('site = "A B"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "'site'"),
+    ('site = [1\n', "not valid TOML"),
+])
+def test_bad_site_config_is_one_line_naming_file_and_key(tmp_path, capsys, text, message):
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as exc:
+        D.load_site_config(path)
+    assert str(path) in str(exc.value) and "\n" not in str(exc.value)
+    assert _run(["supernode-cmd", path]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_superlink_command_has_tls_auth_and_no_dependency_installs(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    assert _run(["superlink-cmd", "--certs", certs, "--state-dir", tmp_path / "state"]) == 2
+    assert "mdmt deploy certs" in capsys.readouterr().err
+    D.make_certs(certs, ["DNS:coord.example.org"])
+    assert _run(["superlink-cmd", "--certs", certs, "--state-dir", tmp_path / "state"]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in words and "FLWR_TELEMETRY_ENABLED=0" in words
+    for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation"):
+        assert flag in words
+    assert words[words.index("--ssl-ca-certfile") + 1] == str(certs / D.CA_CERT)
+    assert words[words.index("--database") + 1] == str(tmp_path / "state" / "state.db")
+    assert "--insecure" not in words
+
+
+def test_connection_is_written_for_the_flwr_cli(tmp_path):
+    from flwr.cli.flower_config import read_superlink_connection
+
+    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    home = tmp_path / "flwr-home"
+    D.write_connection(home, "other", "10.0.0.9:9092", tmp_path / "certs" / D.CA_CERT)
+    D.write_connection(home, "mdmt", "127.0.0.1:9092", tmp_path / "certs" / D.CA_CERT)
+    old = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(home)
+    try:
+        conn = read_superlink_connection("mdmt")
+        default = read_superlink_connection(None)
+        other = read_superlink_connection("other")
+    finally:
+        os.environ.pop("FLWR_HOME") if old is None else os.environ.__setitem__("FLWR_HOME", old)
+    assert conn.address == "127.0.0.1:9092" and conn.root_certificates == str(tmp_path / "certs" / D.CA_CERT)
+    assert not conn.insecure and default.name == "mdmt" and other.address == "10.0.0.9:9092"
+
+
+# ---- site check ----------------------------------------------------------------------------------
+
+
+class TLSListener:
+    """A TLS endpoint on loopback serving a given certificate: enough for the coordinator check."""
+
+    def __init__(self, cert: Path, key: Path):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                conn.settimeout(2)
+                with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                    tls.recv(1024)
+            except (OSError, ssl.SSLError):
+                pass
+
+    def __enter__(self) -> "TLSListener":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+
+
+def _check(path: Path, capsys) -> tuple[int, list[str]]:
+    try:
+        rc = _run(["check", "--config", path, "--timeout", "3"])
+    except SystemExit as exc:
+        rc = exc.code
+    return rc, capsys.readouterr().out.strip().splitlines()
+
+
+def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, small_federation):
+    from shared.data.manifest import read_manifest
+
+    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    D.make_certs(tmp_path / "stranger", ["IP:127.0.0.1"])
+    D.make_site_key("A", tmp_path)
+    with TLSListener(tmp_path / "certs" / D.SERVER_CERT, tmp_path / "certs" / D.SERVER_KEY) as srv:
+        good = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
+                            ca=tmp_path / "certs" / D.CA_CERT)
+        rc, lines = _check(good, capsys)
+        assert rc == 0 and lines[-1] == "READY", lines
+        text = "\n".join(lines)
+        assert "certificate verified against" in text and "ECDSA P-384 pair" in text
+        df = read_manifest(small_federation / "A")
+        n_mild, n_severe = (df["prognosis"] == "MILD").sum(), (df["prognosis"] == "SEVERE").sum()
+        assert f"prognosis: {n_mild} MILD, {n_severe} SEVERE; severity (brixia global): none" in text
+        assert f"{len(df)} images of {df['patient_id'].nunique()} patients, role prognosis" in text
+        assert "5 of 5 sampled decoded" in text
+        wrong = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
+                             ca=tmp_path / "stranger" / D.CA_CERT, name="wrong.toml")
+        rc, lines = _check(wrong, capsys)
+    assert rc == 1 and lines[-1].startswith("NOT READY: coordinator:") and "does not verify" in lines[-1], lines
+
+
+def test_check_not_ready_for_a_missing_data_dir(tmp_path, capsys):
+    D.make_site_key("A", tmp_path)
+    path = _site_config(tmp_path, data_dir=tmp_path / "nowhere")
+    rc, lines = _check(path, capsys)
+    verdict = lines[-1]
+    assert rc == 1 and verdict.startswith("NOT READY:") and f"data-dir: {tmp_path / 'nowhere'} not found" in verdict
+
+
+def test_check_not_ready_for_an_unreachable_coordinator(tmp_path, capsys, small_federation):
+    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    D.make_site_key("A", tmp_path)
+    port = free_port()  # nothing listens there
+    path = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{port}",
+                        ca=tmp_path / "certs" / D.CA_CERT)
+    rc, lines = _check(path, capsys)
+    assert rc == 1 and lines[-1].startswith(f"NOT READY: coordinator: cannot reach 127.0.0.1:{port}"), lines
+    assert "data-dir" not in lines[-1] and "manifest" not in lines[-1]  # only the coordinator is wrong
+
+
+# ---- the files in deploy/ use the tested commands ------------------------------------------------
+
+
+def _deploy_argv(command: str) -> list[str] | None:
+    """The ``mdmt deploy ...`` part of a command line, if it has one."""
+    words = shlex.split(command)
+    for i, w in enumerate(words[:-1]):
+        if Path(w).name == "mdmt" and words[i + 1] == "deploy":
+            return words[i + 2:]
+    return None
+
+
+def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
+    import yaml
+
+    units = sorted((DEPLOY_DIR / "systemd").glob("*.service"))
+    assert {u.name for u in units} >= {"mdmt-superlink.service", "mdmt-supernode@.service"}
+    parser = D.build_parser()
+    for unit in units:
+        text = unit.read_text()
+        execs = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
+        assert len(execs) == 1, unit
+        args = parser.parse_args(_deploy_argv(execs[0].replace("%i", "A")))
+        assert args.exec and args.deploy_verb in ("superlink-cmd", "supernode-cmd")
+        assert "Restart=" in text and "RestartSec=" in text
+        assert "Environment=FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
+    compose = yaml.safe_load((DEPLOY_DIR / "compose.yaml").read_text())
+    verbs = set()
+    for name, service in compose["services"].items():
+        command = service["command"]
+        command = shlex.join(command) if isinstance(command, list) else command
+        args = parser.parse_args(_deploy_argv("mdmt " + command if not command.startswith("mdmt") else command))
+        verbs.add(args.deploy_verb)
+        assert service.get("restart") in ("always", "unless-stopped", "on-failure"), name
+        assert str(service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == "1", name
+    assert verbs == {"superlink-cmd", "supernode-cmd"}
+    D.load_site_config(DEPLOY_DIR / "examples" / "site-A.toml")
+    # the install script writes the units with the given environment's mdmt
+    venv = Path(sys.executable).parent.parent
+    res = subprocess.run(["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path),
+                          "--venv", str(venv)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    for unit in units:
+        text = (tmp_path / "etc" / "systemd" / "system" / unit.name).read_text()
+        assert f"ExecStart={venv}/bin/mdmt deploy " in text and "/opt/mdmt/.venv" not in text
+    res = subprocess.run(["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path),
+                          "--venv", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "mdmt not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+# ---- a real deployment on loopback ---------------------------------------------------------------
+
+
+class Processes:
+    """Processes this test starts: each carries a private token in its environment, so everything they
+    spawn (SuperExec, ServerApp and ClientApp processes) is found and stopped by PID."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.token = uuid.uuid4().hex
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = os.environ.copy()
+        env.update(D.BASE_ENV)
+        env.update(extra)
+        env[TOKEN_VAR] = self.token
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        return env
+
+    def start(self, name: str, argv: list[str], extra: dict[str, str]) -> subprocess.Popen:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(argv, env=self.env(extra), stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
+        self.procs[name] = proc
+        return proc
+
+    def run(self, name: str, argv: list[str], extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        with open(self.logs / f"{name}.log", "wb") as log:
+            return subprocess.run(argv, env=self.env(extra), stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, cwd=REPO, timeout=timeout)
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def alive(self) -> list[int]:
+        return [p for p in processes_with_token(self.token) if not _zombie(p)]
+
+    def stop(self, grace: float = 15.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.alive()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + grace
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.alive():
+                break
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _wait_healthy(port: int, ca: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    import httpx
+
+    ctx = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"flower-superlink exited with {proc.returncode}"
+        try:
+            if httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=2).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
+
+
+SITES = ("A", "B", "BRIXIA")  # A: the held-out prognosis centre; B: a training centre; BRIXIA: severity
+
+
+@pytest.mark.slow
+def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, small_federation):
+    from shared.audit import read_message_log
+    from shared.store import RunStore
+
+    procs = Processes(tmp_path)
+    started = time.monotonic()
+    try:
+        # The coordinator's certificates and each site's key, with the deploy verbs.
+        certs = tmp_path / "coordinator" / "certs"
+        assert _run(["certs", "--out", certs, "--san", "IP:127.0.0.1", "--san", "DNS:localhost"]) == 0
+        # Each site makes its key pair where its config expects it; the coordinator only gets the .pub.
+        sites_dir, keys = tmp_path / "sites", tmp_path / "keys"
+        for site in SITES:
+            assert _run(["site-key", "--site", site, "--out", sites_dir]) == 0
+        assert _run(["site-key", "--site", "ROGUE", "--out", keys]) == 0
+
+        # The SuperLink: TLS, SuperNode authentication, no runtime dependency installation, loopback only.
+        port = free_port()
+        argv, env = D.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1", port=port)
+        env["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
+        superlink = procs.start("superlink", argv, env)
+        _wait_healthy(port, certs / D.CA_CERT, superlink)
+
+        # The operator's flwr CLI: a TLS connection, and each site's public key registered under its name.
+        cli_env = {"FLWR_HOME": str(tmp_path / "operator-flwr"), "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+        D.write_connection(cli_env["FLWR_HOME"], "mdmt-test", f"127.0.0.1:{port}", certs / D.CA_CERT)
+        flwr = str(Path(sys.executable).parent / "flwr")
+        for site in SITES:
+            res = procs.run(f"register-{site}", [flwr, "supernode", "register", str(sites_dir / f"site-{site}.pub"),
+                                                 "mdmt-test", "--name", site], cli_env, timeout=120)
+            assert res.returncode == 0 and "registered successfully" in procs.log(f"register-{site}"), \
+                procs.log(f"register-{site}")
+
+        # Three sites, each with its own config, workspace and cache, started in a shuffled order.
+        order = list(SITES)
+        random.Random(time.time_ns()).shuffle(order)
+        site_ws = {}
+        for site in order:
+            path = _site_config(sites_dir, site=site, data_dir=small_federation / site,
+                                coordinator=f"127.0.0.1:{port}", ca=certs / D.CA_CERT, port=free_port())
+            cfg = D.load_site_config(path)
+            assert cfg.key == sites_dir / f"site-{site}" and cfg.workspace == sites_dir / f"ws-{site}"
+            rc, lines = _check(path, capsys)  # against the real SuperLink, before the node starts
+            assert rc == 0 and lines[-1] == "READY" and "/health 200" in "\n".join(lines), lines
+            argv, env = D.supernode_command(cfg)
+            procs.start(f"supernode-{site}", argv, env)
+            site_ws[site] = cfg.workspace
+            time.sleep(1.0)
+
+        # A SuperNode whose key was never registered is refused.
+        rogue_cfg = D.SiteConfig(site="ROGUE", data_dir=small_federation / "C", coordinator=f"127.0.0.1:{port}",
+                                 ca=certs / D.CA_CERT, key=keys / "site-ROGUE", workspace=tmp_path / "rogue-ws",
+                                 device="cpu", supernode_port=free_port())
+        argv, env = D.supernode_command(rogue_cfg)
+        rogue = procs.start("supernode-ROGUE", argv, env)
+
+        # The project's app, run to completion through the SuperLink.
+        ws = tmp_path / "coordinator" / "runs"
+        run_config = (f'method="mdmt" backbone="resnet18" num-rounds=2 image-size=32 batch-size=16 seed=0 '
+                      f'device="cpu" sites="{",".join(SITES)}" holdouts="A" fed-dir="{small_federation}" '
+                      f'workspace="{ws}" store="{ws / "store.sqlite"}" round-timeout=600')
+        res = procs.run("flwr-run", [flwr, "run", str(REPO), "mdmt-test", "--run-config", run_config, "--stream"],
+                        cli_env, timeout=1200)
+        run_log = procs.log("flwr-run")
+        assert res.returncode == 0, run_log[-4000:]
+
+        # Refused at activation: the SuperNode exits (status 1, Flower exit code 305) and the SuperLink logs why.
+        rogue_rc = rogue.wait(timeout=120)
+        rogue_log, link_log = procs.log("supernode-ROGUE"), procs.log("superlink")
+        assert rogue_rc == 1 and "Exit Code: 305" in rogue_log and "Failed to activate SuperNode" in rogue_log, \
+            rogue_log[-2000:]
+        assert "Attempted to register SuperNode with public key" in link_log
+        registered = {n for s in SITES for n in re.findall(r"SuperNode (\d+) registered", procs.log(f"register-{s}"))}
+        assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == registered and len(registered) == len(SITES)
+
+        # The store has the unit done with the planned rounds and metrics from every site.
+        store = RunStore(ws / "store.sqlite", readonly=True)
+        try:
+            units = {u["unit_id"]: u for u in store.units()}
+            unit = units["mdmt/resnet18/loco/A/seed0"]
+            metrics = store.metrics("mdmt/resnet18/loco/A/seed0")
+        finally:
+            store.close()
+        assert list(units) == ["mdmt/resnet18/loco/A/seed0"]
+        assert unit["status"] == "done" and unit["rounds_done"] == 2, dict(unit)
+        rows = {(m["round"], m["site"], m["task"], m["split"], m["name"]) for m in metrics}
+        assert {r[0] for r in rows} == {1, 2}
+        for rnd in (1, 2):
+            assert (rnd, "A", "prognosis", "all", "auc") in rows
+            assert (rnd, "B", "prognosis", "val", "acc") in rows
+            assert (rnd, "BRIXIA", "severity", "val", "acc") in rows
+        # Each site kept its own record of what it was asked: the held-out centre never trained.
+        logs = {s: read_message_log(site_ws[s] / "sites" / s) for s in SITES}
+        assert "train" not in set(logs["A"]["message_type"]) and (logs["A"]["message_type"] == "evaluate").sum() == 2
+        for s in ("B", "BRIXIA"):
+            assert (logs[s]["message_type"] == "train").sum() == 2, s
+        assert "ROGUE" not in run_log
+        with capsys.disabled():
+            print(f"\nsupernode start order {order}; deployment test {time.monotonic() - started:.0f}s")
+    finally:
+        procs.stop()
+        leftovers = procs.alive()
+    assert leftovers == [], leftovers
