@@ -234,6 +234,11 @@ def test_pages_show_the_store(dashboard, browser, store, tmp_path):
     _open(browser, dashboard.url + "/compare", "compare-table")
     text = browser.find_element("id", "compare-table").text
     assert "resnet18" in text and "stl_prognosis" in text and exp["heldout_auc"] in text
+    paper = browser.find_element("id", "paper-table").text
+    mdmt_row = next(line for line in paper.splitlines() if line.split()[:2] == ["loco", "mdmt"])
+    assert exp["heldout_auc"] in mdmt_row, mdmt_row  # one held-out centre: its pooled AUC is that centre's
+    tests = browser.find_element("id", "tests-table").text
+    assert "mdmt vs stl_prognosis" in tests and "at least 2 needed" in tests, tests
     _screenshot(browser, shots / "dashboard-compare.png")
 
     for png in shots.iterdir():

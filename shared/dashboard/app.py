@@ -364,9 +364,7 @@ def page_compare(sources: list[D.Source], version: str) -> list:
     table, p2 = D.loco_frame(sources, version)
     out: list = [html.H2("Comparison")]
     out += [note(p, "error") for p in problems + p2]
-    others = sorted({u["protocol"] for u in runs} - {"loco"})
-    out.append(note("LOCO only for now: cross-validation results will appear here once the store holds them."
-                    + (f" Other protocols in the store, not summarised yet: {', '.join(others)}." if others else "")))
+    out += paper_section(sources, version)
     cmp = D.comparison(table)
     if cmp.empty:
         out += _pending_notes(runs)
@@ -403,6 +401,38 @@ def page_compare(sources: list[D.Source], version: str) -> list:
             pct(r["mean_gmean"]), num3(r["mean_auc"]), count(r["pooled_n"]), pct(r["pooled_acc"]), pct(r["pooled_f1"]),
             pct(r["pooled_gmean"]), num3(r["pooled_auc"]) + ci])
     out.append(grid(head, rows, "compare-long"))
+    return out
+
+
+def paper_section(sources: list[D.Source], version: str) -> list:
+    """The report's table (per protocol, the mean over backbones of each backbone's pooled predictions) and
+    the one-tailed paired tests of MDMT against STL and FT across backbones."""
+    methods, tests, problems = D.paper_tables(sources, version)
+    out: list = [note(p, "error") for p in problems]
+    if methods.empty:
+        return out
+    multi = len(sources) > 1
+    out.append(html.H3("Mean over backbones (pooled fold predictions), as in mdmt report"))
+    head = (["store"] if multi else []) + ["protocol", "method", "backbones", "n", "ACC", "F1 (weighted)",
+                                           "G-mean", "G-mean (weighted)", "AUC [95% CI]"]
+    rows = []
+    for _, r in methods.iterrows():
+        ci = "" if _nan(r["auc_lo"]) else f" [{num3(r['auc_lo'])}, {num3(r['auc_hi'])}]"
+        rows.append(([r["store"]] if multi else []) + [
+            r["protocol"], r["method"], str(int(r["n_backbones"])), count(r["n"]), pct(r["acc"]), pct(r["f1"]),
+            pct(r["gmean"]), pct(r["gmean_weighted"]), num3(r["auc"]) + ci])
+    out.append(grid(head, rows, "paper-table"))
+    out.append(html.H3("Paired tests across backbones (one-tailed t-test and Wilcoxon)"))
+    head = (["store"] if multi else []) + ["protocol", "comparison", "metric", "on", "H1", "n", "t-test p",
+                                           "Wilcoxon p", "note"]
+    rows = []
+    for _, r in tests.iterrows():
+        h1 = {"greater": "A > B", "less": "A < B"}.get(r["alternative"], "-")
+        tp = "-" if _nan(r["t_p"]) else f"{r['t_p']:.3f}{r['t_stars']}"
+        wp = "-" if _nan(r["w_p"]) else f"{r['w_p']:.3f}{r['w_stars']}"
+        rows.append(([r["store"]] if multi else []) + [r["protocol"], r["comparison"], str(r["metric"]),
+                                                       str(r["summary"]), h1, str(int(r["n"])), tp, wp, r["note"] or ""])
+    out.append(grid(head, rows, "tests-table"))
     return out
 
 

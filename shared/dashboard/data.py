@@ -304,6 +304,43 @@ def loco_frame(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, 
     return pd.concat(frames, ignore_index=True), problems
 
 
+_PAPER_CACHE: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}
+
+
+def paper_tables(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """The report's method table (mean over backbones of pooled fold predictions, per protocol) and its
+    paired tests, for every store (shared.report does the computing); cached per data version."""
+    from shared.report import compare_methods, finished_units, prognosis_records, prognosis_tables
+
+    methods, tests, problems = [], [], []
+    for src in sources:
+        key = (str(src.path), version)
+        with _LOCO_LOCK:
+            hit = _PAPER_CACHE.get(key) if version else None
+        if hit is None:
+            try:
+                with opened(src.path) as st:
+                    units = finished_units(st) if "units" in _tables(st.db) else []
+                    records = prognosis_records(st, units) if units else pd.DataFrame()
+                if records.empty:
+                    hit = (pd.DataFrame(), pd.DataFrame())
+                else:
+                    tables = prognosis_tables(records, n_boot=200)
+                    hit = (tables.methods, compare_methods(tables.backbones))
+            except (sqlite3.Error, MDMTError, ValueError) as exc:
+                problems.append(f"{src.path}: {exc}")
+                continue
+            if version:
+                with _LOCO_LOCK:
+                    _PAPER_CACHE[key] = hit
+        if len(hit[0]):
+            methods.append(hit[0].assign(store=src.label))
+            tests.append(hit[1].assign(store=src.label))
+    if not methods:
+        return pd.DataFrame(), pd.DataFrame(), problems
+    return pd.concat(methods, ignore_index=True), pd.concat(tests, ignore_index=True), problems
+
+
 def loco_curves(sources: list[Source], table: pd.DataFrame) -> list[dict]:
     """For each held-out row of the LOCO table: the held-out site's histogram at the selected round, its ROC
     curve and its confusion matrix at the table's threshold; plus one pooled entry per method/backbone/seed."""
