@@ -1056,26 +1056,3 @@ def add_arguments(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("deploy", help="certificates, site keys and configs, service commands, site checks")
     _add_verbs(p.add_subparsers(dest="deploy_verb", required=True, metavar="VERB"))
     return p
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdmt deploy", description="what a coordinator and a hospital install")
-    _add_verbs(p.add_subparsers(dest="deploy_verb", required=True, metavar="VERB"))
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m shared.deploy VERB ...``: the same verbs as ``mdmt deploy``."""
-    a = build_parser().parse_args(argv)
-    try:
-        a.fn(a)
-    except MDMTError as exc:
-        print(f"mdmt deploy: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -134,21 +134,7 @@ class LocalSimulation:
     def stop(self, grace: float = 10.0) -> None:
         """End every process this simulation started (by PID, found through the token), then clean up."""
         # Ray's agents are started without our token but with our private Ray temp folder.
-        pids = processes_with_token(self.token, f"RAY_TMPDIR={self.ray_tmp}")
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                pids = [p for p in pids if _alive(p)]
-                if not pids:
-                    break
-                time.sleep(0.2)
-            if not pids:
-                break
+        end_processes(lambda: processes_with_token(self.token, f"RAY_TMPDIR={self.ray_tmp}"), grace)
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=5)
@@ -170,6 +156,21 @@ def stop_all() -> None:
     for sim in list(_ACTIVE):
         sim.stop()
         _ACTIVE.discard(sim)
+
+
+def end_processes(find, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds, every PID that ``find()`` returns (live ones only)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [p for p in find() if _alive(p)]:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in find()):
+            time.sleep(0.2)
+        if not any(_alive(p) for p in find()):
+            return
 
 
 def _alive(pid: int) -> bool:

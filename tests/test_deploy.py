@@ -11,7 +11,6 @@ import os
 import random
 import re
 import shlex
-import signal
 import socket
 import ssl
 import subprocess
@@ -25,14 +24,16 @@ import pytest
 
 from shared import deploy as D
 from shared.errors import ConfigError, MDMTError
-from shared.launch import TOKEN_VAR, free_port, processes_with_token
+from shared.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_DIR = REPO / "deploy"
 
 
 def _run(argv: list[str]) -> int:
-    return D.main([str(a) for a in argv])
+    from shared.cli import main
+
+    return main(["deploy", *(str(a) for a in argv)])
 
 
 # ---- certificates --------------------------------------------------------------------------------
@@ -330,7 +331,7 @@ def _deploy_argv(command: str) -> list[str] | None:
     words = shlex.split(command)
     for i, w in enumerate(words[:-1]):
         if Path(w).name == "mdmt" and words[i + 1] == "deploy":
-            return words[i + 2:]
+            return words[i + 1:]
     return None
 
 
@@ -339,7 +340,9 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
 
     units = sorted((DEPLOY_DIR / "systemd").glob("*.service"))
     assert {u.name for u in units} >= {"mdmt-superlink.service", "mdmt-supernode@.service"}
-    parser = D.build_parser()
+    from shared.cli import build_parser
+
+    parser = build_parser()
     for unit in units:
         text = unit.read_text()
         execs = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
@@ -413,18 +416,7 @@ class Processes:
         return [p for p in processes_with_token(self.token) if not _zombie(p)]
 
     def stop(self, grace: float = 15.0) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pids = self.alive()
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + grace
-            while self.alive() and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if not self.alive():
-                break
+        end_processes(self.alive, grace)
         for proc in self.procs.values():
             try:
                 proc.wait(timeout=5)

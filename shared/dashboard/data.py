@@ -276,27 +276,34 @@ _LOCO_CACHE: dict[tuple[str, str], pd.DataFrame] = {}
 _LOCO_LOCK = threading.Lock()
 
 
+def _per_store(cache: dict, src: Source, version: str, compute):
+    """``compute(store)`` for one store, cached per (store, data version); older versions are dropped."""
+    key = (str(src.path), version)
+    with _LOCO_LOCK:
+        hit = cache.get(key) if version else None
+    if hit is None:
+        with opened(src.path) as st:
+            hit = compute(st)
+        if version:
+            with _LOCO_LOCK:
+                for k in [k for k in cache if k[0] == key[0]]:
+                    del cache[k]
+                cache[key] = hit
+    return hit
+
+
 def loco_frame(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, list[str]]:
     """shared.report.loco_table of every store, with a 'store' column; cached per data version."""
     from shared.report import loco_table
 
     frames, problems = [], []
     for src in sources:
-        key = (str(src.path), version)
-        with _LOCO_LOCK:
-            df = _LOCO_CACHE.get(key) if version else None
-        if df is None:
-            try:
-                with opened(src.path) as st:
-                    df = loco_table(st) if "units" in _tables(st.db) else pd.DataFrame()
-            except (sqlite3.Error, MDMTError, ValueError) as exc:
-                problems.append(f"{src.path}: {exc}")
-                continue
-            if version:
-                with _LOCO_LOCK:
-                    for k in [k for k in _LOCO_CACHE if k[0] == key[0]]:
-                        del _LOCO_CACHE[k]
-                    _LOCO_CACHE[key] = df
+        try:
+            df = _per_store(_LOCO_CACHE, src, version,
+                            lambda st: loco_table(st) if "units" in _tables(st.db) else pd.DataFrame())
+        except (sqlite3.Error, MDMTError, ValueError) as exc:
+            problems.append(f"{src.path}: {exc}")
+            continue
         if len(df):
             frames.append(df.assign(store=src.label))
     if not frames:
@@ -307,32 +314,27 @@ def loco_frame(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, 
 _PAPER_CACHE: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}
 
 
+def _paper(st) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from shared.report import compare_methods, finished_units, prognosis_records, prognosis_tables
+
+    units = finished_units(st) if "units" in _tables(st.db) else []
+    records = prognosis_records(st, units) if units else pd.DataFrame()
+    if records.empty:
+        return pd.DataFrame(), pd.DataFrame()
+    tables = prognosis_tables(records, n_boot=200)
+    return tables.methods, compare_methods(tables.backbones)
+
+
 def paper_tables(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     """The report's method table (mean over backbones of pooled fold predictions, per protocol) and its
     paired tests, for every store (shared.report does the computing); cached per data version."""
-    from shared.report import compare_methods, finished_units, prognosis_records, prognosis_tables
-
     methods, tests, problems = [], [], []
     for src in sources:
-        key = (str(src.path), version)
-        with _LOCO_LOCK:
-            hit = _PAPER_CACHE.get(key) if version else None
-        if hit is None:
-            try:
-                with opened(src.path) as st:
-                    units = finished_units(st) if "units" in _tables(st.db) else []
-                    records = prognosis_records(st, units) if units else pd.DataFrame()
-                if records.empty:
-                    hit = (pd.DataFrame(), pd.DataFrame())
-                else:
-                    tables = prognosis_tables(records, n_boot=200)
-                    hit = (tables.methods, compare_methods(tables.backbones))
-            except (sqlite3.Error, MDMTError, ValueError) as exc:
-                problems.append(f"{src.path}: {exc}")
-                continue
-            if version:
-                with _LOCO_LOCK:
-                    _PAPER_CACHE[key] = hit
+        try:
+            hit = _per_store(_PAPER_CACHE, src, version, _paper)
+        except (sqlite3.Error, MDMTError, ValueError) as exc:
+            problems.append(f"{src.path}: {exc}")
+            continue
         if len(hit[0]):
             methods.append(hit[0].assign(store=src.label))
             tests.append(hit[1].assign(store=src.label))
