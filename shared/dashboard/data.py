@@ -321,7 +321,7 @@ def _paper(st) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = prognosis_records(st, units) if units else pd.DataFrame()
     if records.empty:
         return pd.DataFrame(), pd.DataFrame()
-    tables = prognosis_tables(records, n_boot=200)
+    tables = prognosis_tables(records)  # the same bootstrap as mdmt report, so the intervals agree
     return tables.methods, compare_methods(tables.backbones)
 
 
