@@ -72,10 +72,12 @@ def plan_groups(values: dict[str, Any], workers: int) -> list[RunConfig]:
     return groups
 
 
-def pending_units(cfg: RunConfig) -> list[str]:
+def unit_progress(cfg: RunConfig) -> tuple[int, int]:
+    """(units of the group, units not done yet)."""
+    keys = unit_keys(cfg, site_roles(cfg))
     store = RunStore(cfg.store_path)
     try:
-        return [k.unit_id for k in unit_keys(cfg, site_roles(cfg)) if store.unit_status(k) != "done"]
+        return len(keys), sum(store.unit_status(k) != "done" for k in keys)
     finally:
         store.close()
 
@@ -91,10 +93,11 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, wo
     values, synth = read_experiment(path, overrides)
     ensure_federation(values, synth, echo)
     groups = plan_groups(values, workers)
-    todo = [(i, g) for i, g in enumerate(groups) if pending_units(g)]
+    progress = [unit_progress(g) for g in groups]
+    todo = [(i, g) for i, g in enumerate(groups) if progress[i][1]]
     t0 = time.perf_counter()
-    total = sum(len(unit_keys(g, site_roles(g))) for g in groups)
-    echo(f"experiment {path}: {total} units in {len(groups)} group(s), {sum(len(pending_units(g)) for _, g in todo)} to run")
+    echo(f"experiment {path}: {sum(t for t, _ in progress)} units in {len(groups)} group(s), "
+         f"{sum(n for _, n in progress)} to run")
     for _, g in todo:
         ingest_sites(g)  # once: later groups find the cache unless image size or crop differ
     lock = threading.Lock()

@@ -241,11 +241,12 @@ def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tenso
     device = resolve_device(loc.device or cfg.device)
     out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
+    sd = _load(cfg, loc)  # the site's cache, read once for every split
+    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
     results = {}
     for split in splits:
-        data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), splits=roles)
-        model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
-        if _fedbn(rcfg) and not bn_file.is_file():
+        data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=roles)
+        if _fedbn(rcfg) and not bn_file.is_file():  # statistics reset and re-estimated per split
             adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
         res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
         res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
