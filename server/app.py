@@ -29,12 +29,32 @@ class FlowerRounds:
     def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float, cfg: RunConfig | None = None,
                  sites: dict[str, SiteInfo] | None = None):
         self.grid, self.node_of, self.timeout = grid, node_of, timeout
-        self.cfg, self.sites = cfg, sites or {}
+        self.cfg, self.sites = cfg, sites if sites is not None else {}
+        self.silent: set[int] = set()  # nodes that did not say which site they serve
+
+    def refresh(self) -> None:
+        """Map nodes that came online since the last round: a site daemon restarted without a registered
+        key gets a new node id, and a site that joined late takes part from the next unit."""
+        online = set(self.grid.get_node_ids())
+        unknown = sorted(online - set(self.node_of.values()) - self.silent)
+        if not unknown:
+            return
+        found, status = query_sites(self.grid, unknown, min(self.timeout, 60.0))
+        self.silent |= {n for n, st in status.items() if st != "ok"}
+        for info, node in found:
+            if info.site in self.node_of:
+                log.info("site %s is back as node %d (was %d)", info.site, node, self.node_of[info.site])
+            else:
+                log.info("site %s joined as node %d; it takes part from the next unit", info.site, node)
+                self.sites[info.site] = info
+            self.node_of[info.site] = node
 
     def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+        self.refresh()
         if self.cfg is not None and self.cfg.secure_aggregation and len(plan.train_messages) >= 2:
             return self._secure_train(arrays, plan, config)
-        strategy = TaskAwareFedAvg(plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]))
+        strategy = TaskAwareFedAvg(plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]),
+                                   str(config[P.CFG_COMPRESSION]))
         record = to_record(arrays)
         msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
         new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
@@ -66,29 +86,47 @@ class FlowerRounds:
         return strategy.evals, strategy.eval_status
 
 
+def query_sites(grid: Grid, nodes: list[int], timeout: float) -> tuple[list[tuple[SiteInfo, int]], dict[int, str]]:
+    """Ask nodes which site they serve (a QUERY round): (site, node) for each answer, and every node's status.
+    A node whose ClientApp fails (its data folder is wrong, say) stops the run with that node's error."""
+    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    replies, status = collect(grid.send_and_receive(msgs, timeout=timeout), {}, [])
+    errors = {s: st for s, st in status.items() if st.startswith("error")}
+    if errors:
+        raise RuntimeError("site discovery failed: " + "; ".join(f"{s}: {st}" for s, st in errors.items()))
+    found = [(SiteInfo.from_summary(dict(m.content[P.SITE])), m.metadata.src_node_id) for m in replies.values()]
+    answered = {node for _, node in found}
+    return found, {n: "ok" if n in answered else "no reply" for n in nodes}
+
+
 def discover_sites(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[dict[str, SiteInfo], dict[str, int]]:
-    """Ask every connected node which site it serves (a QUERY round); start order plays no part."""
+    """Which node is which site; start order plays no part. Waits up to ``wait_s`` for every configured
+    site, then goes on with those connected when they are at least ``min-sites``, naming the missing ones."""
     deadline = time.monotonic() + wait_s
-    expected = len(cfg.site_list)
+    expected = set(cfg.site_list)
     while True:
         nodes = sorted(grid.get_node_ids())
-        if nodes and (not expected or len(nodes) >= expected):
+        if nodes and (not expected or len(nodes) >= len(expected)):
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} of {expected or 'any'} site nodes connected within {wait_s:.0f}s")
+            break
         time.sleep(1.0)
-    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-    replies, status = collect(grid.send_and_receive(msgs, timeout=cfg.round_timeout), {}, [])
-    bad = {s: st for s, st in status.items() if st != "ok"}
-    if bad:
-        raise RuntimeError("site discovery failed: " + "; ".join(f"{s}: {st}" for s, st in bad.items()))
+    found, _ = query_sites(grid, nodes, cfg.round_timeout) if nodes else ([], {})
     sites: dict[str, SiteInfo] = {}
     node_of: dict[str, int] = {}
-    for msg in replies.values():
-        info = SiteInfo.from_summary(dict(msg.content[P.SITE]))
+    for info, node in found:
         if info.site in node_of:
             raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
-        sites[info.site], node_of[info.site] = info, msg.metadata.src_node_id
+        sites[info.site], node_of[info.site] = info, node
+    missing = sorted(expected - set(sites))
+    if missing and len(sites) < max(1, cfg.min_sites):
+        raise RuntimeError(f"only {len(sites)} of {len(expected)} sites connected within {wait_s:.0f}s "
+                           f"(min-sites {cfg.min_sites}); missing: {', '.join(missing)}")
+    if not sites:
+        raise RuntimeError(f"no site node connected within {wait_s:.0f}s")
+    if missing:
+        log.warning("sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
+                    wait_s, ", ".join(missing), len(sites), len(expected), cfg.min_sites)
     log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
     return sites, node_of
 

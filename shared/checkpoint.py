@@ -27,5 +27,19 @@ def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], *, round: int, un
     os.replace(tmp, path)
 
 
+def arrays_digest(arrays: dict[str, Any]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a model's arrays (numpy or torch), in name order: equal
+    digests mean bit-for-bit equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        v = arrays[name]
+        a = np.ascontiguousarray(v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v)
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs

@@ -989,6 +989,65 @@ def cmd_check(a: argparse.Namespace, echo: Callable[[str], None] = print) -> Non
         raise SystemExit(1)
 
 
+def _job(a: argparse.Namespace):
+    from shared.jobs import find_job
+
+    return find_job(a.config, a.name)
+
+
+def cmd_submit(a: argparse.Namespace) -> None:
+    from shared import jobs
+
+    job = jobs.submit(a.config, a.connection, a.flwr_home, a.app, a.name)
+    if not a.watch:
+        print(f"follow it with: mdmt deploy status {a.config}")
+        return
+    if job.state == "completed":
+        return
+    log_dir = Path(job.run_config).parent.parent / "logs"
+    print(f"watching (every {a.poll:g}s; server logs in {log_dir})", flush=True)
+    if jobs.watch(job, poll=a.poll, max_restarts=a.max_restarts, log_dir=log_dir,
+                  echo=lambda line: print(line, flush=True)) != 0:
+        raise SystemExit(1)
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    from shared.jobs import status_lines
+
+    print("\n".join(status_lines(_job(a))))
+
+
+def cmd_stop(a: argparse.Namespace) -> None:
+    from shared.jobs import stop
+
+    stop(_job(a))
+
+
+def _add_job_verbs(sub) -> None:
+    def common(s, flower: bool = False) -> None:
+        s.add_argument("config", help="the job's run config (run-config keys of pyproject.toml; coordinator paths)")
+        s.add_argument("--name", default="", help="job name (default: the config file's name)")
+        if flower:
+            s.add_argument("--connection", default=DEFAULT_CONNECTION,
+                           help=f"SuperLink connection of 'mdmt deploy connection' (default {DEFAULT_CONNECTION})")
+            s.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
+
+    s = sub.add_parser("submit", help="submit a federated experiment to the SuperLink; --watch resubmits it "
+                                      "after an interruption until every unit is done")
+    common(s, flower=True)
+    s.add_argument("--app", default=str(Path(__file__).resolve().parent.parent), help="the Flower app folder")
+    s.add_argument("--watch", action="store_true", help="stay and supervise the run (systemd: mdmt-job@.service)")
+    s.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (default 10)")
+    s.add_argument("--max-restarts", type=int, default=5, help="resubmissions before giving up (default 5)")
+    s.set_defaults(fn=cmd_submit)
+    s = sub.add_parser("status", help="a submitted job: Flower run status, units and rounds done, events")
+    common(s)
+    s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("stop", help="stop a submitted job (its supervisor then stops too)")
+    common(s)
+    s.set_defaults(fn=cmd_stop)
+
+
 def _add_verbs(sub) -> None:
     s = sub.add_parser("certs", help="create the CA and the SuperLink's TLS certificate, or rotate them")
     s.add_argument("--out", required=True, help="certificate folder (ca.pem, ca.key, server.pem, server.key)")
@@ -1049,6 +1108,7 @@ def _add_verbs(sub) -> None:
     s.add_argument("--timeout", type=float, default=5.0, help="seconds for the connection checks (default 5)")
     s.add_argument("--sample", type=int, default=5, help="images decoded for statistics (default 5)")
     s.set_defaults(fn=cmd_check)
+    _add_job_verbs(sub)
 
 
 def add_arguments(subparsers) -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -17,7 +18,7 @@ import numpy as np
 from shared import protocol as P
 from shared.train import TrainResult, is_bn_stat
 from shared.aggregate import SiteUpdate, task_aware_fedavg
-from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.checkpoint import arrays_digest, load_checkpoint, save_checkpoint
 from shared.config import RunConfig
 from shared.errors import ConfigError
 from shared.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, local_site, role_tasks
@@ -317,7 +318,9 @@ def round_config(cfg: RunConfig, key: UnitKey, rnd: int, lr: float) -> dict[str,
     """What every site receives with a round's messages."""
     return {P.CFG_ROUND: rnd, P.CFG_UNIT: key.unit_id, P.CFG_METHOD: key.method, P.CFG_BACKBONE: key.backbone,
             P.CFG_PROTOCOL: key.protocol, P.CFG_FOLD: key.fold, P.CFG_LR: lr, P.CFG_AGGREGATION: cfg.aggregation,
-            P.CFG_PROX_MU: cfg.proximal_mu if cfg.aggregation == "fedprox" else 0.0}
+            P.CFG_PROX_MU: cfg.proximal_mu if cfg.aggregation == "fedprox" else 0.0,
+            # SecAgg+ masks the weights themselves, in its own fixed-point encoding
+            P.CFG_COMPRESSION: "none" if cfg.secure_aggregation else cfg.update_compression}
 
 
 def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
@@ -352,8 +355,9 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         lr.restore(resumed["lr"])
         for s in resumed["refused"]:
             plan.train_messages.pop(s, None)
-        store.resume_unit(key, done)
-        log.info("unit %s: resumed after round %d from %s", key.unit_id, done, ckpt_dir / "latest.pt")
+        detail = f"from {ckpt_dir / 'latest.pt'} (round {done}, arrays sha256 {arrays_digest(arrays)})"
+        store.resume_unit(key, done, detail)
+        log.info("unit %s: resumed after round %d %s", key.unit_id, done, detail)
     else:
         arrays, start = starting_arrays(cfg, key, store)
         conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold,
@@ -362,17 +366,22 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
                          hashes, flwr_run_id)
         done = 0
     refused: list[str] = list(resumed["refused"]) if resumed is not None else []
+    absent: set[str] = set()  # training sites that missed the last round they were asked to train
     log.info("unit %s: train on %s, evaluate %s", key.unit_id, ",".join(plan.train_sites),
              ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()))
     for rnd in range(done + 1, n_rounds + 1):
         rcfg = round_config(cfg, key, rnd, lr.lr)
+        started = time.perf_counter()
         tr = rounds.train(rnd, arrays, plan, rcfg)
+        train_wall = time.perf_counter() - started
         arrays, trained, train_status = tr.arrays, tr.trained, tr.status
+        missing = {s: st for s, st in train_status.items() if s not in trained}
         if len(trained) < max(1, min(cfg.min_sites, len(plan.train_messages))):
-            missing = ", ".join(f"{s} ({st})" for s, st in train_status.items() if s not in trained)
-            msg = f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained; missing: {missing}"
+            msg = (f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained (min-sites "
+                   f"{cfg.min_sites}); missing: {', '.join(f'{s} ({st})' for s, st in missing.items())}")
             store.finish_unit(key, "failed", sel.best_round, msg)
             raise RuntimeError(msg)
+        _note_absences(store, key, rnd, missing, trained, absent)
         for s, t in trained.items():
             if t.dp_refused:  # its privacy budget is spent: evaluate-only from now on
                 plan.train_messages.pop(s, None)
@@ -384,6 +393,9 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         metrics += train_rows(tr)
         val_loss = monitored_val_loss(plan, evals)
         metrics += [("*", plan.method.monitor, "val", "monitored_loss", val_loss), ("*", "all", "train", "lr", lr.lr)]
+        # the server's view of the round: wall time of the training round trip and of the whole round
+        metrics += [("*", "all", "round", "train_seconds", train_wall),
+                    ("*", "all", "round", "seconds", time.perf_counter() - started)]
         improved = sel.update(rnd, val_loss)
         lr.step(val_loss)
         participation = [(s, "train", st, "") for s, st in train_status.items()]
@@ -404,6 +416,22 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
             break
     store.finish_unit(key, "done", sel.best_round)
     return sel.best_round
+
+
+def _note_absences(store: RunStore, key: UnitKey, rnd: int, missing: dict[str, str], trained: dict[str, TrainResult],
+                   absent: set[str]) -> None:
+    """k-of-n rounds: a round goes on without the sites that did not answer in time; log who left and who
+    came back (the participation rows hold every round's status as well)."""
+    for s, st in sorted(missing.items()):
+        log.warning("unit %s round %d: site %s missing (%s); the round goes on with %d site(s)",
+                    key.unit_id, rnd, s, st, len(trained))
+        if s not in absent:
+            store.log_event(key, rnd, "missing", f"{s}: {st}")
+        absent.add(s)
+    for s in sorted(absent & set(trained)):
+        log.info("unit %s round %d: site %s rejoined", key.unit_id, rnd, s)
+        store.log_event(key, rnd, "rejoined", s)
+        absent.discard(s)
 
 
 def resume_state(cfg: RunConfig, key: UnitKey, store: RunStore, latest: Path) -> dict[str, Any] | None:

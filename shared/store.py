@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS participation (
     unit_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL, status TEXT NOT NULL,
     detail TEXT, PRIMARY KEY (unit_id, round, site, kind)
 );
+CREATE TABLE IF NOT EXISTS events (
+    unit_id TEXT NOT NULL, time REAL NOT NULL, round INTEGER NOT NULL, kind TEXT NOT NULL, detail TEXT
+);
 """
 
 
@@ -101,7 +104,7 @@ class RunStore:
     def start_unit(self, key: UnitKey, train_sites: list[str], eval_sites: dict[str, str], config: dict[str, Any],
                    manifest_hashes: dict[str, str], flwr_run_id: str = "") -> None:
         with self.tx() as db:
-            for table in ("metrics", "eval_stats", "participation"):
+            for table in ("metrics", "eval_stats", "participation", "events"):
                 db.execute(f"DELETE FROM {table} WHERE unit_id=?", (key.unit_id,))
             db.execute(
                 "INSERT OR REPLACE INTO units (unit_id, method, backbone, protocol, fold, seed, status, started, "
@@ -112,13 +115,27 @@ class RunStore:
                  json.dumps(manifest_hashes)),
             )
 
-    def resume_unit(self, key: UnitKey, after_round: int) -> None:
-        """Continue an interrupted unit: rows of rounds after ``after_round`` go, the rest stay."""
+    def resume_unit(self, key: UnitKey, after_round: int, detail: str = "") -> None:
+        """Continue an interrupted unit: rows of rounds after ``after_round`` go, the rest stay; the resume
+        itself is kept as an event (``detail``: where it continued from)."""
         with self.tx() as db:
             for table in ("metrics", "eval_stats", "participation"):
                 db.execute(f"DELETE FROM {table} WHERE unit_id=? AND round>?", (key.unit_id, after_round))
             db.execute("UPDATE units SET status='running', rounds_done=?, message='' WHERE unit_id=?",
                        (after_round, key.unit_id))
+            db.execute("INSERT INTO events VALUES (?,?,?,?,?)", (key.unit_id, time.time(), after_round, "resumed", detail))
+
+    def log_event(self, key: UnitKey, rnd: int, kind: str, detail: str = "") -> None:
+        """Something that happened to a unit outside its metrics: a resume, a site that left or rejoined."""
+        with self.tx() as db:
+            db.execute("INSERT INTO events VALUES (?,?,?,?,?)", (key.unit_id, time.time(), rnd, kind, detail))
+
+    def events(self, unit_id: str) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM events WHERE unit_id=? ORDER BY time, rowid", (unit_id,)).fetchall()
+
+    def participation(self, unit_id: str) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM participation WHERE unit_id=? ORDER BY round, site, kind",
+                               (unit_id,)).fetchall()
 
     def finish_unit(self, key: UnitKey, status: str, best_round: int | None, message: str = "") -> None:
         with self.tx() as db:
@@ -162,7 +179,7 @@ class RunStore:
         Returns the number of rows deleted per table."""
         counts: dict[str, int] = {}
         with self.tx() as db:
-            for table in ("metrics", "eval_stats", "participation", "units"):
+            for table in ("metrics", "eval_stats", "participation", "events", "units"):
                 cur = db.executemany(f"DELETE FROM {table} WHERE unit_id=?", [(u,) for u in unit_ids])
                 counts[table] = max(cur.rowcount, 0)
         return counts

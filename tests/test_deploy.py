@@ -339,7 +339,7 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
     import yaml
 
     units = sorted((DEPLOY_DIR / "systemd").glob("*.service"))
-    assert {u.name for u in units} >= {"mdmt-superlink.service", "mdmt-supernode@.service"}
+    assert {u.name for u in units} >= {"mdmt-superlink.service", "mdmt-supernode@.service", "mdmt-job@.service"}
     from shared.cli import build_parser
 
     parser = build_parser()
@@ -348,7 +348,8 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
         execs = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
         assert len(execs) == 1, unit
         args = parser.parse_args(_deploy_argv(execs[0].replace("%i", "A")))
-        assert args.exec and args.deploy_verb in ("superlink-cmd", "supernode-cmd")
+        assert (args.deploy_verb in ("superlink-cmd", "supernode-cmd") and args.exec) or \
+            (args.deploy_verb == "submit" and args.watch), unit
         assert "Restart=" in text and "RestartSec=" in text
         assert "Environment=FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     compose = yaml.safe_load((DEPLOY_DIR / "compose.yaml").read_text())
@@ -447,6 +448,110 @@ def _wait_healthy(port: int, ca: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
 
 
+UNIT = "mdmt/resnet18/loco/A/seed0"
+
+
+def _tree(root: int) -> list[int]:
+    """A process and its live descendants (by parent PID; Flower starts its helpers in new sessions)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().split(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if fields[0] != "Z":
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def _program(pid: int) -> str:
+    """The program a PID runs: its script for a Python console script."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    words = [Path(w.decode(errors="replace")).name for w in argv if w]
+    return words[1] if len(words) > 1 and words[0].startswith("python") else (words[0] if words else "")
+
+
+def _crash(proc: subprocess.Popen) -> list[str]:
+    """SIGKILL a started process and all its descendants, by PID (a crash: nothing is cleaned up)."""
+    import signal
+
+    pids = _tree(proc.pid)
+    names = sorted({_program(p) for p in pids})
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return names
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _wait_for(what: str, ready, timeout: float, *procs: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        for proc in procs:
+            assert proc.poll() is None, f"waiting for {what}: {proc.args[:3]} exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"waiting for {what}: not within {timeout:.0f}s"
+        time.sleep(0.5)
+
+
+def _job_config(path: Path, ws: Path, fed: Path, **extra) -> Path:
+    import tomli_w
+
+    values = {"method": "mdmt", "backbone": "resnet18", "num-rounds": 3, "image-size": 32, "batch-size": 16, "seed": 0,
+              "device": "cpu", "sites": ",".join(SITES), "holdouts": "A", "fed-dir": str(fed), "workspace": str(ws),
+              "store": str(ws / "store.sqlite"), "round-timeout": 600.0}
+    values.update(extra)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(values))
+    return path
+
+
+def _unit(ws: Path) -> tuple[dict, list, list]:
+    """The unit's row, events and participation rows in a job's store."""
+    from shared.store import RunStore
+
+    if not (ws / "store.sqlite").is_file():
+        return {}, [], []
+    store = RunStore(ws / "store.sqlite", readonly=True)
+    try:
+        units = {u["unit_id"]: dict(u) for u in store.units()}
+        events = [dict(e) for e in store.events(UNIT)]
+        part = [dict(p) for p in store.participation(UNIT)]
+    finally:
+        store.close()
+    return units.get(UNIT, {}), events, part
+
+
+def _latest_round(ws: Path) -> int:
+    from shared.checkpoint import load_checkpoint
+
+    path = ws / "checkpoints" / UNIT.replace("/", "__") / "latest.pt"
+    try:
+        return int(load_checkpoint(path)["round"]) if path.is_file() else 0
+    except (OSError, RuntimeError, EOFError):
+        return 0
+
+
 SITES = ("A", "B", "BRIXIA")  # A: the held-out prognosis centre; B: a training centre; BRIXIA: severity
 
 
@@ -469,9 +574,10 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
 
         # The SuperLink: TLS, SuperNode authentication, no runtime dependency installation, loopback only.
         port = free_port()
-        argv, env = D.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1", port=port)
-        env["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
-        superlink = procs.start("superlink", argv, env)
+        argv_link, env_link = D.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1",
+                                                  port=port)
+        env_link["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
+        superlink = procs.start("superlink", argv_link, env_link)
         _wait_healthy(port, certs / D.CA_CERT, superlink)
 
         # The operator's flwr CLI: a TLS connection, and each site's public key registered under its name.
@@ -507,15 +613,18 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         argv, env = D.supernode_command(rogue_cfg)
         rogue = procs.start("supernode-ROGUE", argv, env)
 
-        # The project's app, run to completion through the SuperLink.
-        ws = tmp_path / "coordinator" / "runs"
-        run_config = (f'method="mdmt" backbone="resnet18" num-rounds=2 image-size=32 batch-size=16 seed=0 '
-                      f'device="cpu" sites="{",".join(SITES)}" holdouts="A" fed-dir="{small_federation}" '
-                      f'workspace="{ws}" store="{ws / "store.sqlite"}" round-timeout=600')
-        res = procs.run("flwr-run", [flwr, "run", str(REPO), "mdmt-test", "--run-config", run_config, "--stream"],
-                        cli_env, timeout=1200)
-        run_log = procs.log("flwr-run")
-        assert res.returncode == 0, run_log[-4000:]
+        # The project's app, submitted to the SuperLink and supervised until done: the reference run.
+        mdmt = str(Path(sys.executable).parent / "mdmt")
+        jobs_dir, coord = tmp_path / "coordinator" / "jobs", tmp_path / "coordinator"
+
+        def submit(name: str, ws: Path, *flags: str, **extra) -> list[str]:
+            return [mdmt, "deploy", "submit", str(_job_config(jobs_dir / f"{name}.toml", ws, small_federation, **extra)),
+                    "--connection", "mdmt-test", *flags]
+
+        ws = coord / "reference"
+        res = procs.run("submit-reference", submit("reference", ws, "--watch", "--poll", "5"), cli_env, timeout=1200)
+        sup_log = procs.log("submit-reference")
+        assert res.returncode == 0 and "job reference: completed" in sup_log, sup_log[-3000:]
 
         # Refused at activation: the SuperNode exits (status 1, Flower exit code 305) and the SuperLink logs why.
         rogue_rc = rogue.wait(timeout=120)
@@ -523,33 +632,105 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert rogue_rc == 1 and "Exit Code: 305" in rogue_log and "Failed to activate SuperNode" in rogue_log, \
             rogue_log[-2000:]
         assert "Attempted to register SuperNode with public key" in link_log
-        registered = {n for s in SITES for n in re.findall(r"SuperNode (\d+) registered", procs.log(f"register-{s}"))}
-        assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == registered and len(registered) == len(SITES)
+        node_of = {s: re.findall(r"SuperNode (\d+) registered", procs.log(f"register-{s}"))[0] for s in SITES}
+        assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == set(node_of.values())
 
         # The store has the unit done with the planned rounds and metrics from every site.
+        from shared.store import RunStore
+
         store = RunStore(ws / "store.sqlite", readonly=True)
         try:
             units = {u["unit_id"]: u for u in store.units()}
-            unit = units["mdmt/resnet18/loco/A/seed0"]
-            metrics = store.metrics("mdmt/resnet18/loco/A/seed0")
+            metrics = store.metrics(UNIT)
         finally:
             store.close()
-        assert list(units) == ["mdmt/resnet18/loco/A/seed0"]
-        assert unit["status"] == "done" and unit["rounds_done"] == 2, dict(unit)
+        assert list(units) == [UNIT]
+        assert units[UNIT]["status"] == "done" and units[UNIT]["rounds_done"] == 3, dict(units[UNIT])
         rows = {(m["round"], m["site"], m["task"], m["split"], m["name"]) for m in metrics}
-        assert {r[0] for r in rows} == {1, 2}
-        for rnd in (1, 2):
+        assert {r[0] for r in rows} == {1, 2, 3}
+        for rnd in (1, 2, 3):
             assert (rnd, "A", "prognosis", "all", "auc") in rows
             assert (rnd, "B", "prognosis", "val", "acc") in rows
             assert (rnd, "BRIXIA", "severity", "val", "acc") in rows
         # Each site kept its own record of what it was asked: the held-out centre never trained.
         logs = {s: read_message_log(site_ws[s] / "sites" / s) for s in SITES}
-        assert "train" not in set(logs["A"]["message_type"]) and (logs["A"]["message_type"] == "evaluate").sum() == 2
+        assert "train" not in set(logs["A"]["message_type"]) and (logs["A"]["message_type"] == "evaluate").sum() == 3
         for s in ("B", "BRIXIA"):
-            assert (logs[s]["message_type"] == "train").sum() == 2, s
-        assert "ROGUE" not in run_log
+            assert (logs[s]["message_type"] == "train").sum() == 3, s
+        assert "ROGUE" not in "".join(p.read_text(errors="replace") for p in (ws / "logs").glob("*.log"))
+
+        # Coordinator crash: the SuperLink and its ServerApp are killed once round 1 is checkpointed, then
+        # the SuperLink restarts on its database. The supervisor resubmits; the unit resumes at round k+1.
+        ws_r = coord / "resume"
+        supervisor = procs.start("submit-resume", submit("resume", ws_r, "--watch", "--poll", "5"), cli_env)
+        _wait_for("round 1 of the resumed job", lambda: _latest_round(ws_r) >= 1, 900, supervisor)
+        crashed = _crash(superlink)
+        assert "flower-superlink" in crashed and "flwr-serverapp" in crashed, crashed
+        from shared.checkpoint import arrays_digest, load_checkpoint
+
+        ckpt = load_checkpoint(ws_r / "checkpoints" / UNIT.replace("/", "__") / "latest.pt")
+        k, digest = int(ckpt["round"]), arrays_digest(ckpt["state_dict"])
+        assert k < 3
+        superlink = procs.start("superlink-restarted", argv_link, env_link)
+        _wait_healthy(port, certs / D.CA_CERT, superlink)
+        assert supervisor.wait(timeout=1200) == 0, procs.log("submit-resume")[-3000:]
+        sup_log = procs.log("submit-resume")
+        # it sees the SuperLink gone, or (when the restart falls between two polls) the run failed
+        assert "interrupted" in sup_log and "resubmitting (1 of 5)" in sup_log and "completed" in sup_log, sup_log
+        unit, events, _ = _unit(ws_r)
+        assert unit["status"] == "done" and unit["rounds_done"] == 3
+        resumed = [e for e in events if e["kind"] == "resumed"]
+        assert [e["round"] for e in resumed] == [k] and f"arrays sha256 {digest}" in resumed[0]["detail"], events
+        final = load_checkpoint(ws_r / "checkpoints" / UNIT.replace("/", "__") / "latest.pt")
+        reference = load_checkpoint(ws / "checkpoints" / UNIT.replace("/", "__") / "latest.pt")
+        assert final["round"] == reference["round"] == 3
+        import torch
+
+        for name, ref in reference["state_dict"].items():
+            assert torch.allclose(final["state_dict"][name].double(), ref.double(), rtol=1e-5, atol=1e-6), name
+        identical = arrays_digest(final["state_dict"]) == arrays_digest(reference["state_dict"])
+
+        # Site dropout: B's SuperNode dies after round 1. Rounds go on without it (k-of-n, round-timeout),
+        # the missing rounds are logged, and the restarted SuperNode (same key, same node id) rejoins.
+        ws_d = coord / "dropout"
+        res = procs.run("submit-dropout", submit("dropout", ws_d, **{"num-rounds": 4, "round-timeout": 90.0}), cli_env,
+                        timeout=300)
+        assert res.returncode == 0, procs.log("submit-dropout")
+        _wait_for("round 1 of the dropout job", lambda: _unit(ws_d)[0].get("rounds_done", 0) >= 1, 900)
+        _crash(procs.procs["supernode-B"])
+        _wait_for("a round without B", lambda: any(p["site"] == "B" and p["kind"] == "train" and p["status"] != "ok"
+                                                   for p in _unit(ws_d)[2]), 600)
+        procs.start("supernode-B-restarted", *D.supernode_command(D.load_site_config(sites_dir / "site-B.toml")))
+        _wait_for("the dropout job", lambda: _unit(ws_d)[0].get("status") in ("done", "failed"), 900)
+        unit, events, part = _unit(ws_d)
+        assert unit["status"] == "done" and unit["rounds_done"] == 4, unit
+        b_train = [(p["round"], p["status"]) for p in part if p["site"] == "B" and p["kind"] == "train"]
+        missed = [r for r, st in b_train if st != "ok"]
+        assert missed and b_train[-1] == (4, "ok") and b_train[0] == (1, "ok"), b_train
+        assert all(st == "ok" for p in part if p["site"] == "BRIXIA" for st in [p["status"]]), part
+        kinds = [(e["kind"], e["detail"].split(":")[0]) for e in events]
+        assert ("missing", "B") in kinds and ("rejoined", "B") in kinds, events
+        status = subprocess.run([mdmt, "deploy", "status", str(jobs_dir / "dropout.toml")], capture_output=True,
+                                text=True, env=procs.env(cli_env), timeout=120)
+        assert status.returncode == 0 and "units: 1 of 1 done" in status.stdout and "missing B" in status.stdout \
+            and "rejoined B" in status.stdout, status.stdout + status.stderr
+        # with its registered key the restarted SuperNode is the same node
+        assert procs.log("superlink-restarted").count(f"Activated node_id={node_of['B']}") >= 1
+
+        # An operator stop: Flower stops the run and the job is marked stopped (a later submit resumes it).
+        ws_s = coord / "stopped"
+        res = procs.run("submit-stop", submit("stopped", ws_s, **{"num-rounds": 50}), cli_env, timeout=300)
+        assert res.returncode == 0, procs.log("submit-stop")
+        res = procs.run("stop", [mdmt, "deploy", "stop", str(jobs_dir / "stopped.toml")], cli_env, timeout=120)
+        assert res.returncode == 0 and "stopped" in procs.log("stop"), procs.log("stop")
+        status = subprocess.run([mdmt, "deploy", "status", str(jobs_dir / "stopped.toml")], capture_output=True,
+                                text=True, env=procs.env(cli_env), timeout=120)
+        assert "job stopped: stopped (stopped by the operator)" in status.stdout and "finished:stopped" in status.stdout, \
+            status.stdout + status.stderr
         with capsys.disabled():
-            print(f"\nsupernode start order {order}; deployment test {time.monotonic() - started:.0f}s")
+            print(f"\nsupernode start order {order}; crashed {crashed} after round {k}; final model bit-identical to "
+                  f"the uninterrupted run: {identical}; B missed rounds {missed}; deployment test "
+                  f"{time.monotonic() - started:.0f}s")
     finally:
         procs.stop()
         leftovers = procs.alive()

@@ -100,3 +100,86 @@ def test_cv_units_train_every_site_and_evaluate_val_and_test():
     plan = plan_unit(UnitKey("mdmt", "resnet18", "cv", "3", 0), _sites())
     assert plan.holdout is None and plan.train_sites == ["A", "B", "BRIXIA", "C", "DUAL"]
     assert set(plan.eval_splits.values()) == {("val", "test")}
+
+
+# ---- k-of-n rounds: a site that does not answer ------------------------------------------------
+
+
+class ScriptedRounds:
+    """A Rounds whose sites answer as scripted: ``absent[round]`` are the sites that miss that round."""
+
+    def __init__(self, absent):
+        self.absent = absent
+
+    def train(self, rnd, arrays, plan, config):
+        import numpy as np
+
+        from shared.federated import TrainRound
+        from shared.train import TrainResult
+
+        gone = self.absent.get(rnd, set())
+        trained = {s: TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
+                   for s in plan.train_messages if s not in gone}
+        status = {s: "ok" if s in trained else "no reply" for s in plan.train_messages}
+        return TrainRound({k: v + np.asarray(rnd, v.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()},
+                          trained, status)
+
+    def evaluate(self, rnd, arrays, plan, config):
+        import numpy as np
+
+        from shared import protocol as P
+        from shared.metrics import HIST_BINS
+
+        hist = np.zeros((2, HIST_BINS), dtype=np.int64)
+        hist[0, 10], hist[1, 150] = 4, 4
+        ev = P.SiteEval({"prognosis": 8, "severity": 0}, {"prognosis": 8.0 / rnd, "severity": 0.0},
+                        np.zeros((2, 2), dtype=np.int64), hist, np.zeros((4, 4), dtype=np.int64))
+        gone = self.absent.get(rnd, set())
+        evals = {s: {sp: ev for sp in sps} for s, sps in plan.eval_splits.items() if s not in gone}
+        return evals, {s: "ok" if s in evals else "no reply" for s in plan.eval_splits}
+
+
+def _kofn_sites():
+    def info(name):
+        counts = {f"{sp}-prognosis": 10 for sp in ("train", "val", "all")}
+        return SiteInfo(name, "prognosis", counts, "hash-" + name)
+
+    return {s: info(s) for s in ("A", "B", "C")}
+
+
+def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(tmp_path):
+    from shared.federated import run_unit
+    from shared.store import RunStore
+
+    cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=4, workspace=str(tmp_path), min_sites=1,
+                    patience=0, select_after=0)
+    key = _key("mdmt", "A")
+    store = RunStore(tmp_path / "store.sqlite")
+    try:
+        run_unit(cfg, plan_unit(key, _kofn_sites()), _kofn_sites(), ScriptedRounds({2: {"B"}, 3: {"B"}}), store)
+        unit = {u["unit_id"]: dict(u) for u in store.units()}[key.unit_id]
+        events = [(e["round"], e["kind"], e["detail"]) for e in store.events(key.unit_id)]
+        part = {(p["round"], p["site"], p["kind"]): p["status"] for p in store.participation(key.unit_id)}
+    finally:
+        store.close()
+    assert unit["status"] == "done" and unit["rounds_done"] == 4
+    assert events == [(2, "missing", "B: no reply"), (4, "rejoined", "B")]
+    assert [part[(r, "B", "train")] for r in (1, 2, 3, 4)] == ["ok", "no reply", "no reply", "ok"]
+    assert all(part[(r, "C", "train")] == "ok" for r in (1, 2, 3, 4))
+
+
+def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
+    from shared.federated import run_unit
+    from shared.store import RunStore
+
+    cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=3, workspace=str(tmp_path), min_sites=2)
+    key = _key("mdmt", "A")
+    store = RunStore(tmp_path / "store.sqlite")
+    try:
+        with pytest.raises(RuntimeError) as exc:
+            run_unit(cfg, plan_unit(key, _kofn_sites()), _kofn_sites(), ScriptedRounds({2: {"B", "C"}}), store)
+        unit = {u["unit_id"]: dict(u) for u in store.units()}[key.unit_id]
+    finally:
+        store.close()
+    assert str(exc.value) == "round 2: only 0 of 2 sites trained (min-sites 2); missing: B (no reply), C (no reply)"
+    assert unit["status"] == "failed" and unit["message"] == str(exc.value) and unit["rounds_done"] == 1

@@ -31,4 +31,4 @@ if [ "$root" = / ]; then
   chgrp mdmt /etc/mdmt
   systemctl daemon-reload
 fi
-echo "installed mdmt-superlink.service and mdmt-supernode@.service into $unitdir (environment $venv)"
+echo "installed mdmt-superlink.service, mdmt-supernode@.service and mdmt-job@.service into $unitdir (environment $venv)"
