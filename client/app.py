@@ -3,12 +3,13 @@ TRAIN: local training on the site's cache. EVALUATE: sufficient statistics for b
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.mods import message_log_mod
 from client.secagg import secure_aggregation_mod
 from shared import protocol as P
+from shared.compress import encode_update
 from shared.config import RunConfig
 from shared.site import locate_site, run_evaluate, run_train, site_summary
 
@@ -30,9 +31,11 @@ def train(msg: Message, context: Context) -> Message:
     loc = locate_site(cfg, context.node_config)
     state = msg.content[P.ARRAYS].to_torch_state_dict()
     # Train locally (shared.site holds the logic).
-    new_state, metrics = run_train(cfg, loc, state, dict(msg.content[P.CONFIG]))
-    # Reply: the updated arrays and counts per task.
-    content = RecordDict({P.ARRAYS: ArrayRecord(new_state), P.METRICS: MetricRecord(metrics)})
+    rcfg = dict(msg.content[P.CONFIG])
+    new_state, metrics = run_train(cfg, loc, state, rcfg)
+    # Reply: the update (fp16/int8 difference from the global model, or the weights) and counts per task.
+    update = encode_update(new_state, state, str(rcfg.get(P.CFG_COMPRESSION, "none")))
+    content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -11,6 +11,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from shared import protocol as P
+from shared.compress import decode_update
+from shared.errors import ProtocolError
 from shared.train import TrainResult
 from shared.federated import UnitPlan, aggregate_replies
 
@@ -27,11 +29,11 @@ class TaskAwareFedAvg(FedAvg):
     """FedAvg whose train/evaluate messages go to the sites a unit's plan names, per-site config included."""
 
     def __init__(self, plan: UnitPlan, node_of: dict[str, int], previous: dict[str, np.ndarray],
-                 aggregation: str = "fedavg"):
+                 aggregation: str = "fedavg", compression: str = "none"):
         super().__init__(arrayrecord_key=P.ARRAYS, configrecord_key=P.CONFIG, weighted_by_key=P.NUM_EXAMPLES)
         self.plan, self.node_of = plan, node_of
         self.site_of = {n: s for s, n in node_of.items()}
-        self.previous, self.aggregation = previous, aggregation
+        self.previous, self.aggregation, self.compression = previous, aggregation, compression
         self.train_status: dict[str, str] = {}
         self.trained: dict[str, TrainResult] = {}
         self.bytes_up: dict[str, int] = {}
@@ -56,8 +58,13 @@ class TaskAwareFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies_by_site, self.train_status = collect(replies, self.site_of, self.plan.train_messages)
-        got = {s: (from_record(m.content[P.ARRAYS]), P.read_train(dict(m.content[P.METRICS])))
-               for s, m in replies_by_site.items()}
+        got = {}
+        for s, m in replies_by_site.items():
+            try:
+                got[s] = (decode_update(from_record(m.content[P.ARRAYS]), self.previous, self.compression),
+                          P.read_train(dict(m.content[P.METRICS])))
+            except ProtocolError as exc:  # a malformed update counts as that site missing the round
+                self.train_status[s] = f"error: {exc}"
         self.bytes_up = {s: int(m.content[P.ARRAYS].count_bytes()) for s, m in replies_by_site.items()}
         self.trained = {s: t for s, (_, t) in got.items()}
         if not got:

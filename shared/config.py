@@ -19,6 +19,7 @@ PROTOCOLS = ("loco", "cv")
 AGGREGATIONS = ("fedavg", "fedprox", "fedbn")
 AUGMENTS = ("paper", "none")
 CLASS_WEIGHTS = ("none", "balanced")
+COMPRESSION_MODES = ("fp16", "int8", "none")  # shared.compress.MODES
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -72,6 +73,7 @@ class RunConfig:
     secure_aggregation: bool = False  # SecAgg+: the server only sees the masked sum of the sites' updates
     secagg_clip: float = 8.0  # public bound on |local - global| of every weight; a site past it refuses the round
     secagg_count_scale: int = 0  # public bound on a site's training count; 0 = the largest the sites reported
+    update_compression: str = "fp16"  # fp16 | int8 | none: how a site's update (local - global) travels back
     severity_head: str = "global4"
     patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 40  # rounds before model selection may pick a round
@@ -79,6 +81,7 @@ class RunConfig:
     threshold: str = "val"  # prognosis decision threshold: "val" (Youden's J on the training sites' validation) or a number
     seed: int = 0
     device: str = "auto"
+    torch_compile: bool = False  # local training's forward pass through torch.compile (long rounds on a GPU)
     num_workers: int = 0
     round_timeout: float = 3600.0
     min_sites: int = 1
@@ -135,6 +138,7 @@ class RunConfig:
             "aggregation": (self.aggregation, AGGREGATIONS),
             "augment": (self.augment, AUGMENTS),
             "class-weight": (self.class_weight, CLASS_WEIGHTS),
+            "update-compression": (self.update_compression, COMPRESSION_MODES),
         }
         from shared.data.dicom import VOI_MODES
         from shared.data.preprocess import CROP_MODES

@@ -15,3 +15,7 @@ class DataError(MDMTError):
 
 class DicomRejected(MDMTError):
     """One DICOM file cannot be used; the message is the reason written to rejected.csv."""
+
+
+class ProtocolError(MDMTError):
+    """A message between server and site that does not have the agreed form."""

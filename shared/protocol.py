@@ -32,6 +32,7 @@ CFG_PROTOCOL = "protocol"  # loco | cv: which rule assigns the site's rows to tr
 CFG_LR = "lr"
 CFG_AGGREGATION = "aggregation"  # fedavg | fedprox | fedbn
 CFG_PROX_MU = "proximal-mu"
+CFG_COMPRESSION = "update-compression"  # how the site encodes its update (shared.compress)
 CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
 
 NUM_EXAMPLES = "num-examples"
