@@ -4,7 +4,7 @@ Each transform is drawn per sample with probability ``p`` (0.5): shift up to +-1
 0.9-1.1, horizontal flip, rotation up to +-10 degrees, and elastic deformation with alpha 20-40 px and
 sigma 7 px at 256 px (alpha and sigma scale with the image side). The affine part becomes one sampling
 grid per sample (``torch.nn.functional.affine_grid``); the elastic part adds a Gaussian-smoothed random
-displacement field (torchvision's ``gaussian_blur``) to that grid; ``grid_sample`` resamples once.
+displacement field (a separable Gaussian blur, equal to torchvision's ``gaussian_blur``) to that grid; ``grid_sample`` resamples once.
 Randomness comes from a ``torch.Generator`` seeded by the caller, so a round is reproducible.
 """
 
@@ -53,18 +53,30 @@ class PaperAugment:
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     def _elastic(self, n: int, h: int, w: int, gen: torch.Generator, dev: torch.device) -> torch.Tensor:
-        from torchvision.transforms.v2.functional import gaussian_blur
-
         scale = min(h, w) / self.reference_size
         sigma = max(self.elastic_sigma * scale, 0.5)
         ksize = 2 * int(math.ceil(3 * sigma)) + 1
         noise = torch.rand(n, 2, h, w, generator=gen, device=gen.device).to(dev) * 2 - 1
-        smooth = gaussian_blur(noise, [ksize, ksize], [sigma, sigma])
+        smooth = separable_gaussian_blur(noise, ksize, sigma)
         lo, hi = self.elastic_alpha
         alpha = (lo + torch.rand(n, generator=gen, device=gen.device).to(dev) * (hi - lo)) * scale
         # Simard et al.'s elastic field: alpha x a Gaussian-smoothed uniform field, in px; grid units are 2 / side.
         disp = smooth * alpha.view(n, 1, 1, 1)
         return torch.stack([disp[:, 0] * 2 / w, disp[:, 1] * 2 / h], dim=-1)
+
+
+def separable_gaussian_blur(x: torch.Tensor, ksize: int, sigma: float) -> torch.Tensor:
+    """torchvision's ``gaussian_blur`` (reflect padding, the same kernel) as two 1-D passes: a 43 px kernel
+    costs 86 multiply-adds a pixel instead of 1,849."""
+    half = (ksize - 1) * 0.5
+    t = torch.linspace(-half, half, ksize, device=x.device, dtype=x.dtype)
+    k1 = torch.exp(-0.5 * (t / sigma) ** 2)
+    k1 = k1 / k1.sum()
+    c = x.shape[1]
+    pad = ksize // 2
+    x = F.pad(x, [pad, pad, pad, pad], mode="reflect")
+    x = F.conv2d(x, k1.view(1, 1, 1, ksize).expand(c, 1, 1, ksize), groups=c)
+    return F.conv2d(x, k1.view(1, 1, ksize, 1).expand(c, 1, ksize, 1), groups=c)
 
 
 AUGMENTS = {"paper": PaperAugment(), "none": None}

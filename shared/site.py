@@ -175,7 +175,7 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
         model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
         lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
         device=resolve_device(loc.device or cfg.device), seed=seed, augment=get_augment(cfg.augment),
-        class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)),
+        class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)), compile_model=cfg.torch_compile,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if _fedbn(rcfg):

@@ -56,23 +56,48 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 class Feeder:
-    """uint8 host images -> normalised 3-channel float batches on the device."""
+    """uint8 images -> normalised 3-channel float batches on the device.
 
-    def __init__(self, device: torch.device):
+    ``feed(images)`` converts a host batch. ``feed.take(idx)`` gathers a batch of ``images`` given at
+    construction: on a GPU the whole uint8 set is copied there once, from pinned memory, when it fits
+    (a 256 px image is 64 KiB), so a batch is a gather on the device; otherwise the batch is gathered on
+    the host, pinned and copied without blocking. Normalisation and augmentation run on the device.
+    """
+
+    def __init__(self, device: torch.device, images: np.ndarray | None = None):
         self.device = device
         self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
         self.pin = device.type == "cuda"
+        self.images = images
+        self.resident: torch.Tensor | None = None
+        if images is not None and self.pin and images.nbytes <= _resident_budget(device):
+            host = torch.from_numpy(np.ascontiguousarray(images)).pin_memory()
+            self.resident = host.to(device, non_blocking=True)
 
     def __call__(self, images: np.ndarray, augment=None, gen: torch.Generator | None = None) -> torch.Tensor:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.pin:
             x = x.pin_memory()
-        x = x.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
+        return self._prepare(x.to(self.device, non_blocking=True), augment, gen)
+
+    def take(self, idx: np.ndarray, augment=None, gen: torch.Generator | None = None) -> torch.Tensor:
+        if self.resident is not None:
+            return self._prepare(self.resident[torch.from_numpy(idx).to(self.device, non_blocking=True)], augment, gen)
+        return self(self.images[idx], augment, gen)
+
+    def _prepare(self, x: torch.Tensor, augment, gen) -> torch.Tensor:
+        x = x.unsqueeze(1).float().div_(255.0)
         if augment is not None:
             x = augment(x, gen)
         x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+def _resident_budget(device: torch.device) -> int:
+    """Bytes of uint8 images a site may keep on the GPU: a quarter of its free memory, at most 4 GiB."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(free // 4, 4 << 30)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
@@ -126,10 +151,10 @@ def adapt_bn(model: torch.nn.Module, data: "TaskData", *, batch_size: int = 64, 
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
     model.train()
-    feed = Feeder(device)
+    feed = Feeder(device, data.images)
     for idx in _batches(len(data), batch_size, None):
         with _autocast(device):
-            model(feed(data.images[idx]))
+            model(feed.take(idx))
     model.eval()
 
 
@@ -160,11 +185,14 @@ def train_local(
     augment=None,
     class_weight: str = "none",
     prox_mu: float = 0.0,
+    compile_model: bool = False,
 ) -> TrainResult:
     """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs.
 
     ``augment``: a batch transform (shared.augment) applied on the device; ``class_weight``: none or
-    balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received.
+    balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received;
+    ``compile_model``: run the forward pass through ``torch.compile`` (pays off when a round has many steps:
+    each new process compiles once). Losses stay on the device until the round ends (no per-step sync).
     """
     device = torch.device(device) if isinstance(device, str) else device
     t0 = time.perf_counter()
@@ -187,18 +215,20 @@ def train_local(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
-    feed = Feeder(device)
+    feed = Feeder(device, data.images)
+    forward = torch.compile(model) if compile_model else model
     y_prog = torch.from_numpy(data.y_prog).to(device)
     y_sev = torch.from_numpy(data.y_sev).to(device)
-    done, sums, terms = 0, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}
+    done = 0
+    sums = torch.zeros(3, device=device)  # total, prognosis and severity loss, summed over steps
     max_steps = steps if steps > 0 else None
     epoch = 0
     while True:
         for idx in _batches(n, batch_size, rng):
-            x = feed(data.images[idx], augment, gen)
+            x = feed.take(idx, augment, gen)
             tidx = torch.from_numpy(idx).to(device)
             with _autocast(device):
-                lp, ls = model(x)
+                lp, ls = forward(x)
             loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm, class_weights=weights)
             objective = loss.total
             if anchor is not None:
@@ -207,19 +237,18 @@ def train_local(
             objective.backward()
             opt.step()
             done += 1
-            sums += float(loss.total.detach())
-            terms[PROGNOSIS] += float(loss.prognosis.detach())
-            terms[SEVERITY] += float(loss.severity.detach())
+            sums += torch.stack([loss.total.detach(), loss.prognosis.detach(), loss.severity.detach()]).float()
             if max_steps is not None and done >= max_steps:
                 break
         epoch += 1
         if (max_steps is not None and done >= max_steps) or (max_steps is None and epoch >= epochs):
             break
+    total, prog, sev = (sums / done).tolist()
     return TrainResult(
         n_examples=n,
         n_task=data.counts(),
-        loss=sums / done,
-        loss_task={k: v / done for k, v in terms.items()},
+        loss=total,
+        loss_task={PROGNOSIS: prog, SEVERITY: sev},
         steps=done,
         seconds=time.perf_counter() - t0,
     )
@@ -246,11 +275,11 @@ def evaluate(
 ) -> EvalResult:
     device = torch.device(device) if isinstance(device, str) else device
     model.to(device).eval()
-    feed = Feeder(device)
+    feed = Feeder(device, data.images)
     p_severe, sev_prob = [], []
     for idx in _batches(len(data), batch_size, None):
         with _autocast(device):
-            lp, ls = model(feed(data.images[idx]))
+            lp, ls = model(feed.take(idx))
         p_severe.append(torch.softmax(lp.float(), 1)[:, 1].cpu())
         sev_prob.append(torch.softmax(ls.float(), 1).cpu())
     ps = torch.cat(p_severe).numpy() if p_severe else np.zeros(0)

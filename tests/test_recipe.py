@@ -114,3 +114,17 @@ def test_recipe_keys_are_validated_with_the_key_name():
         RunConfig.from_mapping({"lr-factor": 1.5})
     with pytest.raises(ConfigError, match="'folds' has '7'"):
         RunConfig.from_mapping({"protocol": "cv", "folds": "0,7"})
+
+
+@pytest.mark.parametrize("side, sigma", [(16, 0.5), (64, 1.75), (256, 7.0)])
+def test_separable_blur_equals_torchvision_gaussian_blur(side, sigma):
+    import math
+
+    from torchvision.transforms.v2.functional import gaussian_blur
+
+    from shared.augment import separable_gaussian_blur
+
+    k = 2 * int(math.ceil(3 * sigma)) + 1
+    x = torch.rand(3, 2, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1
+    np.testing.assert_allclose(separable_gaussian_blur(x, k, sigma).numpy(), gaussian_blur(x, [k, k], [sigma, sigma]).numpy(),
+                               atol=1e-6)
