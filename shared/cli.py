@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     from shared.deploy import add_arguments as deploy_arguments  # cryptography is imported only when a verb runs
 
     deploy_arguments(sub)
+    from shared.bench import add_arguments as bench_arguments
+
+    bench_arguments(sub)
     return p
 
 

@@ -73,10 +73,11 @@ def ingest_sites(cfg: RunConfig) -> None:
 
 
 def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "",
-                   ingest: bool = True) -> Path:
+                   ingest: bool = True, on_start=None) -> Path:
     """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure.
 
     ``tag`` names this simulation's Flower home, config and log, so several can run side by side.
+    ``on_start(sim)`` is called once the SuperLink runs (``mdmt bench`` measures the run's memory there).
     """
     ws = cfg.workspace_path
     if ingest:
@@ -88,6 +89,8 @@ def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag
     n_sites = len(cfg.site_list)
     echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg, site_roles(cfg)))}, log: {log_path}")
     with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
+        if on_start is not None:
+            on_start(sim)
         proc = subprocess.Popen(
             [*sim.flwr_run_command(APP_DIR, run_cfg, n_sites, cpus_per_client)],
             env=sim.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=APP_DIR,

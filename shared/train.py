@@ -104,7 +104,8 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[n
     order = rng.permutation(n) if rng is not None else np.arange(n)
     chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     if len(chunks) > 1 and len(chunks[-1]) == 1:  # BatchNorm cannot train on a single sample
-        chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
+        last = chunks.pop()
+        chunks[-1] = np.concatenate([chunks[-1], last])
     return chunks
 
 

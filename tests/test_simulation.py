@@ -51,8 +51,10 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
     sizes = dict(db.execute(
         "SELECT name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND round=1 AND site='B' "
         "AND name IN ('bytes_down', 'bytes_up')").fetchall())
-    # the full fp32 model goes out and comes back: resnet18 with both heads is ~45 MB
-    assert 40e6 < sizes["bytes_down"] < 50e6 and sizes["bytes_up"] == sizes["bytes_down"]
+    # the full fp32 model goes out (resnet18 with both heads is ~45 MB); the update comes back as fp16
+    # (update-compression's default): half, but for the few integer buffers that travel as they are
+    assert 40e6 < sizes["bytes_down"] < 50e6
+    assert sizes["bytes_up"] == pytest.approx(sizes["bytes_down"] / 2, rel=0.001)
     trained = db.execute(
         "SELECT DISTINCT site FROM participation WHERE kind='train' AND status='ok'"
     ).fetchall()

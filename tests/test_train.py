@@ -113,3 +113,11 @@ def test_compiled_training_follows_eager_training():
     # differences of the compiled kernels may flip such steps: bound them, and the typical difference.
     diffs = torch.cat([(wc[k] - we[k]).abs().flatten() for k in we])
     assert diffs.max() <= 2 * 3 * 1e-3 and diffs.mean() < 1e-4
+
+
+@pytest.mark.parametrize("n, batch, sizes", [(9, 8, [9]), (17, 8, [8, 9]), (16, 8, [8, 8]), (1, 8, [1]), (10, 8, [8, 2])])
+def test_a_lone_last_sample_joins_the_previous_batch(n, batch, sizes):
+    from shared.train import _batches
+
+    chunks = _batches(n, batch, np.random.default_rng(0))
+    assert [len(c) for c in chunks] == sizes and sorted(np.concatenate(chunks).tolist()) == list(range(n))

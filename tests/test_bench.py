@@ -1,0 +1,55 @@
+"""``mdmt bench``: every figure is measured (real training calls, real Flower simulations, real DICOM
+decoding) and has the form its definition gives."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from shared.bench import SECTIONS, Settings, run_bench
+
+
+@pytest.mark.slow
+def test_bench_measures_every_section(tmp_path, small_federation):
+    lines = []
+    s = Settings.for_mode(True, fed_dir=small_federation, workspace=tmp_path / "bench", steps=2, batch_size=8,
+                          image_size=32, scaling_sites=(2, 3), device="cpu")
+    b = run_bench(s, SECTIONS, command="mdmt bench --quick (test)", echo=lines.append)
+    fig = {(f.section, f.name): f for f in b.figures}
+    for f in b.figures:
+        assert f.value is not None and math.isfinite(f.value) and f.value > 0, f
+    # train: the local call and the raw step of the same configuration
+    for aug in ("paper", "none"):
+        local, raw = fig[("train", f"local training, augment {aug}")], fig[("train", "raw step (batch on the device)")]
+        assert fig[("train", f"local / raw, augment {aug}")].value == pytest.approx(local.value / raw.value)
+        assert local.settings == raw.settings and "resnet18 32 px, batch 8" in raw.settings
+    # bytes: fp16 halves the float arrays, 8-bit quarters them (integer buffers are a few bytes)
+    fp32, fp16, int8 = (fig[("bytes", f"per site per round, {m}")].value
+                        for m in ("fp32 weights", "fp16 update", "8-bit update"))
+    assert fp16 / fp32 == pytest.approx(0.5, abs=1e-3) and int8 / fp32 == pytest.approx(0.25, abs=1e-3)
+    # round: a 7-site simulation; what Flower carried matches the fp16 payload
+    assert "7-site simulation of federation" in fig[("round", "round overhead ratio")].settings
+    assert 0 < fig[("round", "round overhead ratio")].value < 1
+    assert fig[("round", "slowest site's training")].value < fig[("round", "round wall time")].value
+    assert fig[("round", "bytes up per site per round (fp16)")].value == pytest.approx(fp16, rel=0.02)
+    # ingest: both paths decoded the same files, on 1 core and on all
+    for label in ("1 core",):
+        assert fig[("ingest", f"mdmt ingest / bare decode, {label}")].value == pytest.approx(
+            fig[("ingest", f"mdmt ingest, {label}")].value / fig[("ingest", f"bare pydicom decode, {label}")].value)
+    # scaling: round time and memory per site count
+    for n in (2, 3):
+        assert fig[("scaling", f"{n} sites: peak memory (PSS, all processes)")].value > 100  # MiB: Python + torch
+        assert fig[("scaling", f"{n} sites: round wall time")].value > 0
+    saved = json.loads(next((tmp_path / "bench").glob("bench-*.json")).read_text())
+    assert len(saved["figures"]) == len(b.figures) and saved["command"] == "mdmt bench --quick (test)"
+    assert any(line.startswith("bench wall time") for line in lines)
+
+
+def test_bench_rejects_an_unknown_section(capsys):
+    from shared.cli import main
+
+    assert main(["bench", "--sections", "train,warp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown 'warp'" in err and len(err.splitlines()) == 1
