@@ -453,7 +453,7 @@ def run_bench(settings: Settings, sections: tuple[str, ...] = SECTIONS, command:
     echo(f"{command}   (python {platform.python_version()}, {device_name(device)}; workspace {s.workspace})")
     echo(f"{'section':8} {'figure':44} {'value':>18}   device; settings")
     t0 = time.perf_counter()
-    fed = None
+    fed, missing = None, ""
     for name in sections:
         start = time.perf_counter()
         try:
@@ -461,8 +461,14 @@ def run_bench(settings: Settings, sections: tuple[str, ...] = SECTIONS, command:
                 section_train(b, device)
             elif name == "bytes":
                 section_bytes(b)
+            elif missing:  # the synthetic federation could not be made
+                b.add(name, "section skipped", None, "", "-", "-", note=f"needs {missing}")
             else:
-                fed = fed or federation(s)
+                try:
+                    fed = fed or federation(s)
+                except ImportError as exc:
+                    missing = exc.name or str(exc)
+                    raise
                 {"ingest": section_ingest, "round": section_round, "scaling": section_scaling}[name](b, fed)
         except ImportError as exc:  # a GPU machine without Flower or pydicom
             b.add(name, "section skipped", None, "", "-", "-", note=f"needs {exc.name}")
