@@ -14,7 +14,8 @@ from flwr.serverapp import Grid, ServerApp
 from server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from shared import protocol as P
 from shared.config import RunConfig
-from shared.federated import SiteInfo, TrainRound, UnitPlan, plan_unit, run_unit, secagg_count_scale, unit_keys
+from shared.federated import (SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale,
+                              unit_keys)
 from shared.logs import setup_logging
 from shared.store import RunStore
 
@@ -112,23 +113,7 @@ def discover_sites(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[d
             break
         time.sleep(1.0)
     found, _ = query_sites(grid, nodes, cfg.round_timeout) if nodes else ([], {})
-    sites: dict[str, SiteInfo] = {}
-    node_of: dict[str, int] = {}
-    for info, node in found:
-        if info.site in node_of:
-            raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
-        sites[info.site], node_of[info.site] = info, node
-    missing = sorted(expected - set(sites))
-    if missing and len(sites) < max(1, cfg.min_sites):
-        raise RuntimeError(f"only {len(sites)} of {len(expected)} sites connected within {wait_s:.0f}s "
-                           f"(min-sites {cfg.min_sites}); missing: {', '.join(missing)}")
-    if not sites:
-        raise RuntimeError(f"no site node connected within {wait_s:.0f}s")
-    if missing:
-        log.warning("sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
-                    wait_s, ", ".join(missing), len(sites), len(expected), cfg.min_sites)
-    log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
-    return sites, node_of
+    return map_sites(found, set(cfg.site_list), cfg.min_sites, wait_s)
 
 
 @app.main()

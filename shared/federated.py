@@ -100,6 +100,29 @@ def unit_keys(cfg: RunConfig, roles: dict[str, str] | None = None) -> list[UnitK
     return keys
 
 
+def map_sites(found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: int, waited_s: float
+              ) -> tuple[dict[str, SiteInfo], dict[str, int]]:
+    """(site -> info, site -> node id) from the nodes that answered the discovery query. Missing configured
+    sites are named: the run goes on without them when at least ``min_sites`` answered, else it fails."""
+    sites: dict[str, SiteInfo] = {}
+    node_of: dict[str, int] = {}
+    for info, node in found:
+        if info.site in node_of:
+            raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
+        sites[info.site], node_of[info.site] = info, node
+    missing = sorted(expected - set(sites))
+    if missing and len(sites) < max(1, min_sites):
+        raise RuntimeError(f"only {len(sites)} of {len(expected)} sites connected within {waited_s:.0f}s "
+                           f"(min-sites {min_sites}); missing: {', '.join(missing)}")
+    if not sites:
+        raise RuntimeError(f"no site node connected within {waited_s:.0f}s")
+    if missing:
+        log.warning("sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
+                    waited_s, ", ".join(missing), len(sites), len(expected), min_sites)
+    log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
+    return sites, node_of
+
+
 def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
     method = get_method(key.method)
     cv = key.protocol == "cv"

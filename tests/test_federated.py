@@ -183,3 +183,17 @@ def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
         store.close()
     assert str(exc.value) == "round 2: only 0 of 2 sites trained (min-sites 2); missing: B (no reply), C (no reply)"
     assert unit["status"] == "failed" and unit["message"] == str(exc.value) and unit["rounds_done"] == 1
+
+
+def test_discovery_goes_on_without_missing_sites_down_to_min_sites():
+    from shared.federated import map_sites
+
+    found = [(info, n) for n, info in enumerate(_kofn_sites().values())]
+    sites, node_of = map_sites(found[:2], {"A", "B", "C"}, min_sites=2, waited_s=120)
+    assert set(sites) == {"A", "B"} and node_of == {"A": 0, "B": 1}
+    with pytest.raises(RuntimeError, match=r"only 1 of 3 sites connected within 120s \(min-sites 2\); missing: B, C"):
+        map_sites(found[:1], {"A", "B", "C"}, min_sites=2, waited_s=120)
+    with pytest.raises(RuntimeError, match="two nodes claim site 'A'"):
+        map_sites([found[0], (found[0][0], 7)], {"A"}, min_sites=1, waited_s=1)
+    with pytest.raises(RuntimeError, match="no site node connected"):
+        map_sites([], set(), min_sites=1, waited_s=5)
