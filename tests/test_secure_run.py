@@ -19,7 +19,8 @@ def _run(fed, ws, secure: bool):
 
     loco({"fed-dir": str(fed), "workspace": str(ws), "method": "mdmt", "backbone": "resnet18", "num-rounds": 1,
           "image-size": 32, "holdouts": "A", "sites": "A,B,C,BRIXIA", "batch-size": 16, "seed": 0,
-          "select-after": 0, "patience": 0, "secure-aggregation": secure}, echo=lambda *_: None)
+          "select-after": 0, "patience": 0, "secure-aggregation": secure,
+          "update-compression": "none"}, echo=lambda *_: None)  # the plaintext reference: float32 weights
     return torch.load(ws / "checkpoints" / UNIT / "latest.pt", weights_only=True)["state_dict"]
 
 
