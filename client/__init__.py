@@ -1,1 +1,1 @@
-"""The Flower ClientApp: a thin adapter between Flower messages and shared.site."""
+"""The Flower ClientApp: a thin adapter between Flower messages and mdmt.fed.site."""

@@ -6,12 +6,12 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.mods import message_log_mod
-from client.secagg import secure_aggregation_mod
-from shared import protocol as P
-from shared.compress import encode_update
-from shared.config import RunConfig
-from shared.site import locate_site, run_evaluate, run_train, site_summary
+from mdmt.client.mods import message_log_mod
+from mdmt.client.secagg import secure_aggregation_mod
+from mdmt.fed import protocol as P
+from mdmt.fed.compress import encode_update
+from mdmt.fed.config import RunConfig
+from mdmt.fed.site import locate_site, run_evaluate, run_train, site_summary
 
 # SecAgg+ first: the message log then records the one train message a secure round hands to train().
 app = ClientApp(mods=[secure_aggregation_mod, message_log_mod])
@@ -30,7 +30,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
     state = msg.content[P.ARRAYS].to_torch_state_dict()
-    # Train locally (shared.site holds the logic).
+    # Train locally (mdmt.fed.site holds the logic).
     rcfg = dict(msg.content[P.CONFIG])
     new_state, metrics = run_train(cfg, loc, state, rcfg)
     # Reply: the update (fp16/int8 difference from the global model, or the weights) and counts per task.

@@ -7,10 +7,10 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.site import locate_site
-from shared.audit import append_message_log, append_reply_log, value_kind
+from mdmt.fed import protocol as P
+from mdmt.fed.config import RunConfig
+from mdmt.fed.site import locate_site
+from mdmt.fed.audit import append_message_log, append_reply_log, value_kind
 
 
 def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -1,5 +1,5 @@
 """The site's side of a secure-aggregation round: Flower's ``secaggplus_mod`` around the train handler,
-with the handler's reply turned into the vector SecAgg+ masks (see shared.secagg).
+with the handler's reply turned into the vector SecAgg+ masks (see mdmt.fed.secagg).
 
 Only TRAIN messages that carry SecAgg+ configs go through the protocol; every other message reaches the
 handlers unchanged, so the mod can stay on the ClientApp whether or not a run uses secure aggregation.
@@ -15,9 +15,9 @@ from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 
-from shared import protocol as P
-from shared.methods import TASKS
-from shared.secagg import COUNT_KEYS, SecAggSpec, count_key, pack_update, skip_for
+from mdmt.fed import protocol as P
+from mdmt.ml.methods import TASKS
+from mdmt.fed.secagg import COUNT_KEYS, SecAggSpec, count_key, pack_update, skip_for
 
 # Entries per array of the masked vector: keeps every serialised piece of the reply at 8 MiB or less.
 CHUNK = 1 << 20

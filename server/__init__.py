@@ -1,1 +1,1 @@
-"""The Flower ServerApp: a thin adapter between Flower messages and shared.federated."""
+"""The Flower ServerApp: a thin adapter between Flower messages and mdmt.fed.units."""

@@ -11,20 +11,20 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from server.strategy import TaskAwareFedAvg, collect, from_record, to_record
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.federated import (SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale,
+from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
+from mdmt.fed import protocol as P
+from mdmt.fed.config import RunConfig
+from mdmt.fed.units import (SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale,
                               unit_keys)
-from shared.logs import setup_logging
-from shared.store import RunStore
+from mdmt.logs import setup_logging
+from mdmt.store import RunStore
 
 app = ServerApp()
 log = logging.getLogger("mdmt")
 
 
 class FlowerRounds:
-    """shared.federated.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip (or one SecAgg+
+    """mdmt.fed.units.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip (or one SecAgg+
     round when secure aggregation is on and at least two sites train)."""
 
     def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float, cfg: RunConfig | None = None,
@@ -64,8 +64,8 @@ class FlowerRounds:
         return TrainRound(from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes)
 
     def _secure_train(self, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
-        from server.secagg import secure_train_round
-        from shared.secagg import SecAggSpec
+        from mdmt.server.secagg import secure_train_round
+        from mdmt.fed.secagg import SecAggSpec
 
         cfg = self.cfg
         site_of = {self.node_of[s]: s for s in plan.train_messages}

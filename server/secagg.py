@@ -1,11 +1,11 @@
 """One secure-aggregation train round over a Flower Grid: Flower's SecAgg+ workflow (its four stages,
 its key agreement, secret sharing and masking) carries the sites' packed task-aware updates, and the
-server unpacks the unmasked sum (see shared.secagg).
+server unpacks the unmasked sum (see mdmt.fed.secagg).
 
 SecAgg+ lives in Flower's legacy layer: it needs a LegacyContext with a legacy Strategy and sends the
 strategy's FitIns as the train message. Here a small strategy only names the nodes and receives the
 aggregate, and the train message each node gets is the project's own (arrays + config), so the sites'
-train handler is the one that plain rounds use. The sites' ClientApp needs client.secagg's mod."""
+train handler is the one that plain rounds use. The sites' ClientApp needs mdmt.client.secagg's mod."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from server.strategy import to_record
-from shared import protocol as P
-from shared.errors import ConfigError
-from shared.secagg import MODULUS, SecAggSpec, error_bound, skip_for, unpack_sum
+from mdmt.server.strategy import to_record
+from mdmt.fed import protocol as P
+from mdmt.errors import ConfigError
+from mdmt.fed.secagg import MODULUS, SecAggSpec, error_bound, skip_for, unpack_sum
 
 
 @dataclass

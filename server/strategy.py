@@ -1,5 +1,5 @@
 """Task-aware FedAvg as a Flower strategy: node selection by the unit's plan, heads averaged only over
-the sites that trained them. The decisions themselves live in shared.federated."""
+the sites that trained them. The decisions themselves live in mdmt.fed.units."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from shared import protocol as P
-from shared.compress import decode_update
-from shared.errors import ProtocolError
-from shared.train import TrainResult
-from shared.federated import UnitPlan, aggregate_replies
+from mdmt.fed import protocol as P
+from mdmt.fed.compress import decode_update
+from mdmt.errors import ProtocolError
+from mdmt.ml.train import TrainResult
+from mdmt.fed.units import UnitPlan, aggregate_replies
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from shared.errors import DataError
+from mdmt.errors import DataError
 
 SCHEMA_VERSION = 1
 

@@ -15,7 +15,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 @pytest.fixture(scope="session")
 def small_federation(tmp_path_factory) -> Path:
     """All seven sites at a small scale, DICOMs of ~96 px."""
-    from shared.data.synth import synthesize
+    from mdmt.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("fed") / "federation"
     synthesize(out, scale=0.04, image_size=96, seed=0, progress=False)
@@ -26,7 +26,7 @@ def small_federation(tmp_path_factory) -> Path:
 def sim_run(small_federation, tmp_path_factory):
     """A real `flwr run` simulation through the LOCO driver: sites A, B, C and BRIXIA, A held out,
     every method, 2 rounds. Returns (config, table, printed lines)."""
-    from shared.loco import loco, prepare_config
+    from mdmt.ops.loco import loco, prepare_config
 
     ws = tmp_path_factory.mktemp("ws")
     values = {

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from shared.aggregate import SiteUpdate, task_aware_fedavg
+from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
 
 
 def _state(v: float, nbt: int = 5) -> dict:

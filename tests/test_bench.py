@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from shared.bench import SECTIONS, Settings, run_bench
+from mdmt.ops.bench import SECTIONS, Settings, run_bench
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_bench_measures_every_section(tmp_path, small_federation):
 
 
 def test_bench_rejects_an_unknown_section(capsys):
-    from shared.cli import main
+    from mdmt.ops.cli import main
 
     assert main(["bench", "--sections", "train,warp"]) == 2
     err = capsys.readouterr().err.strip()

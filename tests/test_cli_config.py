@@ -7,12 +7,17 @@ import sys
 
 import pytest
 
-from shared.config import RunConfig, pyproject_defaults
-from shared.errors import ConfigError
+import tomllib
+from pathlib import Path
+
+from mdmt.fed.config import RunConfig
+from mdmt.errors import ConfigError
 
 
 def test_pyproject_defaults_are_exactly_the_schema():
-    defaults = pyproject_defaults()
+    """The checkout's pyproject (what `flwr run .` reads) repeats the schema's defaults, exactly."""
+    pyproject = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())
+    defaults = pyproject["tool"]["flwr"]["app"]["config"]
     assert set(defaults) == set(RunConfig.keys())
     cfg = RunConfig.from_mapping(defaults)
     assert cfg.to_mapping() == RunConfig().to_mapping()
@@ -42,7 +47,7 @@ def test_weights_file_is_checked_on_the_server_side_only():
 
 
 def _mdmt(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, cwd=cwd)
+    return subprocess.run([sys.executable, "-m", "mdmt.ops.cli", *args], capture_output=True, text=True, cwd=cwd)
 
 
 def test_cli_missing_federation_is_one_line(tmp_path):

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def _mdmt(*args, cwd):
-    r = subprocess.run([sys.executable, "-m", "shared.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
     assert r.returncode == 0, f"mdmt {' '.join(map(str, args))} failed:\n{r.stderr[-2000:]}"
     return r.stdout
 

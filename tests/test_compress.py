@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from shared.compress import SCALE, decode_update, encode_update, payload_bytes
-from shared.errors import ProtocolError
-from shared.model import build_model
+from mdmt.fed.compress import SCALE, decode_update, encode_update, payload_bytes
+from mdmt.errors import ProtocolError
+from mdmt.ml.model import build_model
 
 
 def _pair(seed=0, step=1e-3):

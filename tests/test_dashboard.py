@@ -1,7 +1,7 @@
 """``mdmt dashboard``: a real server process on a copy of the sim_run store, read by headless Chromium.
 
 Expected values are computed here from the store's raw rows (sqlite3 + numpy/scikit-learn), never through
-the dashboard's or shared.report's query code.
+the dashboard's or mdmt.results.report's query code.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Dashboard:
     def __init__(self, args: list[str], env_extra: dict[str, str] | None = None, expect_start: bool = True):
         env = {k: v for k, v in os.environ.items() if k != "MDMT_DASHBOARD_TOKEN"}
         env.update(env_extra or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "shared.dashboard", *args], cwd=ROOT, env=env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "mdmt.results.dashboard", *args], cwd=ROOT, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
@@ -305,7 +305,7 @@ def test_new_round_appears_without_reload(dashboard, browser, store):
 
 @needs_browser
 def test_empty_store_says_no_runs(browser, tmp_path):
-    from shared.store import RunStore
+    from mdmt.store import RunStore
 
     RunStore(tmp_path / "store.sqlite").close()
     d = Dashboard(["--store", str(tmp_path), "--port", "0"])
@@ -365,9 +365,9 @@ def test_pages_render_dp_missing_bytes_and_a_failed_unit(tmp_path):
     failed before its first round; a running one), and the data version moving with each write."""
     import plotly.utils
 
-    from shared.dashboard import app as A
-    from shared.dashboard.data import data_version, resolve_sources
-    from shared.store import RunStore, UnitKey
+    from mdmt.results.dashboard import app as A
+    from mdmt.results.dashboard.data import data_version, resolve_sources
+    from mdmt.store import RunStore, UnitKey
 
     st = RunStore(tmp_path / "store.sqlite")
     dp = UnitKey("mdmt", "resnet18", "loco", "B", 0)

@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from shared import deploy as D
-from shared.errors import ConfigError, MDMTError
-from shared.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
+from mdmt.ops import deploy as D
+from mdmt.errors import ConfigError, MDMTError
+from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_DIR = REPO / "deploy"
 
 
 def _run(argv: list[str]) -> int:
-    from shared.cli import main
+    from mdmt.ops.cli import main
 
     return main(["deploy", *(str(a) for a in argv)])
 
@@ -144,8 +144,8 @@ def _site_config(tmp_path, site="A", data_dir=None, coordinator="127.0.0.1:9092"
 def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federation):
     from flwr.common.config import parse_config_args
 
-    from shared.config import RunConfig
-    from shared.site import locate_site
+    from mdmt.fed.config import RunConfig
+    from mdmt.fed.site import locate_site
 
     path = _site_config(tmp_path, data_dir=small_federation / "A", port=9101)
     cfg = D.load_site_config(path)
@@ -281,7 +281,7 @@ def _check(path: Path, capsys) -> tuple[int, list[str]]:
 
 
 def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, small_federation):
-    from shared.data.manifest import read_manifest
+    from mdmt.data.manifest import read_manifest
 
     D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
     D.make_certs(tmp_path / "stranger", ["IP:127.0.0.1"])
@@ -340,7 +340,7 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
 
     units = sorted((DEPLOY_DIR / "systemd").glob("*.service"))
     assert {u.name for u in units} >= {"mdmt-superlink.service", "mdmt-supernode@.service", "mdmt-job@.service"}
-    from shared.cli import build_parser
+    from mdmt.ops.cli import build_parser
 
     parser = build_parser()
     for unit in units:
@@ -528,7 +528,7 @@ def _job_config(path: Path, ws: Path, fed: Path, **extra) -> Path:
 
 def _unit(ws: Path) -> tuple[dict, list, list]:
     """The unit's row, events and participation rows in a job's store."""
-    from shared.store import RunStore
+    from mdmt.store import RunStore
 
     if not (ws / "store.sqlite").is_file():
         return {}, [], []
@@ -543,7 +543,7 @@ def _unit(ws: Path) -> tuple[dict, list, list]:
 
 
 def _latest_round(ws: Path) -> int:
-    from shared.checkpoint import load_checkpoint
+    from mdmt.fed.checkpoint import load_checkpoint
 
     path = ws / "checkpoints" / UNIT.replace("/", "__") / "latest.pt"
     try:
@@ -557,8 +557,8 @@ SITES = ("A", "B", "BRIXIA")  # A: the held-out prognosis centre; B: a training 
 
 @pytest.mark.slow
 def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, small_federation):
-    from shared.audit import read_message_log
-    from shared.store import RunStore
+    from mdmt.fed.audit import read_message_log
+    from mdmt.store import RunStore
 
     procs = Processes(tmp_path)
     started = time.monotonic()
@@ -636,7 +636,7 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == set(node_of.values())
 
         # The store has the unit done with the planned rounds and metrics from every site.
-        from shared.store import RunStore
+        from mdmt.store import RunStore
 
         store = RunStore(ws / "store.sqlite", readonly=True)
         try:
@@ -666,7 +666,7 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         _wait_for("round 1 of the resumed job", lambda: _latest_round(ws_r) >= 1, 900, supervisor)
         crashed = _crash(superlink)
         assert "flower-superlink" in crashed and "flwr-serverapp" in crashed, crashed
-        from shared.checkpoint import arrays_digest, load_checkpoint
+        from mdmt.fed.checkpoint import arrays_digest, load_checkpoint
 
         ckpt = load_checkpoint(ws_r / "checkpoints" / UNIT.replace("/", "__") / "latest.pt")
         k, digest = int(ckpt["round"]), arrays_digest(ckpt["state_dict"])

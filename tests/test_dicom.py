@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from shared.data.dicom import read_dicom, read_image
-from shared.errors import DicomRejected
+from mdmt.data.dicom import read_dicom, read_image
+from mdmt.errors import DicomRejected
 from dicom_helpers import write_dicom
 
 

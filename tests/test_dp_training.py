@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.federated import initial_arrays
-from shared.site import locate_site, privacy_file, run_train
+from mdmt.fed import protocol as P
+from mdmt.fed.config import RunConfig
+from mdmt.fed.units import initial_arrays
+from mdmt.fed.site import locate_site, privacy_file, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "mdmt/resnet18/loco/A/seed0"
@@ -65,7 +65,7 @@ def test_dp_model_has_no_batchnorm_and_epsilon_continues_after_a_restart(small_f
     # The site's process restarts: a fresh interpreter reads the history from disk and goes on from it.
     m2 = _second_round_in_a_new_process(small_federation, tmp_path)
     assert m2["epsilon"] > m1["epsilon"]
-    from shared.privacy import epsilon_spent, read_accountant
+    from mdmt.ml.privacy import epsilon_spent, read_accountant
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
@@ -83,7 +83,7 @@ def test_a_site_past_its_budget_refuses_to_train(small_federation, tmp_path):
 
 
 def test_dp_settings_errors_name_the_key():
-    from shared.errors import ConfigError
+    from mdmt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="dp-noise-multiplier or dp-target-epsilon"):
         RunConfig.from_mapping({"dp": True})
@@ -95,7 +95,7 @@ def test_dp_settings_errors_name_the_key():
 def test_simulation_logs_epsilon_and_stops_a_site_at_its_budget(small_federation, tmp_path):
     """A real Flower run: every training site reports its epsilon each round; a site whose next round
     would pass the budget stops training and is still evaluated."""
-    from shared.loco import loco
+    from mdmt.ops.loco import loco
 
     ws = tmp_path / "ws"
     # Budget between BRIXIA's epsilon after 1 and after 2 rounds (it has far more rows, so it spends

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.errors import ConfigError
-from shared.experiment import plan_groups, read_experiment
+from mdmt.errors import ConfigError
+from mdmt.ops.experiment import plan_groups, read_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,7 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     store = ws / "store.sqlite"
     marker = uuid.uuid4().hex
     env = os.environ | {"MDMT_TEST_MARK": marker, "FLWR_TELEMETRY_ENABLED": "0"}
-    cmd = [sys.executable, "-m", "shared.cli", "experiment", str(cfg)]
+    cmd = [sys.executable, "-m", "mdmt.ops.cli", "experiment", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
@@ -108,7 +108,7 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     # The same grid without interruption gives the same final and selected models, bit for bit.
     ref_ws = tmp_path / "ref"
     ref_cfg = _write_config(tmp_path / "ref.toml", small_federation, ref_ws)
-    ref = subprocess.run([sys.executable, "-m", "shared.cli", "experiment", str(ref_cfg)], cwd=ROOT, env=env,
+    ref = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "experiment", str(ref_cfg)], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=600)
     assert ref.returncode == 0, ref.stdout + ref.stderr
     import torch

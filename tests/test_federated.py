@@ -2,10 +2,10 @@
 
 import pytest
 
-from shared.config import RunConfig
-from shared.errors import ConfigError
-from shared.federated import Selection, SiteInfo, plan_unit, unit_keys
-from shared.store import UnitKey
+from mdmt.fed.config import RunConfig
+from mdmt.errors import ConfigError
+from mdmt.fed.units import Selection, SiteInfo, plan_unit, unit_keys
+from mdmt.store import UnitKey
 
 
 def _sites():
@@ -114,8 +114,8 @@ class ScriptedRounds:
     def train(self, rnd, arrays, plan, config):
         import numpy as np
 
-        from shared.federated import TrainRound
-        from shared.train import TrainResult
+        from mdmt.fed.units import TrainRound
+        from mdmt.ml.train import TrainResult
 
         gone = self.absent.get(rnd, set())
         trained = {s: TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
@@ -127,8 +127,8 @@ class ScriptedRounds:
     def evaluate(self, rnd, arrays, plan, config):
         import numpy as np
 
-        from shared import protocol as P
-        from shared.metrics import HIST_BINS
+        from mdmt.fed import protocol as P
+        from mdmt.ml.metrics import HIST_BINS
 
         hist = np.zeros((2, HIST_BINS), dtype=np.int64)
         hist[0, 10], hist[1, 150] = 4, 4
@@ -148,8 +148,8 @@ def _kofn_sites():
 
 
 def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(tmp_path):
-    from shared.federated import run_unit
-    from shared.store import RunStore
+    from mdmt.fed.units import run_unit
+    from mdmt.store import RunStore
 
     cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=4, workspace=str(tmp_path), min_sites=1,
                     patience=0, select_after=0)
@@ -169,8 +169,8 @@ def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(t
 
 
 def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
-    from shared.federated import run_unit
-    from shared.store import RunStore
+    from mdmt.fed.units import run_unit
+    from mdmt.store import RunStore
 
     cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=3, workspace=str(tmp_path), min_sites=2)
     key = _key("mdmt", "A")
@@ -186,7 +186,7 @@ def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
 
 
 def test_discovery_goes_on_without_missing_sites_down_to_min_sites():
-    from shared.federated import map_sites
+    from mdmt.fed.units import map_sites
 
     found = [(info, n) for n, info in enumerate(_kofn_sites().values())]
     sites, node_of = map_sites(found[:2], {"A", "B", "C"}, min_sites=2, waited_s=120)

@@ -11,15 +11,15 @@ import pandas as pd
 import pytest
 from pydicom.uid import ExplicitVRBigEndian, RLELossless
 
-from shared.data import synth
-from shared.data.importers import (
+from mdmt.data import synth
+from mdmt.data.importers import (
     UNREFERENCED,
     format_import_summary,
     import_aiforcovid,
     import_brixia,
 )
-from shared.data.manifest import list_sites, read_manifest, read_rejected
-from shared.errors import ConfigError, DataError
+from mdmt.data.manifest import list_sites, read_manifest, read_rejected
+from mdmt.errors import ConfigError, DataError
 from tests.dicom_helpers import write_dicom, write_dicom_as
 
 try:

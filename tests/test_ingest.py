@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.data import cache as cache_mod
-from shared.data.cache import cache_dir_for, ingest_federation, ingest_site, load_site
-from shared.data.manifest import read_rejected, write_rejected
-from shared.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
-from shared.errors import DataError
+from mdmt.data import cache as cache_mod
+from mdmt.data.cache import cache_dir_for, ingest_federation, ingest_site, load_site
+from mdmt.data.manifest import read_rejected, write_rejected
+from mdmt.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
+from mdmt.errors import DataError
 from dicom_helpers import write_dicom
 
 SIZE = 64
@@ -397,7 +397,7 @@ def test_ingest_with_box_table(tmp_path):
     assert list(t["crop_fallback"]) == [0, 1, 0, 1]
     assert t["crop_note"].iat[0] == "" and "top < bottom" in t["crop_note"].iat[1]
     assert t["crop_note"].iat[3] == "no row for this image in lung_boxes.csv"
-    from shared.data.dicom import read_dicom
+    from mdmt.data.dicom import read_dicom
 
     img, _ = read_dicom(site / "imgs/0.dcm")
     np.testing.assert_array_equal(data.images[0], preprocess(img, SIZE, "boxes", box=BOX))
@@ -453,7 +453,7 @@ def test_ingest_with_mask_folder(tmp_path):
     assert list(t["crop_fallback"]) == [0, 0, 1, 1]
     assert "does not match" in t["crop_note"].iat[2] and t["crop_note"].iat[3] == "no mask file lung_masks/imgs/3.dcm.png"
     data = load_site(site, tmp_path / "cache", SIZE, "masks", ingest_if_missing=False)
-    from shared.data.dicom import read_dicom
+    from mdmt.data.dicom import read_dicom
 
     img, _ = read_dicom(site / "imgs/1.dcm")
     np.testing.assert_array_equal(data.images[1], preprocess(img, SIZE, "boxes", box=BOX))

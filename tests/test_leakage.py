@@ -13,8 +13,8 @@ import sqlite3
 
 import pytest
 
-from shared.data.manifest import read_manifest, write_manifest
-from shared.data.splits import federation_splits
+from mdmt.data.manifest import read_manifest, write_manifest
+from mdmt.data.splits import federation_splits
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _decisions(store_path):
 
 @pytest.fixture(scope="module")
 def twin_runs(small_federation, tmp_path_factory):
-    from shared.loco import loco
+    from mdmt.ops.loco import loco
 
     altered = tmp_path_factory.mktemp("altered") / "federation"
     shutil.copytree(small_federation, altered)
@@ -60,7 +60,7 @@ def twin_runs(small_federation, tmp_path_factory):
 
 
 def test_held_out_centre_is_in_no_training_or_validation_split(small_federation):
-    from shared.data.manifest import list_sites
+    from mdmt.data.manifest import list_sites
 
     tables = {s: read_manifest(small_federation / s) for s in list_sites(small_federation)}
     splits = federation_splits(tables, ["A", "B", "C", "D", "E", "F"], seed=0)

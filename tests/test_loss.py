@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from shared.loss import mdmt_loss
-from shared.model import build_model
+from mdmt.ml.loss import mdmt_loss
+from mdmt.ml.model import build_model
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import numpy as np
 from imblearn.metrics import geometric_mean_score
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from shared.metrics import auc_ci, auc_from_hist, binary_metrics, multiclass_metrics
-from shared.metrics import HIST_BINS
+from mdmt.ml.metrics import auc_ci, auc_from_hist, binary_metrics, multiclass_metrics
+from mdmt.ml.metrics import HIST_BINS
 
 
 def _sample(seed=0, n=300):
@@ -70,7 +70,7 @@ def test_multiclass_metrics():
 
 
 def test_confusion_at_half_matches_argmax_and_youden_separates_classes():
-    from shared.metrics import DEFAULT_THRESHOLD_BIN, cm_at_bin, threshold_bin, youden_bin
+    from mdmt.ml.metrics import DEFAULT_THRESHOLD_BIN, cm_at_bin, threshold_bin, youden_bin
 
     y, s = _sample(4, 500)
     h = _hist(y, s)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from shared.errors import ConfigError
-from shared.model import BACKBONES, build_model, head_of
+from mdmt.errors import ConfigError
+from mdmt.ml.model import BACKBONES, build_model, head_of
 
 
 def test_registry_has_the_papers_18_backbones():

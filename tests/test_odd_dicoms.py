@@ -19,8 +19,8 @@ from dicom_helpers import (
     write_jpeg_baseline_dicom,
     write_non_image,
 )
-from shared.data.cache import ingest_site, load_site
-from shared.data.manifest import read_rejected
+from mdmt.data.cache import ingest_site, load_site
+from mdmt.data.manifest import read_rejected
 
 SIZE = 32
 

@@ -12,9 +12,9 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from shared.errors import ConfigError, DataError
-from shared.model import BACKBONES, MDMTNet, build_model
-from shared.privacy import (
+from mdmt.errors import ConfigError, DataError
+from mdmt.ml.model import BACKBONES, MDMTNet, build_model
+from mdmt.ml.privacy import (
     DPSettings,
     GroupNormDP,
     dp_train_steps,
@@ -31,7 +31,7 @@ from shared.privacy import (
     trainable_parameters,
     would_exceed,
 )
-from shared.train import TaskData
+from mdmt.ml.train import TaskData
 
 
 @pytest.fixture(autouse=True)

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from shared.aggregate import SiteUpdate, task_aware_fedavg
-from shared.augment import PaperAugment
-from shared.config import RunConfig
-from shared.federated import ServerLR
-from shared.loss import mdmt_loss
-from shared.model import build_model
-from shared.train import TaskData, adapt_bn, balanced_class_weights, is_bn_stat, train_local
+from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
+from mdmt.ml.augment import PaperAugment
+from mdmt.fed.config import RunConfig
+from mdmt.fed.units import ServerLR
+from mdmt.ml.loss import mdmt_loss
+from mdmt.ml.model import build_model
+from mdmt.ml.train import TaskData, adapt_bn, balanced_class_weights, is_bn_stat, train_local
 
 
 def _batch(n=6, size=32, seed=0):
@@ -106,7 +106,7 @@ def test_server_lr_is_reduced_on_a_plateau_of_the_validation_loss():
 
 
 def test_recipe_keys_are_validated_with_the_key_name():
-    from shared.errors import ConfigError
+    from mdmt.errors import ConfigError
 
     with pytest.raises(ConfigError, match="'aggregation' is 'fedsgd'"):
         RunConfig.from_mapping({"aggregation": "fedsgd"})
@@ -122,7 +122,7 @@ def test_separable_blur_equals_torchvision_gaussian_blur(side, sigma):
 
     from torchvision.transforms.v2.functional import gaussian_blur
 
-    from shared.augment import separable_gaussian_blur
+    from mdmt.ml.augment import separable_gaussian_blur
 
     k = 2 * int(math.ceil(3 * sigma)) + 1
     x = torch.rand(3, 2, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from shared.audit import read_reply_log, reply_problems
-from shared.model import build_model
+from mdmt.fed.audit import read_reply_log, reply_problems
+from mdmt.ml.model import build_model
 
 pytestmark = pytest.mark.slow
 

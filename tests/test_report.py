@@ -1,4 +1,4 @@
-"""shared.report on hand-made run stores: every number checked against scikit-learn / SciPy computed here
+"""mdmt.results.report on hand-made run stores: every number checked against scikit-learn / SciPy computed here
 from the same fabricated counts, plus the files and the CLI path."""
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from imblearn.metrics import geometric_mean_score
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from shared import report
-from shared.metrics import HIST_BINS, auc_ci
-from shared.store import RunStore, UnitKey
+from mdmt.results import report
+from mdmt.ml.metrics import HIST_BINS, auc_ci
+from mdmt.store import RunStore, UnitKey
 
 N_BOOT = 50
 CENTRES = ("A", "B", "C")
@@ -349,7 +349,7 @@ def test_empty_store_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_bad_threshold_config_is_a_one_line_error(tmp_path):
-    from shared.cli import main
+    from mdmt.ops.cli import main
 
     st = RunStore(tmp_path / "s.sqlite")
     key = UnitKey("mdmt", "resnet18", "loco", "A", 0)
@@ -365,7 +365,7 @@ def test_cli_report(tmp_path):
     st = RunStore(tmp_path / "store.sqlite", readonly=True)
     report.write_report(st, tmp_path / "out", n_boot=N_BOOT)
     st.close()
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "report", "--store", str(tmp_path / "store.sqlite"),
+    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "report", "--store", str(tmp_path / "store.sqlite"),
                         "--out", str(tmp_path / "rep"), "--bootstrap", "20"], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "mean over backbones" in r.stdout and "tests.md" in r.stdout

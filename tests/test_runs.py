@@ -1,4 +1,4 @@
-"""shared.runs and `mdmt runs list|export|delete` on a hand-made run store."""
+"""mdmt.results.runs and `mdmt runs list|export|delete` on a hand-made run store."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shared import runs
-from shared.cli import main
-from shared.errors import MDMTError
-from shared.store import RunStore, UnitKey
+from mdmt.results import runs
+from mdmt.ops.cli import main
+from mdmt.errors import MDMTError
+from mdmt.store import RunStore, UnitKey
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = [UnitKey("mdmt", "resnet18", "loco", "A", 0), UnitKey("mdmt", "resnet18", "loco", "B", 0),
@@ -126,7 +126,7 @@ def test_delete_needs_yes_then_removes_every_row(store_path, capsys):
 
 def test_cli_list_and_export_in_a_subprocess(store_path, tmp_path):
     def mdmt(*args):
-        return subprocess.run([sys.executable, "-m", "shared.cli", "runs", *args, "--store", str(store_path)],
+        return subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "runs", *args, "--store", str(store_path)],
                               capture_output=True, text=True, cwd=ROOT)
 
     r = mdmt("list", "*/loco/*")
@@ -135,6 +135,6 @@ def test_cli_list_and_export_in_a_subprocess(store_path, tmp_path):
     r = mdmt("export", "--out", str(tmp_path / "all.parquet"))
     assert r.returncode == 0, r.stderr
     assert len(pd.read_parquet(tmp_path / "all.parquet")) == 4 * 3 + 1
-    r = subprocess.run([sys.executable, "-m", "shared.cli", "runs", "list", "--store", str(tmp_path / "missing.sqlite")],
+    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "runs", "list", "--store", str(tmp_path / "missing.sqlite")],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "run store not found" in r.stderr and "Traceback" not in r.stderr

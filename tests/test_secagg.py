@@ -1,6 +1,6 @@
 """Secure aggregation (Flower's SecAgg+) carrying task-aware FedAvg.
 
-Fast tests check the packing against shared.aggregate.task_aware_fedavg and run Flower's own SecAgg+
+Fast tests check the packing against mdmt.fed.aggregate.task_aware_fedavg and run Flower's own SecAgg+
 workflow and client mod in this process. The slow test runs a real Flower simulation (4 sites, one of
 which breaks the public bound) and inspects every reply its ServerApp received."""
 
@@ -18,16 +18,16 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
-from client.secagg import secure_aggregation_mod
-from server.secagg import secure_train_round
-from shared import protocol as P
-from shared.aggregate import SiteUpdate, task_aware_fedavg
-from shared.errors import ConfigError
-from shared.methods import PROGNOSIS, SEVERITY
-from shared.model import head_of
-from shared.secagg import (COUNT_KEYS, MODULUS, SecAggBoundError, SecAggSpec, count_key, error_bound, layout,
+from mdmt.client.secagg import secure_aggregation_mod
+from mdmt.server.secagg import secure_train_round
+from mdmt.fed import protocol as P
+from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
+from mdmt.errors import ConfigError
+from mdmt.ml.methods import PROGNOSIS, SEVERITY
+from mdmt.ml.model import head_of
+from mdmt.fed.secagg import (COUNT_KEYS, MODULUS, SecAggBoundError, SecAggSpec, count_key, error_bound, layout,
                            pack_update, quantization_range, skip_for, unpack_sum)
-from shared.train import is_bn_stat
+from mdmt.ml.train import is_bn_stat
 
 APP = Path(__file__).parent / "secagg_app"
 sys.path.insert(0, str(APP))
@@ -254,7 +254,7 @@ def test_secure_round_needs_two_sites(task_identity):
 def sim_out(tmp_path_factory):
     """`flwr run` of tests/secagg_app on a simulation SuperLink this test starts (and stops by PID):
     round 1 with 4 sites, one refusing; round 2 with the 3 others; round 3 on the resnet18 layout."""
-    from shared.launch import LocalSimulation, processes_with_token
+    from mdmt.ops.launch import LocalSimulation, processes_with_token
 
     home = tmp_path_factory.mktemp("secagg")
     out = home / "out"

@@ -15,7 +15,7 @@ UNIT = "mdmt__resnet18__loco__A__seed0"
 
 
 def _run(fed, ws, secure: bool):
-    from shared.loco import loco
+    from mdmt.ops.loco import loco
 
     loco({"fed-dir": str(fed), "workspace": str(ws), "method": "mdmt", "backbone": "resnet18", "num-rounds": 1,
           "image-size": 32, "holdouts": "A", "sites": "A,B,C,BRIXIA", "batch-size": 16, "seed": 0,

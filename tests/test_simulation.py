@@ -7,8 +7,8 @@ import sqlite3
 
 import pytest
 
-from shared.audit import read_message_log
-from shared.store import RunStore
+from mdmt.fed.audit import read_message_log
+from mdmt.store import RunStore
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,8 @@ def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
 
 
 def test_checkpoints_carry_config_and_manifest_hashes(sim_run):
-    from shared.checkpoint import load_checkpoint
-    from shared.data.manifest import manifest_hash
+    from mdmt.fed.checkpoint import load_checkpoint
+    from mdmt.data.manifest import manifest_hash
 
     cfg, _, _ = sim_run
     ck = load_checkpoint(cfg.workspace_path / "checkpoints" / "mdmt__resnet18__loco__A__seed0" / "best.pt")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.data.splits import assign_splits, split_counts, stratum_labels
+from mdmt.data.splits import assign_splits, split_counts, stratum_labels
 
 
 def make_site(n_rows=300, seed=0, severity=False, both=False):

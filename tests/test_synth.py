@@ -11,9 +11,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from shared.data import synth
-from shared.data.manifest import brixia_global, list_sites, read_manifest, severity_class
-from shared.errors import ConfigError
+from mdmt.data import synth
+from mdmt.data.manifest import brixia_global, list_sites, read_manifest, severity_class
+from mdmt.errors import ConfigError
 
 # Published counts, typed here independently of synth.py (see docs/synthetic.md).
 PUB_PROGNOSIS = {"A": (35, 85), "B": (59, 45), "C": (70, 81), "D": (76, 63), "E": (55, 46), "F": (544, 426)}

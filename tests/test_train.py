@@ -1,4 +1,4 @@
-"""Local training and evaluation (shared.train) on every available device: the loop learns, masks
+"""Local training and evaluation (mdmt.ml.train) on every available device: the loop learns, masks
 unused tasks, and its evaluation statistics add up. On a GPU machine the CUDA case runs too
 (bf16 autocast, channels_last, pinned host batches)."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from shared.model import build_model
-from shared.train import HIST_BINS, TaskData, evaluate, train_local
+from mdmt.ml.model import build_model
+from mdmt.ml.train import HIST_BINS, TaskData, evaluate, train_local
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -78,8 +78,8 @@ def test_same_seed_same_weights():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device"))])
 def test_feeder_take_gathers_the_same_batch_as_a_host_copy(device):
-    from shared.augment import PaperAugment
-    from shared.train import Feeder
+    from mdmt.ml.augment import PaperAugment
+    from mdmt.ml.train import Feeder
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (40, 24, 24), dtype=np.uint8)
@@ -117,7 +117,7 @@ def test_compiled_training_follows_eager_training():
 
 @pytest.mark.parametrize("n, batch, sizes", [(9, 8, [9]), (17, 8, [8, 9]), (16, 8, [8, 8]), (1, 8, [1]), (10, 8, [8, 2])])
 def test_a_lone_last_sample_joins_the_previous_batch(n, batch, sizes):
-    from shared.train import _batches
+    from mdmt.ml.train import _batches
 
     chunks = _batches(n, batch, np.random.default_rng(0))
     assert [len(c) for c in chunks] == sizes and sorted(np.concatenate(chunks).tolist()) == list(range(n))

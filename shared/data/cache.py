@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shared.data.manifest import (
+from mdmt.data.manifest import (
     REJECTED,
     REJECTED_COLUMNS,
     brixia_global,
@@ -47,9 +47,9 @@ from shared.data.manifest import (
     unlabelled,
     write_rejected,
 )
-from shared.data.dicom import VOI_MODES
-from shared.data.preprocess import CROP_MODES, USER_CROP_MODES
-from shared.errors import ConfigError, DataError, DicomRejected
+from mdmt.data.dicom import VOI_MODES
+from mdmt.data.preprocess import CROP_MODES, USER_CROP_MODES
+from mdmt.errors import ConfigError, DataError, DicomRejected
 
 CACHE_VERSION = 2
 IMAGES = "images.npy"
@@ -223,8 +223,8 @@ def _process_one(task: tuple) -> tuple:
 
     ``task = (path, size, crop[, voi, box, mask_path, note])``. Returns ``('ok', uint8 array, fallback,
     crop_note)`` or ``('rejected', reason)``."""
-    from shared.data.dicom import read_image
-    from shared.data.preprocess import preprocess_with_info
+    from mdmt.data.dicom import read_image
+    from mdmt.data.preprocess import preprocess_with_info
 
     path, size, crop = task[:3]
     extra = list(task[3:7])
@@ -480,7 +480,7 @@ def ingest_site(
     """Cache one site's labelled, readable images; list the rest in rejected.csv.
 
     ``workers``: processes decoding in parallel, 0 = one per CPU core. ``force``: decode everything again.
-    ``voi``: ``"none"`` or ``"auto"`` (see :func:`shared.data.dicom.read_dicom`). ``crop_source``: the box
+    ``voi``: ``"none"`` or ``"auto"`` (see :func:`mdmt.data.dicom.read_dicom`). ``crop_source``: the box
     table (``crop="boxes"``) or mask folder (``crop="masks"``), relative to the site folder unless absolute.
 
     Returns a summary dict (site, cached, rejected, reused (nothing changed, nothing written), decoded,

@@ -21,7 +21,7 @@ PNG/JPEG/TIFF files for sites that were exported that way). The steps, in DICOM'
    while using a much smaller range, and the inversion must not depend on a header that lies.)
 5. Colour (RGB, or YBR converted to RGB): the plain mean of the three channels.
 
-Anything unusable raises :class:`shared.errors.DicomRejected` with a one-line reason (written to
+Anything unusable raises :class:`mdmt.errors.DicomRejected` with a one-line reason (written to
 ``rejected.csv`` by the ingestion); no other exception escapes :func:`read_dicom`.
 """
 
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shared.errors import DicomRejected
+from mdmt.errors import DicomRejected
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")

@@ -1,4 +1,4 @@
-"""Importers: the two datasets as published -> the federation format of ``shared.data.manifest``.
+"""Importers: the two datasets as published -> the federation format of ``mdmt.data.manifest``.
 
 ``import_aiforcovid(src, out, ...)`` reads the AIforCOVID layout (DICOM folders ``imgs/``, ``imgs_r2/``,
 ``imgs_r3/`` and the workbooks ``AIforCOVID.xlsx``, ``AIforCOVID_r2.xlsx``, ``AIforCOVID_r3.xlsx``) and
@@ -31,8 +31,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.data.dicom import read_image
-from shared.data.manifest import (
+from mdmt.data.dicom import read_image
+from mdmt.data.manifest import (
     PROGNOSIS_LABELS,
     SEVERITY_CLASS_NAMES,
     brixia_global,
@@ -42,7 +42,7 @@ from shared.data.manifest import (
     write_manifest,
     write_rejected,
 )
-from shared.errors import ConfigError, DataError, DicomRejected
+from mdmt.errors import ConfigError, DataError, DicomRejected
 
 STAGE = "import"
 IMPORT_JSON = "import.json"
@@ -58,7 +58,7 @@ _HEADER_SEARCH_ROWS = 20  # the header is the first row (of the first 20) that n
 BRIXIA_METADATA = "metadata_global_v2.csv"
 BRIXIA_REQUIRED = ("Filename", "Subject", "BrixiaScore", "BrixiaScoreGlobal")
 #: metadata columns kept under their own names as extra manifest columns (empty when the metadata lacks
-#: one). ``ConsensusTestset`` is what ``shared.data.splits.CONSENSUS_COLUMN`` reads.
+#: one). ``ConsensusTestset`` is what ``mdmt.data.splits.CONSENSUS_COLUMN`` reads.
 BRIXIA_EXTRA = ("ConsensusTestset", "Manufacturer", "Modality", "StudyId")
 BRIXIA_SITE = "BRIXIA"
 _TRUE = ("1", "true", "yes")  # ConsensusTestset values counted as "in the consensus set" (as splits.py)

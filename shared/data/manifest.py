@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shared.errors import DataError
+from mdmt.errors import DataError
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"

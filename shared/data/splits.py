@@ -25,8 +25,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from shared.data.manifest import SPLITS, brixia_global, severity_class
-from shared.seeding import site_seed
+from mdmt.data.manifest import SPLITS, brixia_global, severity_class
+from mdmt.seeding import site_seed
 
 
 def _col(df: pd.DataFrame, name: str) -> pd.Series:

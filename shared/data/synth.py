@@ -1,6 +1,6 @@
 """The synthetic hospital federation: procedural chest X-ray DICOMs with known latent disease.
 
-``synthesize(out_dir, ...)`` writes a federation in the format of ``shared.data.manifest``:
+``synthesize(out_dir, ...)`` writes a federation in the format of ``mdmt.data.manifest``:
 
 * prognosis hospitals ``A``..``F`` (MILD/SEVERE, the AIforCOVID centres' exact class counts at scale 1),
 * the severity hospital ``BRIXIA`` (six zone scores, the published global-score distribution at scale 1),
@@ -10,7 +10,7 @@ plus, at the federation root, ``synth.json`` (parameters, counts, the oracle cei
 ``synth_truth.csv`` (per image: latent zone scores, burden, hidden factor, P(SEVERE)).
 
 ``layout="aiforcovid"`` / ``"brixia"`` write the same A-F / BRIXIA images and labels (byte-identical DICOMs)
-in the datasets' published layouts instead, as input for ``shared.data.importers`` (docs/synthetic.md).
+in the datasets' published layouts instead, as input for ``mdmt.data.importers`` (docs/synthetic.md).
 
 The generative model (every constant is documented in docs/synthetic.md):
 
@@ -42,14 +42,14 @@ import pandas as pd
 from scipy.ndimage import gaussian_filter
 from scipy.special import expit
 
-from shared.data.manifest import (
+from mdmt.data.manifest import (
     BRIXIA_ZONES,
     SEVERITY_CLASS_NAMES,
     severity_class,
     write_manifest,
 )
-from shared.errors import ConfigError
-from shared.seeding import derive_seed
+from mdmt.errors import ConfigError
+from mdmt.seeding import derive_seed
 
 # --------------------------------------------------------------------------------------------------
 # Published targets (scale 1.0). See /work/shared/design/method-and-data.md.
@@ -117,7 +117,7 @@ CEILING_MC_SAMPLES = 200_000
 CEILING_AUC_RANGE = (0.75, 0.85)
 
 #: ``federation``: the federation format; ``aiforcovid`` / ``brixia``: the datasets' published layouts
-#: (A-F resp. BRIXIA only), for the importers of ``shared.data.importers``.
+#: (A-F resp. BRIXIA only), for the importers of ``mdmt.data.importers``.
 LAYOUTS = ("federation", "aiforcovid", "brixia")
 _MM_PER_UNIT = 200.0  # anatomy unit (thorax half-width ~0.8) in mm, for PixelSpacing
 _FIELD_UNITS = 2.2  # anatomy units across the shorter image side at zoom 1

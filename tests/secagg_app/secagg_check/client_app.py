@@ -5,9 +5,9 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.secagg import secure_aggregation_mod
+from mdmt.client.secagg import secure_aggregation_mod
 from secagg_check.task import local_update
-from shared import protocol as P
+from mdmt.fed import protocol as P
 
 app = ClientApp(mods=[secure_aggregation_mod])
 

@@ -1,4 +1,4 @@
-"""ServerApp of the check: secure rounds through server.secagg over a grid that records every reply the
+"""ServerApp of the check: secure rounds through mdmt.server.secagg over a grid that records every reply the
 ServerApp receives, written to ``out-dir`` for the test to inspect."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from secagg_check.task import OVER_BOUND, SPEC, resnet18_model, tiny_model
-from server.secagg import secure_train_round
-from shared import protocol as P
+from mdmt.server.secagg import secure_train_round
+from mdmt.fed import protocol as P
 
 app = ServerApp()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared import protocol as P
-from shared.model import head_of
-from shared.secagg import SecAggSpec
+from mdmt.fed import protocol as P
+from mdmt.ml.model import head_of
+from mdmt.fed.secagg import SecAggSpec
 
 # partition -> (n_examples, n_prognosis, n_severity): a prognosis-only site, a severity-only site, a
 # site with both labels, and a site whose round-1 update breaks the public bound.
@@ -30,7 +30,7 @@ def tiny_model() -> dict[str, np.ndarray]:
 
 
 def resnet18_model() -> dict[str, np.ndarray]:
-    from shared.model import build_model
+    from mdmt.ml.model import build_model
 
     return {k: v.detach().cpu().numpy().copy() for k, v in build_model("resnet18", seed=0).state_dict().items()}
 

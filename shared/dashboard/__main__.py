@@ -1,7 +1,0 @@
-"""``python -m shared.dashboard``: the same as ``mdmt dashboard``."""
-
-import sys
-
-from shared.dashboard.cli import main
-
-sys.exit(main())

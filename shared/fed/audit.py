@@ -1,0 +1,111 @@
+"""A site's own log of the messages it received, kept in the site's workspace."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mdmt.fed import protocol as P
+
+MESSAGE_LOG = "messages.csv"
+COLUMNS = ("time", "run_id", "message_type", "unit_id", "round", "split")
+
+
+def append_message_log(site_workspace: Path, *, run_id: int, message_type: str, config: dict[str, Any]) -> None:
+    site_workspace.mkdir(parents=True, exist_ok=True)
+    path = site_workspace / MESSAGE_LOG
+    row = [f"{time.time():.3f}", run_id, message_type, config.get(P.CFG_UNIT, ""), config.get(P.CFG_ROUND, ""),
+           config.get(P.CFG_SPLIT, "")]
+    with open(path, "a", newline="") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if fh.tell() == 0:
+            csv.writer(fh).writerow(COLUMNS)
+        csv.writer(fh).writerow(row)
+
+
+def read_message_log(site_workspace: Path) -> pd.DataFrame:
+    path = Path(site_workspace) / MESSAGE_LOG
+    if not path.is_file():
+        return pd.DataFrame(columns=list(COLUMNS))
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+# ---- what a site sends back --------------------------------------------------------------------
+REPLY_LOG = "replies.jsonl"
+
+
+def append_reply_log(site_workspace: Path, *, run_id: int, message_type: str, unit_id: str,
+                     description: dict[str, Any]) -> None:
+    """One line per reply the site sent: record names, array names/shapes/dtypes, metric and config keys
+    with the kind of each value (never array contents)."""
+    import json
+
+    site_workspace.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({"time": round(time.time(), 3), "run_id": run_id, "message_type": message_type,
+                       "unit_id": unit_id, "records": description}, sort_keys=True)
+    with open(site_workspace / REPLY_LOG, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        fh.write(line + "\n")
+
+
+def value_kind(v: Any) -> dict[str, Any]:
+    """How a metric or config value is described in the reply log: its type, and its length for lists;
+    strings are kept (they are identifiers such as the site name, role or manifest hash)."""
+    if isinstance(v, (list, tuple)):
+        kinds = sorted({type(x).__name__ for x in v})
+        return {"type": "list", "len": len(v), "items": kinds}
+    if isinstance(v, str):
+        return {"type": "str", "value": v}
+    return {"type": type(v).__name__}
+
+
+def read_reply_log(site_workspace: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = Path(site_workspace) / REPLY_LOG
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def reply_problems(entry: dict[str, Any], model_shapes: dict[str, list[int]]) -> list[str]:
+    """What in one logged reply is not allowed to leave a site (empty = nothing). Allowed: model arrays
+    with exactly the model's names and shapes; scalar metrics of the protocol's keys; the evaluation's
+    fixed-size aggregate counts (confusion matrices, score histograms); the query reply's identifiers and
+    counts."""
+    from mdmt.ml.metrics import HIST_BINS
+
+    problems: list[str] = []
+    list_len = {"cm-prognosis": 4, "hist-prognosis": 2 * HIST_BINS, "cm-severity": 16}
+    summary_keys = {"site", "role", "manifest-hash"}
+    for rec_name, rec in entry["records"].items():
+        kind, items = rec["kind"], rec["items"]
+        if kind == "ArrayRecord":
+            if rec_name != P.ARRAYS or {k: v["shape"] for k, v in items.items()} != model_shapes:
+                problems.append(f"{rec_name}: arrays differ from the model's parameter names and shapes")
+            continue
+        for key, v in items.items():
+            base = key.split("/", 1)[1] if "/" in key else key
+            if kind == "MetricRecord":
+                allowed = base in P.TRAIN_KEYS or base in P.EVAL_KEYS
+                if not allowed:
+                    problems.append(f"{rec_name}.{key}: not a protocol metric")
+                elif v["type"] == "list" and list_len.get(base) != v["len"]:
+                    problems.append(f"{rec_name}.{key}: a list of {v['len']} values (per-sample data?)")
+                elif v["type"] == "str":
+                    problems.append(f"{rec_name}.{key}: a string metric")
+            elif kind == "ConfigRecord" and rec_name == P.SITE:
+                if not (key in summary_keys or key.endswith(("-prognosis", "-severity"))):
+                    problems.append(f"{rec_name}.{key}: not part of the site summary")
+                if v["type"] == "list":
+                    problems.append(f"{rec_name}.{key}: a list in the site summary")
+                if v["type"] == "str" and ("/" in v["value"] or "\\" in v["value"] or "." in v["value"]):
+                    problems.append(f"{rec_name}.{key}: looks like a path or file name: {v['value']!r}")
+            else:
+                problems.append(f"{rec_name}: unexpected {kind}")
+    return problems

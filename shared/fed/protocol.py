@@ -1,0 +1,123 @@
+"""The message contract between the ServerApp and the ClientApps, written down once.
+
+Every reply of one kind carries the same keys (Flower aggregates MetricRecords key by key), whether or
+not the site has labels for a task: absent tasks report zero counts. Nothing here imports Flower; the
+adapters in server/ and client/ wrap these plain dicts in Flower records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mdmt.ml.methods import PROGNOSIS, SEVERITY
+from mdmt.ml.train import HIST_BINS, EvalResult, TrainResult
+
+# Record names inside a Message's RecordDict.
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+
+# Keys of the ConfigRecord the server sends with every train/evaluate message.
+CFG_ROUND = "server-round"
+CFG_UNIT = "unit-id"
+CFG_METHOD = "method"
+CFG_BACKBONE = "backbone"
+CFG_FOLD = "fold"
+CFG_SPLIT = "split"  # which of the site's rows to evaluate: comma-separated val | test | all
+CFG_PROTOCOL = "protocol"  # loco | cv: which rule assigns the site's rows to train/val/test
+CFG_LR = "lr"
+CFG_AGGREGATION = "aggregation"  # fedavg | fedprox | fedbn
+CFG_PROX_MU = "proximal-mu"
+CFG_COMPRESSION = "update-compression"  # how the site encodes its update (mdmt.fed.compress)
+CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
+
+NUM_EXAMPLES = "num-examples"
+TRAIN_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "train-loss", "train-loss-prognosis",
+              "train-loss-severity", "steps", "seconds", "epsilon", "dp-refused")
+EVAL_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "loss-sum-prognosis", "loss-sum-severity",
+             "cm-prognosis", "hist-prognosis", "cm-severity")
+
+
+def train_metrics(res: TrainResult) -> dict[str, Any]:
+    return {
+        NUM_EXAMPLES: int(res.n_examples),
+        "n-prognosis": int(res.n_task[PROGNOSIS]),
+        "n-severity": int(res.n_task[SEVERITY]),
+        "train-loss": float(res.loss),
+        "train-loss-prognosis": float(res.loss_task[PROGNOSIS]),
+        "train-loss-severity": float(res.loss_task[SEVERITY]),
+        "steps": int(res.steps),
+        "seconds": float(res.seconds),
+        "epsilon": float(res.epsilon),
+        "dp-refused": int(res.dp_refused),
+    }
+
+
+def eval_metrics(res: EvalResult) -> dict[str, Any]:
+    return {
+        NUM_EXAMPLES: int(res.n[PROGNOSIS] + res.n[SEVERITY]),
+        "n-prognosis": int(res.n[PROGNOSIS]),
+        "n-severity": int(res.n[SEVERITY]),
+        "loss-sum-prognosis": float(res.loss_sum[PROGNOSIS]),
+        "loss-sum-severity": float(res.loss_sum[SEVERITY]),
+        "cm-prognosis": [int(v) for v in res.prog_cm.ravel()],
+        "hist-prognosis": [int(v) for v in res.prog_hist.ravel()],
+        "cm-severity": [int(v) for v in res.sev_cm.ravel()],
+    }
+
+
+def split_eval_metrics(results: dict[str, EvalResult]) -> dict[str, Any]:
+    """One evaluate reply for several splits: every key of :func:`eval_metrics` prefixed ``<split>/``."""
+    out: dict[str, Any] = {NUM_EXAMPLES: 0}
+    for split, res in results.items():
+        m = eval_metrics(res)
+        out[NUM_EXAMPLES] += m[NUM_EXAMPLES]
+        out.update({f"{split}/{k}": v for k, v in m.items()})
+    return out
+
+
+def read_split_evals(m: dict[str, Any], splits: list[str]) -> dict[str, "SiteEval"]:
+    """The per-split statistics of one evaluate reply."""
+    return {sp: read_eval({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{sp}/")}) for sp in splits}
+
+
+@dataclass
+class SiteEval:
+    """What the server knows of a site's evaluation: sufficient statistics, no per-sample data."""
+
+    n: dict[str, int]
+    loss_sum: dict[str, float]
+    prog_cm: np.ndarray
+    prog_hist: np.ndarray
+    sev_cm: np.ndarray
+
+    def mean_loss(self, task: str) -> float:
+        return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
+
+
+def read_train(m: dict[str, Any]) -> TrainResult:
+    """A site's training report, as the server receives it."""
+    return TrainResult(
+        n_examples=int(m[NUM_EXAMPLES]),
+        n_task={PROGNOSIS: int(m["n-prognosis"]), SEVERITY: int(m["n-severity"])},
+        loss=float(m["train-loss"]),
+        loss_task={PROGNOSIS: float(m["train-loss-prognosis"]), SEVERITY: float(m["train-loss-severity"])},
+        steps=int(m["steps"]),
+        seconds=float(m["seconds"]),
+        epsilon=float(m.get("epsilon", float("nan"))),
+        dp_refused=bool(m.get("dp-refused", 0)),
+    )
+
+
+def read_eval(m: dict[str, Any]) -> SiteEval:
+    return SiteEval(
+        n={PROGNOSIS: int(m["n-prognosis"]), SEVERITY: int(m["n-severity"])},
+        loss_sum={PROGNOSIS: float(m["loss-sum-prognosis"]), SEVERITY: float(m["loss-sum-severity"])},
+        prog_cm=np.asarray(m["cm-prognosis"], dtype=np.int64).reshape(2, 2),
+        prog_hist=np.asarray(m["hist-prognosis"], dtype=np.int64).reshape(2, HIST_BINS),
+        sev_cm=np.asarray(m["cm-severity"], dtype=np.int64).reshape(4, 4),
+    )

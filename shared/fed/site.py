@@ -1,0 +1,254 @@
+"""What a site does when a message arrives, with no Flower types: find its data, train, evaluate.
+
+The ClientApp in client/ only translates Flower messages to these calls and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mdmt.fed import protocol as P
+from mdmt.fed.config import RunConfig
+from mdmt.errors import ConfigError, DataError
+from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
+from mdmt.ml.model import build_model
+from mdmt.seeding import derive_seed
+from mdmt.ml.augment import get_augment
+from mdmt.ml.train import (TaskData, TrainResult, adapt_bn, balanced_class_weights, evaluate, is_bn_stat,
+                          resolve_device, train_local)
+
+SPLIT_CHOICES = ("train", "val", "test", "all")
+
+
+@dataclass(frozen=True)
+class SiteLocation:
+    site: str
+    site_dir: Path
+    workspace: Path  # the site's own folder for predictions and its message log; never sent anywhere
+    cache_root: Path
+    device: str = ""  # deployment: the site's own device choice (node_config 'device'); empty = the run config's
+
+
+def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
+    """Deployment: node_config ``site`` (+ ``data-dir``, ``workspace``). Simulation: partition-id -> site."""
+    if "site" in node_config:
+        site = str(node_config["site"])
+        site_dir = Path(str(node_config.get("data-dir") or cfg.fed_path / site)).expanduser().resolve()
+        ws = Path(str(node_config.get("workspace") or cfg.workspace_path)).expanduser().resolve()
+        cache = Path(str(node_config.get("cache-dir") or ws / "cache")).expanduser().resolve()
+        device = str(node_config.get("device", "") or "")
+    elif "partition-id" in node_config:
+        from mdmt.data.manifest import list_sites
+
+        sites = list(cfg.site_list) or list_sites(cfg.fed_path)
+        pid = int(node_config["partition-id"])
+        if pid >= len(sites):
+            raise ConfigError(
+                f"simulation node {pid} has no site: the federation has {len(sites)} sites ({', '.join(sites)}); "
+                f"set num-supernodes={len(sites)}"
+            )
+        site = sites[pid]
+        site_dir = cfg.fed_path / site
+        ws, cache = cfg.workspace_path, cfg.cache_path
+        device = ""
+    else:
+        raise ConfigError("node_config has neither 'site' (deployment) nor 'partition-id' (simulation)")
+    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device)
+
+
+def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteLocation]:
+    """The sites a centralised reference pools (simulation only: every site folder is on this machine)."""
+    if not pool:
+        return [loc]
+    out = []
+    for s in pool.split(","):
+        d = cfg.fed_path / s
+        if not d.is_dir():
+            raise DataError(f"{d}: pooled site folder not found (centralised runs need every site's data locally)")
+        out.append(SiteLocation(s, d, loc.workspace, loc.cache_root, loc.device))
+    return out
+
+
+def _load(cfg: RunConfig, loc: SiteLocation):
+    from mdmt.data.cache import load_site
+
+    return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True,
+                     voi=cfg.voi, crop_source=cfg.crop_source or None)
+
+
+def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
+    """image -> train/val/test, computed on the whole manifest (the same rule as ``mdmt splits``), so a
+    file that later fails to decode never shifts another patient's split."""
+    from mdmt.data.manifest import read_manifest
+    from mdmt.data.splits import site_splits
+
+    df = read_manifest(loc.site_dir)
+    return pd.Series(site_splits(df, loc.site, cfg.seed, cfg.val_fraction).to_numpy(), index=df["image"].to_numpy())
+
+
+def site_roles(cfg: RunConfig, loc: SiteLocation, protocol: str = "loco", fold: str = "-") -> pd.Series:
+    """image -> train/val/test of the site under a protocol: loco uses :func:`manifest_splits` (a held-out
+    centre evaluates 'all'); cv fold k uses the site's own patient-level k-fold assignment."""
+    if protocol != "cv":
+        return manifest_splits(cfg, loc)
+    from mdmt.data.manifest import read_manifest
+    from mdmt.data.splits import cv_roles
+
+    df = read_manifest(loc.site_dir)
+    return pd.Series(cv_roles(df, loc.site, cfg.seed, int(fold), cfg.cv_folds).to_numpy(), index=df["image"].to_numpy())
+
+
+def _roles(cfg: RunConfig, loc: SiteLocation, rcfg: Mapping[str, Any]) -> pd.Series:
+    return site_roles(cfg, loc, str(rcfg.get(P.CFG_PROTOCOL, "loco")), str(rcfg.get(P.CFG_FOLD, "-")))
+
+
+def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None,
+               splits: pd.Series | None = None) -> TaskData:
+    """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
+    if split not in SPLIT_CHOICES:
+        raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
+    sd = sd if sd is not None else _load(cfg, loc)
+    table = sd.table
+    if split == "all":
+        mask = np.ones(len(table), dtype=bool)
+    else:
+        splits = splits if splits is not None else manifest_splits(cfg, loc)
+        mask = (table["image"].map(splits) == split).to_numpy()
+    y_prog = table["y_prog"].to_numpy(dtype=np.int64).copy()
+    y_sev = table["y_sev"].to_numpy(dtype=np.int64).copy()
+    if PROGNOSIS not in tasks:
+        y_prog[:] = -1
+    if SEVERITY not in tasks:
+        y_sev[:] = -1
+    ids = [f"{loc.site}/{i}" for i in table["image"]]
+    return TaskData(sd.images, y_prog, y_sev, ids).subset(mask)
+
+
+def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
+    """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
+    from mdmt.data.manifest import manifest_hash
+
+    sd, splits = _load(cfg, loc), manifest_splits(cfg, loc)
+    out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
+    for split in SPLIT_CHOICES:
+        d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=splits)
+        c = d.counts()
+        out[f"{split}-prognosis"] = c[PROGNOSIS]
+        out[f"{split}-severity"] = c[SEVERITY]
+    return out
+
+
+def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    model = build_model(backbone, dp=cfg.dp)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def _fedbn_file(loc: SiteLocation, rcfg: Mapping[str, Any]) -> Path:
+    return loc.workspace / "fedbn" / (str(rcfg[P.CFG_UNIT]).replace("/", "__") + ".pt")
+
+
+def _fedbn(rcfg: Mapping[str, Any]) -> bool:
+    return str(rcfg.get(P.CFG_AGGREGATION, "fedavg")) == "fedbn"
+
+
+def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]):
+    """One round of local training; returns (new state dict, train metrics dict)."""
+    method = get_method(str(rcfg[P.CFG_METHOD]))
+    locs = pooled_locations(cfg, loc, str(rcfg.get(P.CFG_POOL, "")))
+    data = TaskData.concat([load_split(cfg, l, "train", method.tasks, splits=_roles(cfg, l, rcfg)) for l in locs])
+    bn_file = _fedbn_file(loc, rcfg)
+    if _fedbn(rcfg) and bn_file.is_file():  # FedBN: this site's own BatchNorm statistics replace the global ones
+        state = state | torch.load(bn_file, map_location="cpu")
+    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+    seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
+    if cfg.dp:
+        res = _train_dp(cfg, loc, model, data, rcfg, seed)
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, P.train_metrics(res)
+    res = train_local(
+        model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
+        lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
+        device=resolve_device(loc.device or cfg.device), seed=seed, augment=get_augment(cfg.augment),
+        class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)), compile_model=cfg.torch_compile,
+    )
+    new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if _fedbn(rcfg):
+        bn_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v for k, v in new_state.items() if is_bn_stat(k)}, bn_file)
+    return new_state, P.train_metrics(res)
+
+
+def privacy_file(loc: SiteLocation, unit_id: str) -> Path:
+    """Where a site keeps the accountant history of one unit: on its own disk, so a restarted daemon or a
+    rerun of the unit continues the epsilon instead of starting from zero."""
+    return loc.workspace / "privacy" / (unit_id.replace("/", "__") + ".json")
+
+
+def _train_dp(cfg: RunConfig, loc: SiteLocation, model: torch.nn.Module, data: TaskData, rcfg: Mapping[str, Any],
+              seed: int) -> TrainResult:
+    """One round of DP-SGD (Opacus), or a refusal when the round would take the site past its budget."""
+    import math
+
+    from mdmt.ml.privacy import (dp_train_steps, load_accountant, make_private_training, save_accountant,
+                                steps_per_epoch, trainable_parameters)
+
+    data = data.subset((data.y_prog >= 0) | (data.y_sev >= 0))
+    counts = data.counts()
+    if len(data) == 0:
+        return TrainResult(0, counts, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
+    per_epoch = steps_per_epoch(len(data), cfg.batch_size)
+    epochs = cfg.num_rounds * (cfg.local_epochs if cfg.local_steps <= 0 else math.ceil(cfg.local_steps / per_epoch))
+    settings = cfg.dp_settings(epochs).resolve(len(data), cfg.batch_size)
+    device = resolve_device(loc.device or cfg.device)
+    model.to(device)
+    opt = torch.optim.Adam(trainable_parameters(model, [t for t, c in counts.items() if c]),
+                           lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay)
+    pt = make_private_training(model, opt, n_samples=len(data), batch_size=cfg.batch_size, seed=seed, settings=settings)
+    acct = privacy_file(loc, str(rcfg[P.CFG_UNIT]))
+    load_accountant(pt.engine, acct)
+    steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
+    if settings.epsilon_budget > 0 and pt.would_exceed(steps):
+        eps = pt.epsilon()
+        pt.close()
+        return TrainResult(0, {PROGNOSIS: 0, SEVERITY: 0}, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0,
+                           epsilon=eps, dp_refused=True)
+    weights = balanced_class_weights(data) if cfg.class_weight == "balanced" else None
+    res = dp_train_steps(pt, data, steps=steps, device=device, augment=get_augment(cfg.augment), seed=seed,
+                         class_weights=weights)
+    save_accountant(pt.engine, acct, site=loc.site, unit=str(rcfg[P.CFG_UNIT]), delta=settings.delta)
+    pt.close()
+    seen = sum(res.loss_count.values())
+    return TrainResult(len(data), counts, sum(res.loss_sum.values()) / seen if seen else 0.0,
+                       {t: (res.mean_loss(t) if res.loss_count[t] else 0.0) for t in res.loss_count},
+                       res.steps, res.seconds, epsilon=res.epsilon)
+
+
+def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Score both tasks on each requested split; per-sample predictions are written to the site's own
+    workspace. Under FedBN a training site uses its own BatchNorm statistics and any other site (a
+    held-out centre) re-estimates them on the rows it evaluates."""
+    splits = [sp for sp in str(rcfg[P.CFG_SPLIT]).split(",") if sp]
+    roles = _roles(cfg, loc, rcfg)
+    bn_file = _fedbn_file(loc, rcfg)
+    if _fedbn(rcfg) and bn_file.is_file():
+        state = state | torch.load(bn_file, map_location="cpu")
+    device = resolve_device(loc.device or cfg.device)
+    out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sd = _load(cfg, loc)  # the site's cache, read once for every split
+    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+    results = {}
+    for split in splits:
+        data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=roles)
+        if _fedbn(rcfg) and not bn_file.is_file():  # statistics reset and re-estimated per split
+            adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+        res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+        res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
+        results[split] = res
+    return P.split_eval_metrics(results)

@@ -1,0 +1,189 @@
+"""Backbone registry and the two-head MDMT network.
+
+All 18 backbones of the paper build offline by name (torchvision ``weights=None`` / timm
+``pretrained=False``). A local weights file can be loaded into the backbone; only the server needs it,
+because it sends the initial model to the sites.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdmt.errors import ConfigError
+from mdmt.ml.methods import PROGNOSIS, SEVERITY
+
+# ImageNet normalisation, the statistics the paper's pretrained backbones expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+NUM_CLASSES = {PROGNOSIS: 2, SEVERITY: 4}
+HEAD_PREFIX = {PROGNOSIS: "heads.prognosis.", SEVERITY: "heads.severity."}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    library: str  # torchvision | timm
+    feature_width: int
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    s.name: s
+    for s in (
+        BackboneSpec("densenet121", "torchvision", 1024),
+        BackboneSpec("densenet161", "torchvision", 2208),
+        BackboneSpec("densenet169", "torchvision", 1664),
+        BackboneSpec("densenet201", "torchvision", 1920),
+        BackboneSpec("googlenet", "torchvision", 1024),
+        BackboneSpec("mobilenet_v2", "torchvision", 1280),
+        BackboneSpec("resnet18", "torchvision", 512),
+        BackboneSpec("resnet34", "torchvision", 512),
+        BackboneSpec("resnet50", "torchvision", 2048),
+        BackboneSpec("resnet101", "torchvision", 2048),
+        BackboneSpec("wide_resnet50_2", "torchvision", 2048),
+        BackboneSpec("shufflenet_v2_x0_5", "torchvision", 1024),
+        BackboneSpec("shufflenet_v2_x1_0", "torchvision", 1024),
+        BackboneSpec("efficientnet_b0", "timm", 1280),
+        BackboneSpec("efficientnet_b1_pruned", "timm", 1280),
+        BackboneSpec("efficientnet_es", "timm", 1280),
+        BackboneSpec("efficientnet_es_pruned", "timm", 1280),
+        BackboneSpec("efficientnet_lite0", "timm", 1280),
+    )
+}
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ConfigError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}") from None
+
+
+def _strip_torchvision_head(model: nn.Module) -> nn.Module:
+    for attr in ("fc", "classifier"):
+        if hasattr(model, attr):
+            setattr(model, attr, nn.Identity())
+            return model
+    raise ConfigError(f"{type(model).__name__}: no classifier to remove")
+
+
+def _load_state_file(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"weights file {path}: cannot be loaded as a PyTorch state dict ({exc.__class__.__name__})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights file {path}: expected a state dict, got {type(state).__name__}")
+    return state
+
+
+def build_backbone(name: str, weights: str = "", pretrained: bool = False) -> tuple[nn.Module, int]:
+    """The backbone without its classifier, returning pooled features, and its feature width."""
+    spec = get_backbone_spec(name)
+    if spec.library == "timm":
+        import timm
+
+        kwargs: dict = {"num_classes": 0}
+        if weights:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(Path(weights).resolve())})
+        elif pretrained:
+            kwargs["pretrained"] = True
+        try:
+            if pretrained and not weights and os.environ.get("MDMT_ALLOW_DOWNLOAD") != "1":
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            model = timm.create_model(name, **kwargs)
+        except Exception as exc:
+            raise ConfigError(_pretrained_error(name, weights, exc)) from None
+        width = int(model.num_features)
+    else:
+        import torchvision
+
+        extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
+        try:
+            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained and not weights else None, **extra)
+        except Exception as exc:
+            raise ConfigError(_pretrained_error(name, weights, exc)) from None
+        model = _strip_torchvision_head(model)
+        width = spec.feature_width
+        if weights:
+            state = _load_state_file(weights)
+            state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if unexpected or missing:
+                raise ConfigError(
+                    f"weights file {weights}: does not match {name} "
+                    f"({len(missing)} missing, {len(unexpected)} unexpected keys, e.g. {(missing + unexpected)[0]})"
+                )
+    model.train()  # some timm builders return a model in eval mode
+    if width != spec.feature_width:
+        raise ConfigError(f"backbone {name}: feature width {width} differs from the registry's {spec.feature_width}")
+    return model, width
+
+
+def _pretrained_error(name: str, weights: str, exc: Exception) -> str:
+    if weights:
+        return f"weights file {weights}: cannot be loaded into {name} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})"
+    return (
+        f"pretrained weights for {name} are not available offline; download them once elsewhere and pass "
+        f"weights=/path/to/{name}.pth (set MDMT_ALLOW_DOWNLOAD=1 to let timm reach its hub)"
+    )
+
+
+def prognosis_head(width: int) -> nn.Sequential:
+    """The paper's prognosis head: Linear(d,128)-ReLU-Dropout-Linear(128,32)-ReLU-Dropout-Linear(32,2)."""
+    return nn.Sequential(
+        nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(128, 32), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(32, NUM_CLASSES[PROGNOSIS]),
+    )
+
+
+def severity_head(width: int) -> nn.Sequential:
+    """The paper's brixia_Global head: ReLU-Dropout-Linear(d,4)."""
+    return nn.Sequential(nn.ReLU(), nn.Dropout(0.5), nn.Linear(width, NUM_CLASSES[SEVERITY]))
+
+
+class MDMTNet(nn.Module):
+    """A shared backbone and two heads; one backbone pass serves both heads."""
+
+    def __init__(self, backbone: nn.Module, width: int):
+        super().__init__()
+        self.backbone = backbone
+        self.feature_width = width
+        self.heads = nn.ModuleDict({PROGNOSIS: prognosis_head(width), SEVERITY: severity_head(width)})
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x)
+        if feats.ndim > 2:  # some backbones return unflattened pooled features
+            feats = torch.flatten(feats, 1)
+        return self.heads[PROGNOSIS](feats), self.heads[SEVERITY](feats)
+
+
+def build_model(backbone: str, weights: str = "", pretrained: bool = False, seed: int | None = None,
+                dp: bool = False) -> MDMTNet:
+    """The two-head model; with ``seed`` the random initialisation is reproducible. ``dp`` prepares it for
+    DP-SGD (BatchNorm -> GroupNorm, no in-place ops; see mdmt.ml.privacy): server and sites must agree."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    bb, width = build_backbone(backbone, weights, pretrained)
+    model = MDMTNet(bb, width)
+    if dp:
+        from mdmt.ml.privacy import prepare_for_dp
+
+        prepare_for_dp(model)
+    return model
+
+
+def head_of(key: str) -> str | None:
+    """The task whose head owns a state-dict key, or None for a backbone key."""
+    for task, prefix in HEAD_PREFIX.items():
+        if key.startswith(prefix):
+            return task
+    return None

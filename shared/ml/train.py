@@ -1,0 +1,317 @@
+"""Local training and evaluation on a site's uint8 cache: plain PyTorch, no Flower types.
+
+Images stay uint8 on the host; each batch is gathered, moved to the device and normalised there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mdmt.ml.loss import mdmt_loss
+from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from mdmt.ml.methods import PROGNOSIS, SEVERITY
+
+
+
+@dataclass
+class TaskData:
+    """Images and per-task targets (-1 = no label for that task, or not used by the method)."""
+
+    images: np.ndarray  # uint8 (N, S, S)
+    y_prog: np.ndarray  # int64 (N,)
+    y_sev: np.ndarray  # int64 (N,)
+    ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, mask: np.ndarray) -> "TaskData":
+        idx = np.flatnonzero(mask)
+        ids = [self.ids[i] for i in idx] if self.ids else []
+        return TaskData(np.asarray(self.images[idx]), self.y_prog[idx], self.y_sev[idx], ids)
+
+    @staticmethod
+    def concat(parts: list["TaskData"]) -> "TaskData":
+        return TaskData(
+            np.concatenate([p.images for p in parts]),
+            np.concatenate([p.y_prog for p in parts]),
+            np.concatenate([p.y_sev for p in parts]),
+            [i for p in parts for i in p.ids],
+        )
+
+    def counts(self) -> dict[str, int]:
+        return {PROGNOSIS: int((self.y_prog >= 0).sum()), SEVERITY: int((self.y_sev >= 0).sum())}
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Feeder:
+    """uint8 images -> normalised 3-channel float batches on the device.
+
+    ``feed(images)`` converts a host batch. ``feed.take(idx)`` gathers a batch of ``images`` given at
+    construction: on a GPU the whole uint8 set is copied there once, from pinned memory, when it fits
+    (a 256 px image is 64 KiB), so a batch is a gather on the device; otherwise the batch is gathered on
+    the host, pinned and copied without blocking. Normalisation and augmentation run on the device.
+    """
+
+    def __init__(self, device: torch.device, images: np.ndarray | None = None):
+        self.device = device
+        self.mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        self.pin = device.type == "cuda"
+        self.images = images
+        self.resident: torch.Tensor | None = None
+        if images is not None and self.pin and images.nbytes <= _resident_budget(device):
+            host = torch.from_numpy(np.ascontiguousarray(images)).pin_memory()
+            self.resident = host.to(device, non_blocking=True)
+
+    def __call__(self, images: np.ndarray, augment=None, gen: torch.Generator | None = None) -> torch.Tensor:
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.pin:
+            x = x.pin_memory()
+        return self._prepare(x.to(self.device, non_blocking=True), augment, gen)
+
+    def take(self, idx: np.ndarray, augment=None, gen: torch.Generator | None = None) -> torch.Tensor:
+        if self.resident is not None:
+            return self._prepare(self.resident[torch.from_numpy(idx).to(self.device, non_blocking=True)], augment, gen)
+        return self(self.images[idx], augment, gen)
+
+    def _prepare(self, x: torch.Tensor, augment, gen) -> torch.Tensor:
+        x = x.unsqueeze(1).float().div_(255.0)
+        if augment is not None:
+            x = augment(x, gen)
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cuda" else x
+
+
+def _resident_budget(device: torch.device) -> int:
+    """Bytes of uint8 images a site may keep on the GPU: a quarter of its free memory, at most 4 GiB."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return min(free // 4, 4 << 30)
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[np.ndarray]:
+    order = rng.permutation(n) if rng is not None else np.arange(n)
+    chunks = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if len(chunks) > 1 and len(chunks[-1]) == 1:  # BatchNorm cannot train on a single sample
+        last = chunks.pop()
+        chunks[-1] = np.concatenate([chunks[-1], last])
+    return chunks
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def balanced_class_weights(data: "TaskData") -> dict[str, torch.Tensor]:
+    """Per task, scikit-learn's 'balanced' weights (n / (k x count)) of the classes present; absent
+    classes weigh 1."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    out = {}
+    for task, y in ((PROGNOSIS, data.y_prog), (SEVERITY, data.y_sev)):
+        y = y[y >= 0]
+        w = np.ones(NUM_CLASSES[task], dtype=np.float32)
+        if len(y):
+            present = np.unique(y)
+            w[present] = compute_class_weight("balanced", classes=present, y=y)
+        out[task] = torch.from_numpy(w)
+    return out
+
+
+BN_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def is_bn_stat(key: str) -> bool:
+    """A BatchNorm running statistic (what FedBN keeps at the site)."""
+    return key.rsplit(".", 1)[-1] in BN_STAT_SUFFIXES
+
+
+@torch.no_grad()
+def adapt_bn(model: torch.nn.Module, data: "TaskData", *, batch_size: int = 64, device: torch.device | str = "cpu") -> None:
+    """Re-estimate BatchNorm statistics on ``data`` (no labels used): how a site without FedBN statistics
+    of its own (a held-out centre) evaluates a FedBN model."""
+    device = torch.device(device) if isinstance(device, str) else device
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or len(data) == 0:
+        return
+    model.to(device)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+    model.train()
+    feed = Feeder(device, data.images)
+    for idx in _batches(len(data), batch_size, None):
+        with _autocast(device):
+            model(feed.take(idx))
+    model.eval()
+
+
+@dataclass
+class TrainResult:
+    n_examples: int
+    n_task: dict[str, int]
+    loss: float
+    loss_task: dict[str, float]
+    steps: int
+    seconds: float
+    epsilon: float = float("nan")  # DP-SGD: epsilon spent so far at this site for this unit
+    dp_refused: bool = False  # DP-SGD: the site refused the round (its budget would be exceeded)
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: TaskData,
+    *,
+    epochs: int = 1,
+    steps: int = 0,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-5,
+    loss_norm: str = "task",
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    augment=None,
+    class_weight: str = "none",
+    prox_mu: float = 0.0,
+    compile_model: bool = False,
+) -> TrainResult:
+    """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs.
+
+    ``augment``: a batch transform (mdmt.ml.augment) applied on the device; ``class_weight``: none or
+    balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received;
+    ``compile_model``: run the forward pass through ``torch.compile`` (pays off when a round has many steps:
+    each new process compiles once). Losses stay on the device until the round ends (no per-step sync).
+    """
+    device = torch.device(device) if isinstance(device, str) else device
+    t0 = time.perf_counter()
+    used = (data.y_prog >= 0) | (data.y_sev >= 0)
+    data = data.subset(used)
+    n = len(data)
+    model.to(device).train()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if n == 0:
+        return TrainResult(0, data.counts(), 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
+    # Only the backbone and the heads this site has labels for are optimised: weight decay would
+    # otherwise move a head that receives no gradient.
+    present = {t for t, c in data.counts().items() if c > 0}
+    params = [p for name, p in model.named_parameters()
+              if not name.startswith("heads.") or name.split(".")[1] in present]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
+    weights = {k: v.to(device) for k, v in balanced_class_weights(data).items()} if class_weight == "balanced" else None
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    feed = Feeder(device, data.images)
+    forward = torch.compile(model) if compile_model else model
+    y_prog = torch.from_numpy(data.y_prog).to(device)
+    y_sev = torch.from_numpy(data.y_sev).to(device)
+    done = 0
+    sums = torch.zeros(3, device=device)  # total, prognosis and severity loss, summed over steps
+    max_steps = steps if steps > 0 else None
+    epoch = 0
+    while True:
+        for idx in _batches(n, batch_size, rng):
+            x = feed.take(idx, augment, gen)
+            tidx = torch.from_numpy(idx).to(device)
+            with _autocast(device):
+                lp, ls = forward(x)
+            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm, class_weights=weights)
+            objective = loss.total
+            if anchor is not None:
+                objective = objective + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+            opt.zero_grad(set_to_none=True)
+            objective.backward()
+            opt.step()
+            done += 1
+            sums += torch.stack([loss.total.detach(), loss.prognosis.detach(), loss.severity.detach()]).float()
+            if max_steps is not None and done >= max_steps:
+                break
+        epoch += 1
+        if (max_steps is not None and done >= max_steps) or (max_steps is None and epoch >= epochs):
+            break
+    total, prog, sev = (sums / done).tolist()
+    return TrainResult(
+        n_examples=n,
+        n_task=data.counts(),
+        loss=total,
+        loss_task={PROGNOSIS: prog, SEVERITY: sev},
+        steps=done,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+@dataclass
+class EvalResult:
+    """Sufficient statistics per task: the server computes ROC/AUC and pooled metrics from them."""
+
+    n: dict[str, int]
+    loss_sum: dict[str, float]
+    prog_cm: np.ndarray  # 2x2 [true, pred]
+    prog_hist: np.ndarray  # 2 x HIST_BINS: histogram of P(SEVERE) for true MILD (row 0) and SEVERE (row 1)
+    sev_cm: np.ndarray  # 4x4 [true, pred]
+    predictions: pd.DataFrame  # per-sample, stays at the site
+
+    def mean_loss(self, task: str) -> float:
+        return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: TaskData, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> EvalResult:
+    device = torch.device(device) if isinstance(device, str) else device
+    model.to(device).eval()
+    feed = Feeder(device, data.images)
+    p_severe, sev_prob = [], []
+    for idx in _batches(len(data), batch_size, None):
+        with _autocast(device):
+            lp, ls = model(feed.take(idx))
+        p_severe.append(torch.softmax(lp.float(), 1)[:, 1].cpu())
+        sev_prob.append(torch.softmax(ls.float(), 1).cpu())
+    ps = torch.cat(p_severe).numpy() if p_severe else np.zeros(0)
+    sp = torch.cat(sev_prob).numpy() if sev_prob else np.zeros((0, NUM_CLASSES[SEVERITY]))
+    eps = 1e-7
+    mp, ms = data.y_prog >= 0, data.y_sev >= 0
+    yp, ys = data.y_prog[mp], data.y_sev[ms]
+    prog_pred = (ps >= 0.5).astype(int)
+    sev_pred = sp.argmax(1) if len(sp) else np.zeros(0, dtype=int)
+    loss_p = float(-np.log(np.clip(np.where(yp == 1, ps[mp], 1 - ps[mp]), eps, 1)).sum())
+    loss_s = float(-np.log(np.clip(sp[ms, ys] if len(ys) else np.zeros(0), eps, 1)).sum())
+    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
+    hist = np.stack([np.histogram(ps[mp][yp == c], bins=edges)[0] for c in (0, 1)])
+    prog_cm = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(prog_cm, (yp, prog_pred[mp]), 1)
+    sev_cm = np.zeros((4, 4), dtype=np.int64)
+    np.add.at(sev_cm, (ys, sev_pred[ms]), 1)
+    preds = pd.DataFrame(
+        {
+            "image": data.ids if data.ids else np.arange(len(data)),
+            "y_prog": data.y_prog,
+            "p_severe": ps,
+            "y_sev": data.y_sev,
+            "sev_pred": sev_pred,
+        }
+    )
+    return EvalResult(
+        n={PROGNOSIS: int(mp.sum()), SEVERITY: int(ms.sum())},
+        loss_sum={PROGNOSIS: loss_p, SEVERITY: loss_s},
+        prog_cm=prog_cm,
+        prog_hist=hist.astype(np.int64),
+        sev_cm=sev_cm,
+        predictions=preds,
+    )

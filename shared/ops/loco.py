@@ -1,0 +1,163 @@
+"""The LOCO driver: one Flower simulation whose ServerApp iterates every (method, held-out centre) unit.
+
+Steps: validate the config, ingest every site (cached), start a private simulation SuperLink on free
+ports, ``flwr run`` the app against it, stop every process it started, then write the result table.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from mdmt.fed.config import RunConfig
+from mdmt.data.manifest import list_sites, read_manifest, site_role
+from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.units import unit_keys
+from mdmt.ops.flwr_app import flwr_app_dir
+from mdmt.ops.launch import LocalSimulation
+from mdmt.results.report import to_markdown, write_loco_report
+from mdmt.store import RunStore
+
+
+def prognosis_sites(fed: Path) -> list[str]:
+    return [s for s in list_sites(fed) if site_role(read_manifest(fed / s)) in ("prognosis", "both")]
+
+
+def site_roles(cfg: RunConfig) -> dict[str, str]:
+    """site -> role of the config's sites, read from their manifests (simulation: all data is local)."""
+    return {s: site_role(read_manifest(cfg.fed_path / s)) for s in cfg.site_list}
+
+
+def prepare_config(values: dict[str, Any]) -> RunConfig:
+    """The full, validated config of a simulation: absolute paths, every site named, holdouts defaulted."""
+    cfg = RunConfig.from_mapping(values, source="loco")
+    cfg.check_server_files("loco")
+    fed = cfg.fed_path
+    available = list_sites(fed)
+    sites = list(cfg.site_list) or available
+    for s in sites:
+        if s not in available:
+            raise ConfigError(f"loco: site '{s}' is not a site of {fed} ({', '.join(available)})")
+    holdouts = cfg.holdout_list if values.get("holdouts") else tuple(s for s in prognosis_sites(fed) if s in sites)
+    prog = set(prognosis_sites(fed))
+    for h in holdouts:
+        if h not in sites:
+            raise ConfigError(f"loco: held-out centre '{h}' is not among the sites ({', '.join(sites)})")
+        if h not in prog:
+            raise ConfigError(f"loco: held-out centre '{h}' has no prognosis labels; LOCO holds out prognosis centres "
+                              f"({', '.join(sorted(prog & set(sites)))})")
+    return cfg.replace(fed_dir=str(fed), workspace=str(cfg.workspace_path), sites=",".join(sites),
+                       holdouts=",".join(holdouts), cache_dir=str(cfg.cache_path), store=str(cfg.store_path))
+
+
+def write_run_config(cfg: RunConfig, path: Path) -> Path:
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
+    return path
+
+
+def ingest_sites(cfg: RunConfig) -> None:
+    """Decode and cache every site of the config once (later runs reuse the cache)."""
+    from mdmt.data.cache import ingest_site
+
+    for site in cfg.site_list:
+        ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True,
+                    voi=cfg.voi, crop_source=cfg.crop_source or None)
+
+
+def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "",
+                   ingest: bool = True, on_start=None) -> Path:
+    """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure.
+
+    ``tag`` names this simulation's Flower home, config and log, so several can run side by side.
+    ``on_start(sim)`` is called once the SuperLink runs (``mdmt bench`` measures the run's memory there).
+    """
+    ws = cfg.workspace_path
+    if ingest:
+        ingest_sites(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
+    run_cfg = write_run_config(cfg, ws / "configs" / f"run-{stamp}.toml")
+    log_path = ws / "logs" / f"flwr-{stamp}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    n_sites = len(cfg.site_list)
+    echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg, site_roles(cfg)))}, log: {log_path}")
+    app_dir = flwr_app_dir(ws / "flwr")
+    with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
+        if on_start is not None:
+            on_start(sim)
+        proc = subprocess.Popen(
+            [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client)],
+            env=sim.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=app_dir,
+        )
+        _follow(proc, log_path, echo)
+    if proc.returncode != 0:
+        raise MDMTError(f"flwr run exited with code {proc.returncode}: {_last_error(log_path)}; see {log_path}")
+    _check_units(cfg, log_path)
+    return log_path
+
+
+def _follow(proc: subprocess.Popen, log_path: Path, echo) -> None:
+    """Echo the server's own progress lines while the run goes on."""
+    pos = 0
+    while True:
+        done = proc.poll() is not None
+        with open(log_path, "rb") as fh:
+            fh.seek(pos)
+            chunk = fh.read()
+        nl = chunk.rfind(b"\n")
+        if nl >= 0:
+            for line in chunk[: nl + 1].decode(errors="replace").splitlines():
+                if " mdmt " in line and ("round" in line or "unit" in line or "sites:" in line):
+                    echo("  " + line.split(" mdmt ", 1)[1].replace("INFO ", "", 1))
+            pos += nl + 1
+        if done:
+            break
+        time.sleep(0.5)
+
+
+def _last_error(log_path: Path) -> str:
+    """The most telling line of a failed run's log (Flower prints errors in a box)."""
+    lines = [l.strip(" │╭╮╰╯─") for l in log_path.read_text(errors="replace").splitlines()]
+    lines = [l.strip() for l in lines if l.strip()]
+    for marker in ("Error:", "error:", "Exception", "Error"):
+        hits = [l for l in lines if marker in l]
+        if hits:
+            return hits[-1][:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+def _check_units(cfg: RunConfig, log_path: Path) -> None:
+    store = RunStore(cfg.store_path)
+    try:
+        status = {u["unit_id"]: (u["status"], u["message"]) for u in store.units()}
+    finally:
+        store.close()
+    bad = [(k.unit_id, status.get(k.unit_id, ("not run", ""))) for k in unit_keys(cfg, site_roles(cfg))
+           if status.get(k.unit_id, ("",))[0] != "done"]
+    if bad:
+        first = "; ".join(f"{u}: {st}{' (' + msg + ')' if msg else ''}" for u, (st, msg) in bad[:3])
+        raise MDMTError(f"{len(bad)} unit(s) did not finish: {first}; last error: {_last_error(log_path)}; "
+                        f"see {log_path}")
+
+
+def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print) -> pd.DataFrame:
+    cfg = prepare_config(values)
+    t0 = time.perf_counter()
+    run_simulation(cfg, cpus_per_client, echo)
+    store = RunStore(cfg.store_path)
+    try:
+        df, csv_path, md_path = write_loco_report(store, cfg.workspace_path / "reports")
+    finally:
+        store.close()
+    wanted = set(cfg.methods)
+    shown = df[df["method"].isin(wanted) & df["backbone"].isin(cfg.backbones)]
+    echo("")
+    echo(to_markdown(shown))
+    echo(f"\nwall time {time.perf_counter() - t0:.0f} s; table: {md_path} and {csv_path}; store: {cfg.store_path}")
+    return shown
