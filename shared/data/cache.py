@@ -88,6 +88,12 @@ def _check_options(image_size: int, crop: str, voi: str = "none") -> None:
         raise ConfigError(f"image_size {image_size!r} must be an integer >= {MIN_IMAGE_SIZE}")
 
 
+def cache_root(workspace: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Where a workspace keeps its site caches: ``cache_dir`` when given, else ``<workspace>/cache``."""
+    root = Path(cache_dir) if cache_dir else Path(workspace) / "cache"
+    return root.expanduser().resolve()
+
+
 def cache_dir_for(site_dir: str | Path, cache_root: str | Path, image_size: int, crop: str, voi: str = "none") -> Path:
     """``cache_root / f"{site}-{sha256(abs site path)[:8]}" / f"s{size}-{crop}[-voi{voi}]-v{CACHE_VERSION}"``
     (the ``-voi...`` part only when ``voi`` is not ``"none"``)."""

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Mapping
 
+from mdmt.data.cache import cache_root
 from mdmt.errors import ConfigError
 
 LOSS_NORMS = ("task", "batch")
@@ -232,7 +233,7 @@ class RunConfig:
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser().resolve() if self.cache_dir else self.workspace_path / "cache"
+        return cache_root(self.workspace_path, self.cache_dir or None)
 
     @property
     def store_path(self) -> Path:

@@ -15,6 +15,7 @@ import torch
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
+from mdmt.fed.node import SITE, NodeConfig
 from mdmt.errors import ConfigError, DataError
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
 from mdmt.ml.model import build_model
@@ -37,12 +38,9 @@ class SiteLocation:
 
 def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
     """Deployment: node_config ``site`` (+ ``data-dir``, ``workspace``). Simulation: partition-id -> site."""
-    if "site" in node_config:
-        site = str(node_config["site"])
-        site_dir = Path(str(node_config.get("data-dir") or cfg.fed_path / site)).expanduser().resolve()
-        ws = Path(str(node_config.get("workspace") or cfg.workspace_path)).expanduser().resolve()
-        cache = Path(str(node_config.get("cache-dir") or ws / "cache")).expanduser().resolve()
-        device = str(node_config.get("device", "") or "")
+    if SITE in node_config:
+        node = NodeConfig.from_flower(node_config, cfg.fed_path, cfg.workspace_path)
+        site, site_dir, ws, cache, device = node.site, node.data_dir, node.workspace, node.cache_path, node.device
     elif "partition-id" in node_config:
         from mdmt.data.manifest import list_sites
 

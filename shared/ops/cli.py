@@ -40,11 +40,11 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
-    from mdmt.data.cache import ingest_federation, ingest_site
+    from mdmt.data.cache import cache_root, ingest_federation, ingest_site
     from mdmt.data.manifest import MANIFEST
 
     target = Path(a.dir)
-    cache = Path(a.cache_dir) if a.cache_dir else Path(a.workspace) / "cache"
+    cache = cache_root(a.workspace, a.cache_dir or None)
     kw = dict(image_size=a.image_size, crop=a.crop, workers=a.workers, progress=not a.quiet, force=a.force,
               voi=a.voi, crop_source=a.crop_source or None)
     results = [ingest_site(target, cache, **kw)] if (target / MANIFEST).is_file() else ingest_federation(target, cache, **kw)

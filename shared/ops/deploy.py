@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.node import NodeConfig
 
 DEFAULT_SUPERLINK_PORT = 9092
 DEFAULT_SUPERNODE_PORT = 9094
@@ -470,8 +471,15 @@ class SiteConfig:
         return self.key.with_name(self.key.name + ".pub")
 
     @property
+    def node(self) -> NodeConfig:
+        """What the SuperNode's ``--node-config`` tells the site. The site's own device wins over the run
+        config's (``cuda:N`` is narrowed by CUDA_VISIBLE_DEVICES, so the node sees plain ``cuda``)."""
+        return NodeConfig(self.site, self.data_dir, self.workspace, self.cache_dir,
+                          "cuda" if self.device.startswith("cuda") else self.device)
+
+    @property
     def cache_root(self) -> Path:
-        return self.cache_dir or self.workspace / "cache"
+        return self.node.cache_path
 
     def validate(self) -> "SiteConfig":
         check_site_name(self.site, f"{self.source}: 'site'")
@@ -567,12 +575,7 @@ def load_site_config(path: str | Path) -> SiteConfig:
 
 def node_config_string(cfg: SiteConfig) -> str:
     """The ``--node-config`` value that ``mdmt.fed.site.locate_site`` reads."""
-    items = [("site", cfg.site), ("data-dir", cfg.data_dir), ("workspace", cfg.workspace)]
-    if cfg.cache_dir:
-        items.append(("cache-dir", cfg.cache_dir))
-    # The site's own device wins over the run config's (cuda:N is narrowed by CUDA_VISIBLE_DEVICES).
-    items.append(("device", "cuda" if cfg.device.startswith("cuda") else cfg.device))
-    return " ".join(f'{k}="{v}"' for k, v in items)
+    return cfg.node.to_flower()
 
 
 def device_env(device: str) -> dict[str, str]:
