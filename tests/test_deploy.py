@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from mdmt.ops import deploy as D
+from mdmt.ops.deploy import commands, files, pki, siteconfig
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
 
@@ -42,51 +42,51 @@ def _run(argv: list[str]) -> int:
 def test_certs_have_the_sans_and_verify_against_the_ca(tmp_path, capsys):
     out = tmp_path / "certs"
     assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org", "--san", "IP:10.0.0.5"]) == 0
-    sans = D.cert_sans(out / D.SERVER_CERT)
+    sans = pki.cert_sans(out / files.SERVER_CERT)
     assert sans == ["DNS:coord.example.org", "IP:10.0.0.5", "DNS:localhost", "IP:127.0.0.1"]
     for name in ("coord.example.org", "10.0.0.5", "localhost", "127.0.0.1"):
-        D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, name)
+        pki.verify_server_cert(out / files.CA_CERT, out / files.SERVER_CERT, name)
     with pytest.raises(MDMTError, match="does not verify"):
-        D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, "other.example.org")
+        pki.verify_server_cert(out / files.CA_CERT, out / files.SERVER_CERT, "other.example.org")
     # Python's TLS stack (what the site check uses) loads the CA and the server pair as they are
-    ctx = ssl.create_default_context(cafile=str(out / D.CA_CERT))
+    ctx = ssl.create_default_context(cafile=str(out / files.CA_CERT))
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server_ctx.load_cert_chain(out / D.SERVER_CERT, out / D.SERVER_KEY)
+    server_ctx.load_cert_chain(out / files.SERVER_CERT, out / files.SERVER_KEY)
     assert ctx.cert_store_stats()["x509_ca"] == 1
-    for secret in (D.CA_KEY, D.SERVER_KEY):
+    for secret in (files.CA_KEY, files.SERVER_KEY):
         assert (out / secret).stat().st_mode & 0o777 == 0o600
     # a certificate from another CA does not verify against this one
     other = tmp_path / "other"
     assert _run(["certs", "--out", other, "--san", "DNS:coord.example.org"]) == 0
     with pytest.raises(MDMTError, match="does not verify"):
-        D.verify_server_cert(out / D.CA_CERT, other / D.SERVER_CERT, "coord.example.org")
+        pki.verify_server_cert(out / files.CA_CERT, other / files.SERVER_CERT, "coord.example.org")
     assert "keep" in capsys.readouterr().out
 
 
 def test_certs_refuse_to_overwrite_and_rotate_with_the_same_or_a_new_ca(tmp_path, capsys):
     out = tmp_path / "certs"
     assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org"]) == 0
-    ca_before, server_before = (out / D.CA_CERT).read_bytes(), (out / D.SERVER_CERT).read_bytes()
+    ca_before, server_before = (out / files.CA_CERT).read_bytes(), (out / files.SERVER_CERT).read_bytes()
     capsys.readouterr()
     assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org"]) == 2
     err = capsys.readouterr().err.strip()
     assert "server.pem already exists" in err and "--rotate" in err and len(err.splitlines()) == 1
     # --rotate: same CA, new server certificate, same names; the old pair is kept aside
     assert _run(["certs", "--out", out, "--rotate"]) == 0
-    assert (out / D.CA_CERT).read_bytes() == ca_before
-    assert (out / D.SERVER_CERT).read_bytes() != server_before
-    assert D.cert_sans(out / D.SERVER_CERT)[0] == "DNS:coord.example.org"
-    D.verify_server_cert(out / D.CA_CERT, out / D.SERVER_CERT, "coord.example.org")
-    archived = list((out / D.PREVIOUS_DIR).glob(f"*/{D.SERVER_CERT}"))
+    assert (out / files.CA_CERT).read_bytes() == ca_before
+    assert (out / files.SERVER_CERT).read_bytes() != server_before
+    assert pki.cert_sans(out / files.SERVER_CERT)[0] == "DNS:coord.example.org"
+    pki.verify_server_cert(out / files.CA_CERT, out / files.SERVER_CERT, "coord.example.org")
+    archived = list((out / files.PREVIOUS_DIR).glob(f"*/{files.SERVER_CERT}"))
     assert [p.read_bytes() for p in archived] == [server_before]
     # --new-ca: a new CA; the bundle trusts both while sites switch
     assert _run(["certs", "--out", out, "--new-ca"]) == 0
-    assert (out / D.CA_PREVIOUS).read_bytes() == ca_before
-    bundle = (out / D.CA_BUNDLE).read_text()
+    assert (out / files.CA_PREVIOUS).read_bytes() == ca_before
+    bundle = (out / files.CA_BUNDLE).read_text()
     assert bundle.count("BEGIN CERTIFICATE") == 2
-    D.verify_server_cert(out / D.CA_BUNDLE, out / D.SERVER_CERT, "coord.example.org")
+    pki.verify_server_cert(out / files.CA_BUNDLE, out / files.SERVER_CERT, "coord.example.org")
     with pytest.raises(MDMTError):
-        D.verify_server_cert(out / D.CA_PREVIOUS, out / D.SERVER_CERT, "coord.example.org")
+        pki.verify_server_cert(out / files.CA_PREVIOUS, out / files.SERVER_CERT, "coord.example.org")
 
 
 @pytest.mark.parametrize("san, message", [("DNS:bad name", "not a DNS name"), ("IP:10.0.0.300", "not an IP address")])
@@ -94,7 +94,7 @@ def test_certs_reject_bad_sans_in_one_line(tmp_path, capsys, san, message):
     assert _run(["certs", "--out", tmp_path / "c", "--san", san]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "c" / D.SERVER_CERT).exists()
+    assert not (tmp_path / "c" / files.SERVER_CERT).exists()
 
 
 # ---- site keys -----------------------------------------------------------------------------------
@@ -114,16 +114,16 @@ def test_site_key_is_ecdsa_p384_openssh_and_flower_accepts_it(tmp_path, capsys):
     key = serialization.load_ssh_private_key(private.read_bytes(), password=None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert try_load_public_key(public)  # Flower's `flwr supernode register` loader
-    fingerprint = D.key_fingerprint(serialization.load_ssh_public_key(public.read_bytes()))
+    fingerprint = pki.key_fingerprint(serialization.load_ssh_public_key(public.read_bytes()))
     assert fingerprint in printed and "flwr supernode register site-A.pub" in printed and "--name A" in printed
-    assert D.check_key_pair(private).startswith("ECDSA P-384 pair")
+    assert pki.check_key_pair(private).startswith("ECDSA P-384 pair")
     # an existing key is never replaced silently; a mismatched pair is named
     assert _run(["site-key", "--site", "A", "--out", tmp_path]) == 2
     assert "already exists" in capsys.readouterr().err
-    D.make_site_key("B", tmp_path)
+    pki.make_site_key("B", tmp_path)
     (tmp_path / "site-A.pub").write_bytes((tmp_path / "site-B.pub").read_bytes())
     with pytest.raises(MDMTError, match="does not belong to"):
-        D.check_key_pair(private)
+        pki.check_key_pair(private)
 
 
 # ---- site config ---------------------------------------------------------------------------------
@@ -148,15 +148,15 @@ def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federat
     from mdmt.fed.site import locate_site
 
     path = _site_config(tmp_path, data_dir=small_federation / "A", port=9101)
-    cfg = D.load_site_config(path)
-    assert cfg == D.SiteConfig(site="A", data_dir=small_federation / "A", coordinator="127.0.0.1:9092",
-                               ca=tmp_path / "ca.pem", key=tmp_path / "site-A", workspace=tmp_path / "ws-A",
-                               device="cpu", supernode_port=9101)
+    cfg = siteconfig.load_site_config(path)
+    assert cfg == siteconfig.SiteConfig(site="A", data_dir=small_federation / "A", coordinator="127.0.0.1:9092",
+                                        ca=tmp_path / "ca.pem", key=tmp_path / "site-A", workspace=tmp_path / "ws-A",
+                                        device="cpu", supernode_port=9101)
     # rewriting what was read gives the same file
-    D.write_site_config(cfg, tmp_path / "again.toml")
-    assert D.load_site_config(tmp_path / "again.toml") == cfg
+    siteconfig.write_site_config(cfg, tmp_path / "again.toml")
+    assert siteconfig.load_site_config(tmp_path / "again.toml") == cfg
     # what flower-supernode parses from --node-config is what the ClientApp uses to find the site
-    argv, env = D.supernode_command(cfg)
+    argv, env = commands.supernode_command(cfg)
     node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
     assert node_config == {"site": "A", "data-dir": str(small_federation / "A"), "workspace": str(tmp_path / "ws-A"),
                            "device": "cpu"}
@@ -174,9 +174,9 @@ def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federat
     (tmp_path / "rel" / "site.toml").write_text(
         'site = "B"\ndata-dir = "data/B"\ncoordinator = "coord.example.org:9092"\nca = "ca.pem"\n'
         'key = "keys/site-B"\nworkspace = "ws"\n')
-    rel = D.load_site_config(tmp_path / "rel" / "site.toml")
+    rel = siteconfig.load_site_config(tmp_path / "rel" / "site.toml")
     assert rel.data_dir == tmp_path / "rel" / "data" / "B" and rel.key == tmp_path / "rel" / "keys" / "site-B"
-    assert rel.device == "auto" and rel.supernode_port == D.DEFAULT_SUPERNODE_PORT and rel.cache_dir is None
+    assert rel.device == "auto" and rel.supernode_port == siteconfig.DEFAULT_SUPERNODE_PORT and rel.cache_dir is None
 
 
 @pytest.mark.parametrize("text, message", [
@@ -193,7 +193,7 @@ def test_bad_site_config_is_one_line_naming_file_and_key(tmp_path, capsys, text,
     path = tmp_path / "site.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as exc:
-        D.load_site_config(path)
+        siteconfig.load_site_config(path)
     assert str(path) in str(exc.value) and "\n" not in str(exc.value)
     assert _run(["supernode-cmd", path]) == 2
     err = capsys.readouterr().err
@@ -204,13 +204,13 @@ def test_superlink_command_has_tls_auth_and_no_dependency_installs(tmp_path, cap
     certs = tmp_path / "certs"
     assert _run(["superlink-cmd", "--certs", certs, "--state-dir", tmp_path / "state"]) == 2
     assert "mdmt deploy certs" in capsys.readouterr().err
-    D.make_certs(certs, ["DNS:coord.example.org"])
+    pki.make_certs(certs, ["DNS:coord.example.org"])
     assert _run(["superlink-cmd", "--certs", certs, "--state-dir", tmp_path / "state"]) == 0
     words = shlex.split(capsys.readouterr().out)
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in words and "FLWR_TELEMETRY_ENABLED=0" in words
     for flag in ("--enable-supernode-auth", "--disable-runtime-dependency-installation"):
         assert flag in words
-    assert words[words.index("--ssl-ca-certfile") + 1] == str(certs / D.CA_CERT)
+    assert words[words.index("--ssl-ca-certfile") + 1] == str(certs / files.CA_CERT)
     assert words[words.index("--database") + 1] == str(tmp_path / "state" / "state.db")
     assert "--insecure" not in words
 
@@ -218,10 +218,10 @@ def test_superlink_command_has_tls_auth_and_no_dependency_installs(tmp_path, cap
 def test_connection_is_written_for_the_flwr_cli(tmp_path):
     from flwr.cli.flower_config import read_superlink_connection
 
-    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    pki.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
     home = tmp_path / "flwr-home"
-    D.write_connection(home, "other", "10.0.0.9:9092", tmp_path / "certs" / D.CA_CERT)
-    D.write_connection(home, "mdmt", "127.0.0.1:9092", tmp_path / "certs" / D.CA_CERT)
+    commands.write_connection(home, "other", "10.0.0.9:9092", tmp_path / "certs" / files.CA_CERT)
+    commands.write_connection(home, "mdmt", "127.0.0.1:9092", tmp_path / "certs" / files.CA_CERT)
     old = os.environ.get("FLWR_HOME")
     os.environ["FLWR_HOME"] = str(home)
     try:
@@ -230,7 +230,7 @@ def test_connection_is_written_for_the_flwr_cli(tmp_path):
         other = read_superlink_connection("other")
     finally:
         os.environ.pop("FLWR_HOME") if old is None else os.environ.__setitem__("FLWR_HOME", old)
-    assert conn.address == "127.0.0.1:9092" and conn.root_certificates == str(tmp_path / "certs" / D.CA_CERT)
+    assert conn.address == "127.0.0.1:9092" and conn.root_certificates == str(tmp_path / "certs" / files.CA_CERT)
     assert not conn.insecure and default.name == "mdmt" and other.address == "10.0.0.9:9092"
 
 
@@ -283,12 +283,12 @@ def _check(path: Path, capsys) -> tuple[int, list[str]]:
 def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, small_federation):
     from mdmt.data.manifest import read_manifest
 
-    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
-    D.make_certs(tmp_path / "stranger", ["IP:127.0.0.1"])
-    D.make_site_key("A", tmp_path)
-    with TLSListener(tmp_path / "certs" / D.SERVER_CERT, tmp_path / "certs" / D.SERVER_KEY) as srv:
+    pki.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    pki.make_certs(tmp_path / "stranger", ["IP:127.0.0.1"])
+    pki.make_site_key("A", tmp_path)
+    with TLSListener(tmp_path / "certs" / files.SERVER_CERT, tmp_path / "certs" / files.SERVER_KEY) as srv:
         good = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
-                            ca=tmp_path / "certs" / D.CA_CERT)
+                            ca=tmp_path / "certs" / files.CA_CERT)
         rc, lines = _check(good, capsys)
         assert rc == 0 and lines[-1] == "READY", lines
         text = "\n".join(lines)
@@ -299,13 +299,13 @@ def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, s
         assert f"{len(df)} images of {df['patient_id'].nunique()} patients, role prognosis" in text
         assert "5 of 5 sampled decoded" in text
         wrong = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
-                             ca=tmp_path / "stranger" / D.CA_CERT, name="wrong.toml")
+                             ca=tmp_path / "stranger" / files.CA_CERT, name="wrong.toml")
         rc, lines = _check(wrong, capsys)
     assert rc == 1 and lines[-1].startswith("NOT READY: coordinator:") and "does not verify" in lines[-1], lines
 
 
 def test_check_not_ready_for_a_missing_data_dir(tmp_path, capsys):
-    D.make_site_key("A", tmp_path)
+    pki.make_site_key("A", tmp_path)
     path = _site_config(tmp_path, data_dir=tmp_path / "nowhere")
     rc, lines = _check(path, capsys)
     verdict = lines[-1]
@@ -313,11 +313,11 @@ def test_check_not_ready_for_a_missing_data_dir(tmp_path, capsys):
 
 
 def test_check_not_ready_for_an_unreachable_coordinator(tmp_path, capsys, small_federation):
-    D.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
-    D.make_site_key("A", tmp_path)
+    pki.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
+    pki.make_site_key("A", tmp_path)
     port = free_port()  # nothing listens there
     path = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{port}",
-                        ca=tmp_path / "certs" / D.CA_CERT)
+                        ca=tmp_path / "certs" / files.CA_CERT)
     rc, lines = _check(path, capsys)
     assert rc == 1 and lines[-1].startswith(f"NOT READY: coordinator: cannot reach 127.0.0.1:{port}"), lines
     assert "data-dir" not in lines[-1] and "manifest" not in lines[-1]  # only the coordinator is wrong
@@ -362,7 +362,7 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
         assert service.get("restart") in ("always", "unless-stopped", "on-failure"), name
         assert str(service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == "1", name
     assert verbs == {"superlink-cmd", "supernode-cmd"}
-    D.load_site_config(DEPLOY_DIR / "examples" / "site-A.toml")
+    siteconfig.load_site_config(DEPLOY_DIR / "examples" / "site-A.toml")
     # the install script writes the units with the given environment's mdmt
     venv = Path(sys.executable).parent.parent
     res = subprocess.run(["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path),
@@ -392,7 +392,7 @@ class Processes:
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
         env = os.environ.copy()
-        env.update(D.BASE_ENV)
+        env.update(commands.BASE_ENV)
         env.update(extra)
         env[TOKEN_VAR] = self.token
         env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
@@ -574,15 +574,15 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
 
         # The SuperLink: TLS, SuperNode authentication, no runtime dependency installation, loopback only.
         port = free_port()
-        argv_link, env_link = D.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1",
-                                                  port=port)
+        argv_link, env_link = commands.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1",
+                                                         port=port)
         env_link["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
         superlink = procs.start("superlink", argv_link, env_link)
-        _wait_healthy(port, certs / D.CA_CERT, superlink)
+        _wait_healthy(port, certs / files.CA_CERT, superlink)
 
         # The operator's flwr CLI: a TLS connection, and each site's public key registered under its name.
         cli_env = {"FLWR_HOME": str(tmp_path / "operator-flwr"), "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
-        D.write_connection(cli_env["FLWR_HOME"], "mdmt-test", f"127.0.0.1:{port}", certs / D.CA_CERT)
+        commands.write_connection(cli_env["FLWR_HOME"], "mdmt-test", f"127.0.0.1:{port}", certs / files.CA_CERT)
         flwr = str(Path(sys.executable).parent / "flwr")
         for site in SITES:
             res = procs.run(f"register-{site}", [flwr, "supernode", "register", str(sites_dir / f"site-{site}.pub"),
@@ -596,21 +596,22 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         site_ws = {}
         for site in order:
             path = _site_config(sites_dir, site=site, data_dir=small_federation / site,
-                                coordinator=f"127.0.0.1:{port}", ca=certs / D.CA_CERT, port=free_port())
-            cfg = D.load_site_config(path)
+                                coordinator=f"127.0.0.1:{port}", ca=certs / files.CA_CERT, port=free_port())
+            cfg = siteconfig.load_site_config(path)
             assert cfg.key == sites_dir / f"site-{site}" and cfg.workspace == sites_dir / f"ws-{site}"
             rc, lines = _check(path, capsys)  # against the real SuperLink, before the node starts
             assert rc == 0 and lines[-1] == "READY" and "/health 200" in "\n".join(lines), lines
-            argv, env = D.supernode_command(cfg)
+            argv, env = commands.supernode_command(cfg)
             procs.start(f"supernode-{site}", argv, env)
             site_ws[site] = cfg.workspace
             time.sleep(1.0)
 
         # A SuperNode whose key was never registered is refused.
-        rogue_cfg = D.SiteConfig(site="ROGUE", data_dir=small_federation / "C", coordinator=f"127.0.0.1:{port}",
-                                 ca=certs / D.CA_CERT, key=keys / "site-ROGUE", workspace=tmp_path / "rogue-ws",
-                                 device="cpu", supernode_port=free_port())
-        argv, env = D.supernode_command(rogue_cfg)
+        rogue_cfg = siteconfig.SiteConfig(site="ROGUE", data_dir=small_federation / "C",
+                                          coordinator=f"127.0.0.1:{port}", ca=certs / files.CA_CERT,
+                                          key=keys / "site-ROGUE", workspace=tmp_path / "rogue-ws", device="cpu",
+                                          supernode_port=free_port())
+        argv, env = commands.supernode_command(rogue_cfg)
         rogue = procs.start("supernode-ROGUE", argv, env)
 
         # The project's app, submitted to the SuperLink and supervised until done: the reference run.
@@ -672,7 +673,7 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         k, digest = int(ckpt["round"]), arrays_digest(ckpt["state_dict"])
         assert k < 3
         superlink = procs.start("superlink-restarted", argv_link, env_link)
-        _wait_healthy(port, certs / D.CA_CERT, superlink)
+        _wait_healthy(port, certs / files.CA_CERT, superlink)
         assert supervisor.wait(timeout=1200) == 0, procs.log("submit-resume")[-3000:]
         sup_log = procs.log("submit-resume")
         # it sees the SuperLink gone, or (when the restart falls between two polls) the run failed
@@ -700,7 +701,8 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         _crash(procs.procs["supernode-B"])
         _wait_for("a round without B", lambda: any(p["site"] == "B" and p["kind"] == "train" and p["status"] != "ok"
                                                    for p in _unit(ws_d)[2]), 600)
-        procs.start("supernode-B-restarted", *D.supernode_command(D.load_site_config(sites_dir / "site-B.toml")))
+        site_b = siteconfig.load_site_config(sites_dir / "site-B.toml")
+        procs.start("supernode-B-restarted", *commands.supernode_command(site_b))
         _wait_for("the dropout job", lambda: _unit(ws_d)[0].get("status") in ("done", "failed"), 900)
         unit, events, part = _unit(ws_d)
         assert unit["status"] == "done" and unit["rounds_done"] == 4, unit

@@ -12,7 +12,10 @@ import pandas as pd
 import pytest
 
 from mdmt.data import cache as cache_mod
-from mdmt.data.cache import cache_dir_for, ingest_federation, ingest_site, load_site
+from mdmt.data import ingest as ingest_mod
+from mdmt.data import worker as worker_mod
+from mdmt.data.cache import cache_dir_for, load_site
+from mdmt.data.ingest import ingest_and_load_site, ingest_federation, ingest_site
 from mdmt.data.manifest import read_rejected, write_rejected
 from mdmt.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
 from mdmt.errors import DataError
@@ -100,7 +103,7 @@ def test_ingest_caches_good_and_lists_rejected(site, tmp_path):
     # a copy of the list lives in the cache
     assert list(pd.read_csv(cdir / "rejected.csv")["source"]) == list(BAD)
 
-    data = load_site(site, cache_root, SIZE, "lung", ingest_if_missing=False)
+    data = load_site(site, cache_root, SIZE, "lung")
     assert data.role == "both" and data.images.shape == (5, SIZE, SIZE)
     assert list(data.table["y_prog"]) == [0, 1, -1, -1, 0]
     assert list(data.table["y_sev"]) == [-1, -1, 1, 3, 0]  # 001223 -> 8 -> class 1; 333333 -> 18 -> 3
@@ -126,7 +129,7 @@ def test_reuse_rebuild_and_other_stages_kept(site, tmp_path):
     assert not third["reused"] and third["cached"] == 5 and third["rejected"] == 2
     rej = read_rejected(site)
     assert "AIforCOVID.xlsx:row 9" in set(rej["source"]) and "imgs/f.dcm" not in set(rej["source"])
-    assert load_site(site, cache_root, SIZE, ingest_if_missing=False).table["y_prog"].iat[0] == 1
+    assert load_site(site, cache_root, SIZE).table["y_prog"].iat[0] == 1
 
     # another size or crop is another cache; force rebuilds
     other = ingest_site(site, cache_root, image_size=32, crop="none", progress=False)
@@ -139,7 +142,7 @@ def test_interrupted_ingest_never_looks_valid(site, tmp_path, monkeypatch):
     ingest_site(site, cache_root, image_size=SIZE, progress=False)
     cdir = cache_dir_for(site, cache_root, SIZE, "lung")
     calls = {"n": 0}
-    real = cache_mod._process_one
+    real = worker_mod.decode_one
 
     def dies_midway(task):
         calls["n"] += 1
@@ -147,19 +150,19 @@ def test_interrupted_ingest_never_looks_valid(site, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(cache_mod, "_process_one", dies_midway)
+    monkeypatch.setattr(worker_mod, "decode_one", dies_midway)
     with pytest.raises(KeyboardInterrupt):  # workers=1: a local function cannot go to a process pool
         ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False, force=True)
     assert not (cdir / "meta.json").exists()
     assert not [p.name for p in cdir.iterdir() if ".tmp-" in p.name]
     with pytest.raises(DataError, match="no up-to-date cache"):
-        load_site(site, cache_root, SIZE, ingest_if_missing=False)
-    monkeypatch.setattr(cache_mod, "_process_one", real)
+        load_site(site, cache_root, SIZE)
+    monkeypatch.setattr(worker_mod, "decode_one", real)
     # resumed: the two images decoded before the interruption come from its journal
     s = ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False)
     assert (s["decoded"], s["reused_images"]) == (6 - 2, 2)
     assert not [p.name for p in cdir.iterdir() if p.name.startswith("partial-")]
-    assert load_site(site, cache_root, SIZE).images.shape == (5, SIZE, SIZE)
+    assert ingest_and_load_site(site, cache_root, SIZE).images.shape == (5, SIZE, SIZE)
 
 
 def _assert_readonly_ingest(site, cache_root):
@@ -185,7 +188,7 @@ def test_read_only_site_folder(site, tmp_path):
 
 def test_unwritable_site_logic(site, tmp_path, monkeypatch):
     # the same path as the chmod test, independent of the user id
-    monkeypatch.setattr(cache_mod, "_site_writable", lambda _d: False)
+    monkeypatch.setattr(ingest_mod, "_site_writable", lambda _d: False)
     _assert_readonly_ingest(site, tmp_path / "cache")
 
 
@@ -272,9 +275,9 @@ def _cache_files(summary):
 
 def test_workers_zero_means_one_per_core(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 3)
-    assert cache_mod._resolve_workers(0) == 3 and cache_mod._resolve_workers(2) == 2
-    with pytest.raises(cache_mod.ConfigError):
-        cache_mod._resolve_workers(-1)
+    assert worker_mod.resolve_workers(0) == 3 and worker_mod.resolve_workers(2) == 2
+    with pytest.raises(worker_mod.ConfigError):
+        worker_mod.resolve_workers(-1)
 
 
 def test_incremental_second_run_decodes_only_changes(site, tmp_path):
@@ -309,7 +312,7 @@ def test_incremental_second_run_decodes_only_changes(site, tmp_path):
     scratch = ingest_site(site, tmp_path / "scratch", image_size=SIZE, workers=1, progress=False)
     assert scratch["decoded"] == 7
     assert _cache_files(third) == _cache_files(scratch)
-    table = load_site(site, cache_root, SIZE, ingest_if_missing=False).table
+    table = load_site(site, cache_root, SIZE).table
     assert table["y_prog"].iat[0] == 1 and "imgs/c.dcm" not in set(table["image"])
 
 
@@ -392,7 +395,7 @@ def test_ingest_with_box_table(tmp_path):
     ).to_csv(site / "lung_boxes.csv", index=False)
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
     assert s["cached"] == 4 and s["crop_fallbacks"] == 2  # imgs/1 invalid, imgs/3 has no row
-    data = load_site(site, tmp_path / "cache", SIZE, "boxes", ingest_if_missing=False)
+    data = load_site(site, tmp_path / "cache", SIZE, "boxes")
     t = data.table
     assert list(t["crop_fallback"]) == [0, 1, 0, 1]
     assert t["crop_note"].iat[0] == "" and "top < bottom" in t["crop_note"].iat[1]
@@ -449,10 +452,10 @@ def test_ingest_with_mask_folder(tmp_path):
     Image.fromarray(mask[:100]).save(site / "lung_masks/imgs/2.png")  # wrong size
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="masks", progress=False)
     assert s["crop_fallbacks"] == 2
-    t = load_site(site, tmp_path / "cache", SIZE, "masks", ingest_if_missing=False).table
+    t = load_site(site, tmp_path / "cache", SIZE, "masks").table
     assert list(t["crop_fallback"]) == [0, 0, 1, 1]
     assert "does not match" in t["crop_note"].iat[2] and t["crop_note"].iat[3] == "no mask file lung_masks/imgs/3.dcm.png"
-    data = load_site(site, tmp_path / "cache", SIZE, "masks", ingest_if_missing=False)
+    data = load_site(site, tmp_path / "cache", SIZE, "masks")
     from mdmt.data.dicom import read_dicom
 
     img, _ = read_dicom(site / "imgs/1.dcm")

@@ -19,7 +19,8 @@ from dicom_helpers import (
     write_jpeg_baseline_dicom,
     write_non_image,
 )
-from mdmt.data.cache import ingest_site, load_site
+from mdmt.data.cache import load_site
+from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import read_rejected
 
 SIZE = 32
@@ -156,7 +157,7 @@ def test_odd_folder_every_row_cached_or_rejected(tmp_path, voi, workers):
     good, bad, rows = build_odd_site(site)
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, workers=workers, voi=voi, progress=False)
     assert s["cached"] + s["rejected"] == len(rows)
-    data = load_site(site, tmp_path / "cache", SIZE, voi=voi, ingest_if_missing=False)
+    data = load_site(site, tmp_path / "cache", SIZE, voi=voi)
     rej = read_rejected(site)
     assert len(data.table) == s["cached"] == len(data.images) and len(rej) == s["rejected"]
     assert sorted(list(data.table["image"]) + list(rej["source"])) == sorted(r[0] for r in rows)

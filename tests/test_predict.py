@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mdmt.fed.checkpoint import save_checkpoint
-from mdmt.data.cache import ingest_site
+from mdmt.data.ingest import ingest_site
 from mdmt.data.dicom import read_image
 from mdmt.data.manifest import SEVERITY_CLASS_NAMES
 from mdmt.data.preprocess import preprocess_with_info

@@ -1,6 +1,6 @@
-"""DP-SGD with Opacus: every paper backbone takes a real private step after prepare_for_dp, the
-accountant survives a restart, the budget check agrees with the epsilon reached, a head without labels
-stays put."""
+"""DP-SGD with Opacus through the one training loop (train_local with a DPRound): every paper backbone
+takes a real private step after prepare_for_dp, the accountant survives a restart, the budget check agrees
+with the epsilon reached and refuses the round that would pass it, a head without labels stays put."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from torch import nn
 from mdmt.errors import ConfigError, DataError
 from mdmt.ml.model import BACKBONES, MDMTNet, build_model
 from mdmt.ml.privacy import (
+    DPRound,
     DPSettings,
     GroupNormDP,
-    dp_train_steps,
-    epsilon_spent,
+    PrivateTraining,
     group_count,
     load_accountant,
     make_private_training,
@@ -26,12 +26,10 @@ from mdmt.ml.privacy import (
     projected_epsilon,
     read_accountant,
     sample_rate_for,
-    save_accountant,
     steps_per_epoch,
-    trainable_parameters,
     would_exceed,
 )
-from mdmt.ml.train import TaskData
+from mdmt.ml.train import TaskData, TrainResult, train_local, trainable_parameters
 
 
 @pytest.fixture(autouse=True)
@@ -67,6 +65,16 @@ def private(model, data: TaskData, settings: DPSettings, batch_size: int = 4, se
                                  settings=settings)
 
 
+def dp_train(model, data: TaskData, settings: DPSettings, *, steps: int = 0, epochs: int = 1, batch_size: int = 4,
+             seed: int = 0, file=None, meta=None) -> TrainResult:
+    return train_local(model, data, steps=steps, epochs=epochs, batch_size=batch_size, lr=0.05, seed=seed,
+                       dp=DPRound(settings, file, dict(meta or {})))
+
+
+def history(path) -> list:
+    return read_accountant(path)["history"]
+
+
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -75,7 +83,7 @@ SETTINGS = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_every_backbone_takes_a_real_dp_step(name):
+def test_every_backbone_takes_a_real_dp_step(name, tmp_path):
     model = prepare_for_dp(build_model(name, seed=0))
     twin = prepare_for_dp(build_model(name, seed=0))
     assert not [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -89,15 +97,17 @@ def test_every_backbone_takes_a_real_dp_step(name):
 
     before = snapshot(model)
     data = task_data(4)
-    pt = private(model, data, SETTINGS.resolve(len(data), 4))
-    result = dp_train_steps(pt, data, steps=1)
-    assert result.steps == 1 and result.samples_seen == 4  # sampling rate 1: the whole batch
-    trained = pt.close()
-    after = snapshot(trained)
+    settings = SETTINGS.resolve(len(data), 4)
+    result = dp_train(model, data, settings, steps=1, file=tmp_path / "acct.json")
+    assert result.steps == 1 and result.n_examples == 4 and not result.dp_refused
+    after = snapshot(model)
     assert after.keys() == before.keys()
     assert all(not torch.equal(before[k], after[k]) for k in before), "a parameter did not move"
     assert all(torch.isfinite(v).all() for v in after.values())
-    assert result.epsilon > 0 and result.epsilon == pytest.approx(epsilon_spent(pt.engine, pt.settings.delta))
+    assert all(p.requires_grad for p in model.parameters())  # Opacus' wrapping is undone
+    assert sum(h[2] for h in history(tmp_path / "acct.json")) == 1
+    assert result.epsilon > 0
+    assert result.epsilon == pytest.approx(projected_epsilon(history(tmp_path / "acct.json"), settings, 0, 1.0))
 
 
 def test_group_count_and_fused_activation():
@@ -117,25 +127,20 @@ def test_group_count_and_fused_activation():
 def test_accountant_survives_a_restart(tmp_path):
     data = task_data(24, size=16)
     settings = SETTINGS.resolve(len(data), 4)
-    pt = private(tiny_model(), data, settings)
-    dp_train_steps(pt, data, steps=3)
-    eps = pt.epsilon()
-    assert eps > 0
     path = tmp_path / "run-1" / "privacy" / "A.json"
-    save_accountant(pt.engine, path, site="A")
+    first = dp_train(tiny_model(), data, settings, steps=3, file=path, meta={"site": "A"})
+    assert first.epsilon > 0
     assert [p.name for p in path.parent.iterdir()] == ["A.json"]  # no temporary file left behind
     doc = json.loads(path.read_text())
-    assert doc["mechanism"] == "rdp" and sum(h[2] for h in doc["history"]) == 3 and doc["meta"] == {"site": "A"}
+    assert doc["mechanism"] == "rdp" and sum(h[2] for h in doc["history"]) == 3
+    assert doc["meta"] == {"site": "A", "delta": settings.delta}
 
-    fresh = private(tiny_model(), data, settings, seed=1)
-    assert fresh.epsilon() == 0.0
-    load_accountant(fresh.engine, path)
-    assert fresh.epsilon() == pytest.approx(eps, rel=1e-12)
-    saved = read_accountant(path)["history"]
-    dp_train_steps(fresh, data, steps=2)
-    assert fresh.epsilon() > eps
-    assert fresh.epsilon() == pytest.approx(projected_epsilon(saved, settings, 2, fresh.sample_rate), rel=1e-9)
-    assert sum(h[2] for h in fresh.engine.accountant.history) == 5
+    # A new process (a fresh model and engine) continues from the saved history.
+    saved = history(path)
+    second = dp_train(tiny_model(), data, settings, steps=2, seed=1, file=path, meta={"site": "A"})
+    assert second.epsilon > first.epsilon
+    assert second.epsilon == pytest.approx(projected_epsilon(saved, settings, 2, sample_rate_for(24, 4)), rel=1e-9)
+    assert sum(h[2] for h in history(path)) == 5
 
     missing = private(tiny_model(), data, settings)
     load_accountant(missing.engine, tmp_path / "none.json")
@@ -144,14 +149,14 @@ def test_accountant_survives_a_restart(tmp_path):
 
 def test_accountant_file_errors_are_one_line(tmp_path):
     data = task_data(12, size=16)
-    pt = private(tiny_model(), data, SETTINGS.resolve(len(data), 4))
-    dp_train_steps(pt, data, steps=1)
-    path = save_accountant(pt.engine, tmp_path / "A.json")
+    path = tmp_path / "A.json"
+    dp_train(tiny_model(), data, SETTINGS.resolve(len(data), 4), steps=1, file=path)
     prv = private(tiny_model(), data, DPSettings(noise_multiplier=1.0, accountant="prv").resolve(len(data), 4))
     with pytest.raises(ConfigError, match="dp-accountant") as err:
         load_accountant(prv.engine, path)
     assert "\n" not in str(err.value)
     path.write_text("{not json")
+    pt = private(tiny_model(), data, SETTINGS.resolve(len(data), 4))
     with pytest.raises(DataError, match="A.json") as err:
         load_accountant(pt.engine, path)
     assert "\n" not in str(err.value)
@@ -160,17 +165,14 @@ def test_accountant_file_errors_are_one_line(tmp_path):
 def test_prv_accountant_round_trip(tmp_path):
     data = task_data(12, size=16)
     settings = DPSettings(noise_multiplier=1.0, accountant="prv").resolve(len(data), 4)
-    pt = private(tiny_model(), data, settings)
-    dp_train_steps(pt, data, steps=2)
-    eps = pt.epsilon()
+    eps = dp_train(tiny_model(), data, settings, steps=2, file=tmp_path / "B.json").epsilon
     assert eps > 0
-    save_accountant(pt.engine, tmp_path / "B.json")
     again = private(tiny_model(), data, settings)
     load_accountant(again.engine.accountant, tmp_path / "B.json")
     assert again.epsilon() == pytest.approx(eps)
 
 
-def test_budget_check_matches_the_epsilon_reached():
+def test_budget_check_matches_the_epsilon_reached(tmp_path):
     data = task_data(20, size=16)
     base = SETTINGS.resolve(len(data), 4)
     q = sample_rate_for(len(data), 4)
@@ -180,48 +182,54 @@ def test_budget_check_matches_the_epsilon_reached():
     assert not would_exceed([], settings, 4, q)
     assert would_exceed([], settings, 5, q)
 
-    pt = private(tiny_model(), data, settings)
-    assert pt.sample_rate == q
-    dp_train_steps(pt, data, steps=4)
-    assert pt.epsilon() == pytest.approx(eps4, rel=1e-9) and pt.epsilon() <= settings.epsilon_budget
-    assert not would_exceed(pt.engine, settings, 0, q)
-    assert would_exceed(pt.engine, settings, 1, q) and pt.would_exceed(1)
-    dp_train_steps(pt, data, steps=1)  # the step the check refused really overspends
-    assert pt.epsilon() > settings.epsilon_budget
-    assert pt.epsilon() == pytest.approx(eps5, rel=1e-9)
-    assert not would_exceed(pt.engine, DPSettings(noise_multiplier=1.0).resolve(len(data), 4), 10**6, q)
+    path = tmp_path / "A.json"
+    model = tiny_model()
+    four = dp_train(model, data, settings, steps=4, file=path)
+    assert not four.dp_refused and four.epsilon == pytest.approx(eps4, rel=1e-9)
+    assert four.epsilon <= settings.epsilon_budget
+    assert not would_exceed(history(path), settings, 0, q)
+    assert would_exceed(history(path), settings, 1, q)
+    before = snapshot(model)
+    refused = dp_train(model, data, settings, steps=1, file=path)  # one more step would pass the budget
+    assert refused.dp_refused and refused.steps == 0 and refused.n_examples == 0
+    assert refused.epsilon == pytest.approx(eps4, rel=1e-9)
+    assert all(torch.equal(v, snapshot(model)[k]) for k, v in before.items())
+    assert sum(h[2] for h in history(path)) == 4
+    over = dp_train(model, data, base, steps=1, file=path)  # the step the check refused really overspends
+    assert over.epsilon > settings.epsilon_budget
+    assert over.epsilon == pytest.approx(eps5, rel=1e-9)
+    assert not would_exceed(history(path), DPSettings(noise_multiplier=1.0).resolve(len(data), 4), 10**6, q)
 
 
 def test_a_head_without_labels_at_the_site_does_not_move():
     model = prepare_for_dp(build_model("resnet18", seed=0))
     data = task_data(8, prog=True, sev=False)
     before = snapshot(model)
-    pt = private(model, data, SETTINGS.resolve(len(data), 4))
-    opt_params = {id(p) for p in pt.optimizer.params}
-    assert not any(id(p) in opt_params for p in model.heads["severity"].parameters())
-    result = dp_train_steps(pt, data, steps=2)
-    assert result.loss_count["severity"] == 0 and result.loss_sum["severity"] == 0.0
-    assert result.loss_count["prognosis"] == result.samples_seen > 0
-    trained = pt.close()
-    after = snapshot(trained)
+    result = dp_train(model, data, SETTINGS.resolve(len(data), 4), steps=2)
+    assert result.n_task == {"prognosis": 8, "severity": 0}
+    assert result.loss_task["severity"] == 0.0 and result.loss_task["prognosis"] > 0
+    after = snapshot(model)
     sev = [k for k in before if k.startswith("heads.severity.")]
     others = [k for k in before if not k.startswith("heads.severity.")]
     assert sev and all(torch.equal(before[k], after[k]) for k in sev)
     assert all(not torch.equal(before[k], after[k]) for k in others)
-    assert all(p.requires_grad for p in trained.parameters())  # unfrozen again after close()
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again once the round ends
 
 
-def test_empty_poisson_batches_still_take_a_noisy_step():
+def test_empty_poisson_batches_still_take_a_noisy_step(tmp_path, monkeypatch):
     data = task_data(40, size=16)
     settings = SETTINGS.resolve(len(data), 1)  # sampling rate 1/40: about a third of the batches are empty
-    pt = private(tiny_model(), data, settings, batch_size=1)
-    before = snapshot(pt.module)
-    result = dp_train_steps(pt, data, epochs=1)
+    noise_only = []
+    step = PrivateTraining.noise_step
+    monkeypatch.setattr(PrivateTraining, "noise_step", lambda self: (noise_only.append(1), step(self)))
+    model = tiny_model()
+    before = snapshot(model)
+    result = dp_train(model, data, settings, epochs=1, batch_size=1, file=tmp_path / "acct.json")
     assert result.steps == steps_per_epoch(40, 1) == 40
-    assert result.empty_batches > 0 and result.samples_seen > 0
-    assert sum(h[2] for h in pt.engine.accountant.history) == 40
+    assert 0 < len(noise_only) < 40
+    assert sum(h[2] for h in history(tmp_path / "acct.json")) == 40
     assert result.epsilon == pytest.approx(projected_epsilon([], settings, 40, 1 / 40), rel=1e-9)
-    after = snapshot(pt.module)
+    after = snapshot(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
 
 
@@ -230,12 +238,11 @@ def test_same_seed_same_private_update():
     settings = SETTINGS.resolve(len(data), 4)
     runs = []
     for seed in (3, 3, 4):
-        pt = private(tiny_model(), data, settings, seed=seed)
-        result = dp_train_steps(pt, data, steps=4)
-        runs.append((snapshot(pt.close()), result.samples_seen))
-    assert runs[0][1] == runs[1][1]
-    assert all(torch.equal(v, runs[1][0][k]) for k, v in runs[0][0].items())
-    assert not all(torch.equal(v, runs[2][0][k]) for k, v in runs[0][0].items())
+        model = tiny_model()
+        dp_train(model, data, settings, steps=4, seed=seed)
+        runs.append(snapshot(model))
+    assert all(torch.equal(v, runs[1][k]) for k, v in runs[0].items())
+    assert not all(torch.equal(v, runs[2][k]) for k, v in runs[0].items())
 
 
 def test_target_epsilon_sets_the_noise_for_the_planned_epochs():

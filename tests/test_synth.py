@@ -229,7 +229,7 @@ def test_oracle_ceiling_in_documented_range(fed):
 # ---------------------------------------------------------------------------------------------- opacities
 def test_opacity_raises_the_zone_density_in_the_renderer():
     look = synth.SITE_LOOKS["A"]
-    anat = synth._anatomy(np.random.default_rng(3))
+    anat = synth.anatomy(np.random.default_rng(3))
     base, _ = synth.render(anat, (0, 0, 0, 0, 0, 0), look, 128, 128, np.random.default_rng(4))
     sick, _ = synth.render(anat, (0, 0, 3, 0, 0, 0), look, 128, 128, np.random.default_rng(4))
     diff = sick - base

@@ -5,6 +5,7 @@ The ClientApp in client/ only translates Flower messages to these calls and back
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -21,8 +22,8 @@ from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
 from mdmt.ml.model import build_model
 from mdmt.seeding import derive_seed
 from mdmt.ml.augment import get_augment
-from mdmt.ml.train import (TaskData, TrainResult, adapt_bn, balanced_class_weights, evaluate, is_bn_stat,
-                          resolve_device, train_local)
+from mdmt.ml.privacy import DPRound, steps_per_epoch
+from mdmt.ml.train import TaskData, adapt_bn, evaluate, is_bn_stat, resolve_device, train_local
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -74,10 +75,10 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
 
 
 def _load(cfg: RunConfig, loc: SiteLocation):
-    from mdmt.data.cache import load_site
+    from mdmt.data.ingest import ingest_and_load_site
 
-    return load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, ingest_if_missing=True,
-                     voi=cfg.voi, crop_source=cfg.crop_source or None)
+    return ingest_and_load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, voi=cfg.voi,
+                                crop_source=cfg.crop_source or None)
 
 
 def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
@@ -166,14 +167,12 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
         state = state | torch.load(bn_file, map_location="cpu")
     model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
     seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
-    if cfg.dp:
-        res = _train_dp(cfg, loc, model, data, rcfg, seed)
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}, P.train_metrics(res)
     res = train_local(
         model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
         lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
         device=resolve_device(loc.device or cfg.device), seed=seed, augment=get_augment(cfg.augment),
         class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)), compile_model=cfg.torch_compile,
+        dp=dp_round(cfg, loc, data, str(rcfg[P.CFG_UNIT])) if cfg.dp else None,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if _fedbn(rcfg):
@@ -188,43 +187,17 @@ def privacy_file(loc: SiteLocation, unit_id: str) -> Path:
     return loc.workspace / "privacy" / (unit_id.replace("/", "__") + ".json")
 
 
-def _train_dp(cfg: RunConfig, loc: SiteLocation, model: torch.nn.Module, data: TaskData, rcfg: Mapping[str, Any],
-              seed: int) -> TrainResult:
-    """One round of DP-SGD (Opacus), or a refusal when the round would take the site past its budget."""
-    import math
-
-    from mdmt.ml.privacy import (dp_train_steps, load_accountant, make_private_training, save_accountant,
-                                steps_per_epoch, trainable_parameters)
-
-    data = data.subset((data.y_prog >= 0) | (data.y_sev >= 0))
-    counts = data.counts()
-    if len(data) == 0:
-        return TrainResult(0, counts, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
-    per_epoch = steps_per_epoch(len(data), cfg.batch_size)
+def dp_round(cfg: RunConfig, loc: SiteLocation, data: TaskData, unit_id: str) -> DPRound | None:
+    """The DP-SGD settings of this site's round: a target epsilon is spread over every local epoch the
+    whole run takes here (rounds x local epochs, or the epochs that the local steps amount to). None when
+    the site has no labelled row (nothing to train, nothing to account)."""
+    n = len(data.labelled())
+    if n == 0:
+        return None
+    per_epoch = steps_per_epoch(n, cfg.batch_size)
     epochs = cfg.num_rounds * (cfg.local_epochs if cfg.local_steps <= 0 else math.ceil(cfg.local_steps / per_epoch))
-    settings = cfg.dp_settings(epochs).resolve(len(data), cfg.batch_size)
-    device = resolve_device(loc.device or cfg.device)
-    model.to(device)
-    opt = torch.optim.Adam(trainable_parameters(model, [t for t, c in counts.items() if c]),
-                           lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay)
-    pt = make_private_training(model, opt, n_samples=len(data), batch_size=cfg.batch_size, seed=seed, settings=settings)
-    acct = privacy_file(loc, str(rcfg[P.CFG_UNIT]))
-    load_accountant(pt.engine, acct)
-    steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * per_epoch
-    if settings.epsilon_budget > 0 and pt.would_exceed(steps):
-        eps = pt.epsilon()
-        pt.close()
-        return TrainResult(0, {PROGNOSIS: 0, SEVERITY: 0}, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0,
-                           epsilon=eps, dp_refused=True)
-    weights = balanced_class_weights(data) if cfg.class_weight == "balanced" else None
-    res = dp_train_steps(pt, data, steps=steps, device=device, augment=get_augment(cfg.augment), seed=seed,
-                         class_weights=weights)
-    save_accountant(pt.engine, acct, site=loc.site, unit=str(rcfg[P.CFG_UNIT]), delta=settings.delta)
-    pt.close()
-    seen = sum(res.loss_count.values())
-    return TrainResult(len(data), counts, sum(res.loss_sum.values()) / seen if seen else 0.0,
-                       {t: (res.mean_loss(t) if res.loss_count[t] else 0.0) for t in res.loss_count},
-                       res.steps, res.seconds, epsilon=res.epsilon)
+    settings = cfg.dp_settings(epochs).resolve(n, cfg.batch_size)
+    return DPRound(settings, privacy_file(loc, unit_id), {"site": loc.site, "unit": unit_id})
 
 
 def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,8 @@
 * :class:`DPSettings` holds the privacy parameters; :meth:`DPSettings.resolve` fills delta and the noise
   multiplier for one site.
 * :func:`make_private_training` wraps a model and its optimiser with Opacus' ``PrivacyEngine`` (Poisson
-  sampling over an index loader), :func:`dp_train_steps` runs DP-SGD with the masked MDMT loss.
+  sampling over an index loader); :class:`DPRound` is what ``mdmt.ml.train.train_local`` takes to run its
+  one training loop as DP-SGD.
 * :func:`save_accountant` / :func:`load_accountant` keep the accountant's history across processes, and
   :func:`would_exceed` checks a round against the epsilon budget before any training.
 
@@ -27,19 +28,15 @@ import json
 import math
 import os
 import tempfile
-import time
-import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from mdmt.errors import ConfigError, DataError
-from mdmt.ml.loss import mdmt_loss
-from mdmt.ml.methods import PROGNOSIS, SEVERITY
 from mdmt.seeding import derive_seed
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -372,6 +369,15 @@ class PrivateTraining:
     def would_exceed(self, steps: int) -> bool:
         return would_exceed(self.engine, self.settings, steps, self.sample_rate)
 
+    def noise_step(self) -> None:
+        """A Poisson batch with no sample: the update is noise only (zero per-sample gradients), and the
+        accountant counts the step, as the sampled Gaussian mechanism's analysis assumes."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
     def close(self) -> nn.Module:
         """Remove Opacus' hooks, unfreeze what was frozen and return the plain trained module."""
         module = self.model.to_standard_module()
@@ -379,13 +385,6 @@ class PrivateTraining:
             p.requires_grad_(True)
         self.frozen = []
         return module
-
-
-def trainable_parameters(model: nn.Module, tasks: Iterable[str]) -> list[nn.Parameter]:
-    """The backbone's parameters and those of the heads of ``tasks`` (the tasks with labels at a site)."""
-    tasks = set(tasks)
-    return [p for name, p in model.named_parameters()
-            if not name.startswith("heads.") or name.split(".")[1] in tasks]
 
 
 def make_private_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, n_samples: int,
@@ -433,89 +432,34 @@ def make_private_training(model: nn.Module, optimizer: torch.optim.Optimizer, *,
                            float(private_loader.sample_rate), n_samples, frozen)
 
 
-@dataclass
-class DPTrainResult:
-    """Sums and counts of one DP-SGD run (per-sample losses summed over the labelled samples seen)."""
+@dataclass(frozen=True)
+class DPRound:
+    """DP-SGD for one round of local training (``mdmt.ml.train.train_local(dp=...)``): the settings, and
+    the file where a site keeps its accountant history across rounds and restarts (None: none kept)."""
 
-    n_examples: int
-    n_task: dict[str, int]
-    loss_sum: dict[str, float]
-    loss_count: dict[str, int]
-    samples_seen: int
-    steps: int
-    empty_batches: int
-    epsilon: float
-    seconds: float
+    settings: DPSettings
+    accountant_file: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # written beside the history (site, unit)
 
-    def mean_loss(self, task: str) -> float:
-        return self.loss_sum[task] / self.loss_count[task] if self.loss_count[task] else float("nan")
+    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, n_samples: int, batch_size: int,
+             seed: int) -> PrivateTraining:
+        """Opacus around ``model`` and ``optimizer``, its accountant continued from the site's history."""
+        private = make_private_training(model, optimizer, n_samples=n_samples, batch_size=batch_size, seed=seed,
+                                        settings=self.settings)
+        if self.accountant_file is not None:
+            load_accountant(private.engine, self.accountant_file)
+        return private
 
+    def refuse(self, private: PrivateTraining) -> float:
+        """Undo the wrapping of a round that will not train; the epsilon spent so far."""
+        eps = private.epsilon()
+        private.close()
+        return eps
 
-def _step_on_empty_batch(private: PrivateTraining) -> None:
-    """A Poisson batch with no sample: the update is noise only (zero per-sample gradients), and the
-    accountant counts the step, as the sampled Gaussian mechanism's analysis assumes."""
-    for p in private.optimizer.params:
-        p.grad_sample = p.new_zeros((0, *p.shape))
-    private.optimizer.step()
-    private.optimizer.zero_grad(set_to_none=True)
-
-
-def dp_train_steps(private: PrivateTraining, data: Any, *, epochs: int = 1, steps: int = 0,
-                   device: torch.device | str = "cpu", augment=None, seed: int = 0,
-                   class_weights: dict[str, torch.Tensor] | None = None,
-                   loss_weights: tuple[float, float] = (1.0, 1.0)) -> DPTrainResult:
-    """Run DP-SGD on ``data`` (a ``mdmt.ml.train.TaskData`` whose rows are the ``n_samples`` the loader
-    indexes); ``steps`` > 0 overrides ``epochs`` (one epoch = ``len(private.loader)`` Poisson batches).
-    ``augment`` is a batch transform from mdmt.ml.augment, drawn from a generator seeded by ``seed``."""
-    from mdmt.ml.train import Feeder
-
-    if len(data) != private.n_samples:
-        raise ValueError(f"data has {len(data)} rows but the private loader indexes {private.n_samples}")
-    device = torch.device(device) if isinstance(device, str) else device
-    t0 = time.perf_counter()
-    model, opt = private.model, private.optimizer
-    model.train()
-    feed = Feeder(device)
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu")
-    gen.manual_seed(derive_seed(seed, "dp", "augment"))
-    y_prog = torch.from_numpy(np.asarray(data.y_prog)).long()
-    y_sev = torch.from_numpy(np.asarray(data.y_sev)).long()
-    cw = {k: v.to(device) for k, v in class_weights.items()} if class_weights else None
-    sums = {PROGNOSIS: 0.0, SEVERITY: 0.0}
-    counts = {PROGNOSIS: 0, SEVERITY: 0}
-    done = empty = seen = 0
-    total = steps if steps > 0 else max(int(epochs), 0) * len(private.loader)
-    opt.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        # The first layer's input never requires a gradient; Opacus only needs the output gradient there.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-        while done < total:
-            for (idx,) in private.loader:
-                if idx.numel() == 0:
-                    _step_on_empty_batch(private)
-                    empty += 1
-                else:
-                    images = data.images[idx.numpy()]
-                    x = feed(images, augment, gen) if augment is not None else feed(images)
-                    yp, ys = y_prog[idx].to(device), y_sev[idx].to(device)
-                    lp, ls = model(x)
-                    loss = mdmt_loss(lp, ls, yp, ys, norm="batch", weight_prog=loss_weights[0],
-                                     weight_sev=loss_weights[1], class_weights=cw)
-                    loss.total.backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    b = int(idx.numel())
-                    seen += b
-                    sums[PROGNOSIS] += float(loss.prognosis.detach()) * b
-                    sums[SEVERITY] += float(loss.severity.detach()) * b
-                    counts[PROGNOSIS] += int((yp >= 0).sum())
-                    counts[SEVERITY] += int((ys >= 0).sum())
-                done += 1
-                if done >= total:
-                    break
-    return DPTrainResult(
-        n_examples=len(data),
-        n_task={PROGNOSIS: int((y_prog >= 0).sum()), SEVERITY: int((y_sev >= 0).sum())},
-        loss_sum=sums, loss_count=counts, samples_seen=seen, steps=done, empty_batches=empty,
-        epsilon=private.epsilon(), seconds=time.perf_counter() - t0,
-    )
+    def finish(self, private: PrivateTraining) -> float:
+        """Save the accountant history and unwrap the model; the epsilon spent so far."""
+        if self.accountant_file is not None:
+            save_accountant(private.engine, self.accountant_file, **self.meta, delta=private.settings.delta)
+        eps = private.epsilon()
+        private.close()
+        return eps

@@ -6,6 +6,8 @@ Images stay uint8 on the host; each batch is gathered, moved to the device and n
 from __future__ import annotations
 
 import time
+import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,10 +15,11 @@ import pandas as pd
 import torch
 
 from mdmt.ml.loss import mdmt_loss
+from mdmt.ml.methods import PROGNOSIS, SEVERITY
 from mdmt.ml.metrics import HIST_BINS
 from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
-from mdmt.ml.methods import PROGNOSIS, SEVERITY
-
+from mdmt.ml.privacy import DPRound
+from mdmt.seeding import derive_seed
 
 
 @dataclass
@@ -44,6 +47,10 @@ class TaskData:
             np.concatenate([p.y_sev for p in parts]),
             [i for p in parts for i in p.ids],
         )
+
+    def labelled(self) -> "TaskData":
+        """The rows that carry at least one label (the rows a site trains on)."""
+        return self.subset((self.y_prog >= 0) | (self.y_sev >= 0))
 
     def counts(self) -> dict[str, int]:
         return {PROGNOSIS: int((self.y_prog >= 0).sum()), SEVERITY: int((self.y_sev >= 0).sum())}
@@ -109,10 +116,11 @@ def _batches(n: int, batch_size: int, rng: np.random.Generator | None) -> list[n
     return chunks
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
+def autocast(device: torch.device, enabled: bool = True):
+    """bf16 autocast on a GPU; full precision on the CPU (and wherever ``enabled`` is false)."""
+    if device.type == "cuda" and enabled:
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
 
 
 def balanced_class_weights(data: "TaskData") -> dict[str, torch.Tensor]:
@@ -154,7 +162,7 @@ def adapt_bn(model: torch.nn.Module, data: "TaskData", *, batch_size: int = 64, 
     model.train()
     feed = Feeder(device, data.images)
     for idx in _batches(len(data), batch_size, None):
-        with _autocast(device):
+        with autocast(device):
             model(feed.take(idx))
     model.eval()
 
@@ -169,6 +177,44 @@ class TrainResult:
     seconds: float
     epsilon: float = float("nan")  # DP-SGD: epsilon spent so far at this site for this unit
     dp_refused: bool = False  # DP-SGD: the site refused the round (its budget would be exceeded)
+
+    @classmethod
+    def untrained(cls, epsilon: float = float("nan"), refused: bool = False) -> "TrainResult":
+        """No step taken: the site has no labelled row, or refused a DP round that would exceed its budget."""
+        return cls(0, {PROGNOSIS: 0, SEVERITY: 0}, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0, epsilon=epsilon,
+                   dp_refused=refused)
+
+
+def trainable_parameters(model: torch.nn.Module, tasks: Iterable[str]) -> list[torch.nn.Parameter]:
+    """The backbone's parameters and those of the heads of ``tasks`` (the tasks with labels at a site):
+    weight decay would otherwise move a head that receives no gradient."""
+    tasks = set(tasks)
+    return [p for name, p in model.named_parameters() if not name.startswith("heads.") or name.split(".")[1] in tasks]
+
+
+def _epoch_batches(n: int, batch_size: int, rng: np.random.Generator, private) -> Iterator[np.ndarray]:
+    """One epoch's batches of row indices: shuffled chunks, or under DP-SGD Opacus' Poisson batches
+    (of varying size, possibly empty)."""
+    if private is None:
+        yield from _batches(n, batch_size, rng)
+    else:
+        for (idx,) in private.loader:
+            yield idx.numpy()
+
+
+def _schedule(n: int, batch_size: int, rng: np.random.Generator, private, epochs: int, steps: int
+              ) -> Iterator[np.ndarray]:
+    """The batches of one round: ``epochs`` epochs, or exactly ``steps`` steps when ``steps`` > 0."""
+    done = epoch = 0
+    while True:
+        for idx in _epoch_batches(n, batch_size, rng, private):
+            yield idx
+            done += 1
+            if steps > 0 and done >= steps:
+                return
+        epoch += 1
+        if steps <= 0 and epoch >= epochs:
+            return
 
 
 def train_local(
@@ -187,6 +233,7 @@ def train_local(
     class_weight: str = "none",
     prox_mu: float = 0.0,
     compile_model: bool = False,
+    dp: DPRound | None = None,
 ) -> TrainResult:
     """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs.
 
@@ -194,57 +241,65 @@ def train_local(
     balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received;
     ``compile_model``: run the forward pass through ``torch.compile`` (pays off when a round has many steps:
     each new process compiles once). Losses stay on the device until the round ends (no per-step sync).
+
+    ``dp``: DP-SGD (mdmt.ml.privacy). Opacus wraps the model and the optimiser: Poisson batches, per-sample
+    clipping, Gaussian noise, the batch-normalised loss its clipping bound assumes, full precision. The
+    site's accountant history is continued and saved; a round that would take epsilon past the budget is
+    refused before any step. ``model`` must be built for DP (no BatchNorm).
     """
     device = torch.device(device) if isinstance(device, str) else device
     t0 = time.perf_counter()
-    used = (data.y_prog >= 0) | (data.y_sev >= 0)
-    data = data.subset(used)
+    data = data.labelled()
     n = len(data)
     model.to(device).train()
-    if device.type == "cuda":
+    if device.type == "cuda" and dp is None:
         model.to(memory_format=torch.channels_last)
     if n == 0:
-        return TrainResult(0, data.counts(), 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0)
-    # Only the backbone and the heads this site has labels for are optimised: weight decay would
-    # otherwise move a head that receives no gradient.
+        return TrainResult.untrained()
     present = {t for t, c in data.counts().items() if c > 0}
-    params = [p for name, p in model.named_parameters()
-              if not name.startswith("heads.") or name.split(".")[1] in present]
+    params = trainable_parameters(model, present)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    private = dp.wrap(model, opt, n_samples=n, batch_size=batch_size, seed=seed) if dp is not None else None
+    if private is not None:
+        opt = private.optimizer  # clips per sample and adds the noise before Adam's step
+        if private.would_exceed(steps if steps > 0 else epochs * len(private.loader)):
+            return TrainResult.untrained(epsilon=dp.refuse(private), refused=True)
     anchor = [p.detach().clone() for p in params] if prox_mu > 0 else None
     weights = {k: v.to(device) for k, v in balanced_class_weights(data).items()} if class_weight == "balanced" else None
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(seed)
+    gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(
+        seed if private is None else derive_seed(seed, "dp", "augment"))
     feed = Feeder(device, data.images)
-    forward = torch.compile(model) if compile_model else model
+    forward = private.model if private is not None else (torch.compile(model) if compile_model else model)
+    norm = "batch" if private is not None else loss_norm  # Opacus' per-sample clipping assumes a batch mean
     y_prog = torch.from_numpy(data.y_prog).to(device)
     y_sev = torch.from_numpy(data.y_sev).to(device)
-    done = 0
+    done = stepped = 0
     sums = torch.zeros(3, device=device)  # total, prognosis and severity loss, summed over steps
-    max_steps = steps if steps > 0 else None
-    epoch = 0
-    while True:
-        for idx in _batches(n, batch_size, rng):
+    with warnings.catch_warnings():
+        # DP-SGD: the first layer's input never requires a gradient; Opacus only needs the output gradient there.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
+        for idx in _schedule(n, batch_size, rng, private, epochs, steps):
+            done += 1
+            if len(idx) == 0:  # an empty Poisson batch: a noise-only step, which the accountant counts
+                private.noise_step()
+                continue
             x = feed.take(idx, augment, gen)
             tidx = torch.from_numpy(idx).to(device)
-            with _autocast(device):
+            with autocast(device, enabled=private is None):
                 lp, ls = forward(x)
-            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=loss_norm, class_weights=weights)
+            loss = mdmt_loss(lp, ls, y_prog[tidx], y_sev[tidx], norm=norm, class_weights=weights)
             objective = loss.total
             if anchor is not None:
                 objective = objective + 0.5 * prox_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
             opt.zero_grad(set_to_none=True)
             objective.backward()
             opt.step()
-            done += 1
+            stepped += 1
             sums += torch.stack([loss.total.detach(), loss.prognosis.detach(), loss.severity.detach()]).float()
-            if max_steps is not None and done >= max_steps:
-                break
-        epoch += 1
-        if (max_steps is not None and done >= max_steps) or (max_steps is None and epoch >= epochs):
-            break
-    total, prog, sev = (sums / done).tolist()
+    total, prog, sev = (sums / max(stepped, 1)).tolist()
+    epsilon = dp.finish(private) if private is not None else float("nan")
     return TrainResult(
         n_examples=n,
         n_task=data.counts(),
@@ -252,6 +307,7 @@ def train_local(
         loss_task={PROGNOSIS: prog, SEVERITY: sev},
         steps=done,
         seconds=time.perf_counter() - t0,
+        epsilon=epsilon,
     )
 
 
@@ -279,7 +335,7 @@ def evaluate(
     feed = Feeder(device, data.images)
     p_severe, sev_prob = [], []
     for idx in _batches(len(data), batch_size, None):
-        with _autocast(device):
+        with autocast(device):
             lp, ls = model(feed.take(idx))
         p_severe.append(torch.softmax(lp.float(), 1)[:, 1].cpu())
         sev_prob.append(torch.softmax(ls.float(), 1).cpu())

@@ -134,7 +134,7 @@ def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, comp
 
     from mdmt.ml.loss import mdmt_loss
     from mdmt.ml.model import build_model
-    from mdmt.ml.train import _autocast
+    from mdmt.ml.train import autocast
 
     model = build_model(backbone, seed=0).to(device).train()
     if device.type == "cuda":
@@ -151,7 +151,7 @@ def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, comp
     y_prog = torch.where(y_sev >= 0, -1, y_prog)
 
     def step() -> None:
-        with _autocast(device):
+        with autocast(device):
             lp, ls = forward(x)
         loss = mdmt_loss(lp, ls, y_prog, y_sev).total
         opt.zero_grad(set_to_none=True)
@@ -248,7 +248,7 @@ def bare_decode_rate(files: list[Path], workers: int) -> float:
 
 
 def section_ingest(b: Bench, fed: Path) -> None:
-    from mdmt.data.cache import ingest_site
+    from mdmt.data.ingest import ingest_site
     from mdmt.data.manifest import list_sites, read_manifest
 
     s = b.settings
@@ -352,7 +352,7 @@ def _simulate(s: Settings, fed: Path, tag: str, sites: list[str], holdout: str, 
                           "cache-dir": str(s.workspace / "cache"), "sites": ",".join(sites), "holdouts": holdout,
                           "image-size": image_size, "num-rounds": rounds, "local-epochs": 1, "batch-size": batch,
                           "device": s.device, "seed": 0, "round-timeout": 3600.0})
-    from mdmt.data.cache import ingest_site
+    from mdmt.data.ingest import ingest_site
 
     t0 = time.perf_counter()
     for site in cfg.site_list:

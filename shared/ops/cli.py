@@ -40,7 +40,8 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
-    from mdmt.data.cache import cache_root, ingest_federation, ingest_site
+    from mdmt.data.cache import cache_root
+    from mdmt.data.ingest import ingest_federation, ingest_site
     from mdmt.data.manifest import MANIFEST
 
     target = Path(a.dir)
@@ -257,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     dashboard_arguments(s)
     s.set_defaults(fn=cmd_dashboard)
 
-    from mdmt.ops.deploy import add_arguments as deploy_arguments  # cryptography is imported only when a verb runs
+    from mdmt.ops.deploy.cli import add_arguments as deploy_arguments  # cryptography is imported only when a verb runs
 
     deploy_arguments(sub)
     from mdmt.ops.bench import add_arguments as bench_arguments

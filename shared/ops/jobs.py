@@ -10,6 +10,7 @@ resubmission continues at round k+1 instead of starting over.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -21,6 +22,8 @@ from typing import Any, Callable
 
 from mdmt.fed.config import RunConfig, load_toml
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.ml.methods import get_method
+from mdmt.ops.deploy.commands import BASE_ENV, DEFAULT_CONNECTION
 from mdmt.ops.flwr_app import flwr_app_dir
 from mdmt.store import RunStore
 
@@ -78,8 +81,7 @@ def load_job_config(path: str | Path) -> RunConfig:
 
 def unit_ids(cfg: RunConfig) -> list[str]:
     """The units a job must finish; a per-site method (local) is planned by the server from the sites' roles."""
-    from mdmt.fed.units import unit_keys
-    from mdmt.ml.methods import get_method
+    from mdmt.fed.units import unit_keys  # deferred: torch (mdmt.fed.units builds models)
 
     if any(get_method(m).per_site for m in cfg.methods):
         return []
@@ -93,8 +95,6 @@ class Flower:
         self.connection, self.flwr_home = connection, flwr_home
 
     def env(self) -> dict[str, str]:
-        from mdmt.ops.deploy import BASE_ENV
-
         env = os.environ.copy()
         env.update(BASE_ENV)
         if self.flwr_home:
@@ -163,7 +163,7 @@ def all_done(job: Job) -> bool:
 def submit(config: str | Path, connection: str, flwr_home: str = "", app: str | Path = "", name: str = "",
            echo: Callable[[str], None] = print) -> Job:
     """Submit a run config (or resubmit the job of that config when it did not finish)."""
-    from mdmt.ops.loco import write_run_config
+    from mdmt.ops.loco import write_run_config  # deferred: torch (mdmt.ops.loco pulls the simulation stack)
 
     cfg = load_job_config(config)
     name = name or Path(config).stem
@@ -317,3 +317,60 @@ def _recent_events(store_path: str, units: list[str], limit: int = 8) -> list[st
 def find_job(config: str | Path, name: str = "") -> Job:
     cfg = RunConfig.from_mapping(load_toml(config), source=str(config))
     return Job.load(job_path(cfg.workspace_path, name or Path(config).stem))
+
+
+# ---- the job verbs of ``mdmt deploy`` ------------------------------------------------------------
+
+
+def _job(a: argparse.Namespace) -> Job:
+    return find_job(a.config, a.name)
+
+
+def cmd_submit(a: argparse.Namespace) -> None:
+    job = submit(a.config, a.connection, a.flwr_home, a.app, a.name)
+    if not a.watch:
+        print(f"follow it with: mdmt deploy status {a.config}")
+        return
+    if job.state == "completed":
+        return
+    log_dir = Path(job.run_config).parent.parent / "logs"
+    print(f"watching (every {a.poll:g}s; server logs in {log_dir})", flush=True)
+    if watch(job, poll=a.poll, max_restarts=a.max_restarts, log_dir=log_dir,
+             echo=lambda line: print(line, flush=True)) != 0:
+        raise SystemExit(1)
+
+
+def cmd_status(a: argparse.Namespace) -> None:
+    print("\n".join(status_lines(_job(a))))
+
+
+def cmd_stop(a: argparse.Namespace) -> None:
+    stop(_job(a))
+
+
+def add_job_verbs(sub) -> None:
+    """Add ``submit``, ``status`` and ``stop`` to the ``mdmt deploy`` sub-parsers; each sets ``fn``."""
+
+    def common(s, flower: bool = False) -> None:
+        s.add_argument("config", help="the job's run config (run-config keys of pyproject.toml; coordinator paths)")
+        s.add_argument("--name", default="", help="job name (default: the config file's name)")
+        if flower:
+            s.add_argument("--connection", default=DEFAULT_CONNECTION,
+                           help=f"SuperLink connection of 'mdmt deploy connection' (default {DEFAULT_CONNECTION})")
+            s.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
+
+    s = sub.add_parser("submit", help="submit a federated experiment to the SuperLink; --watch resubmits it "
+                                      "after an interruption until every unit is done")
+    common(s, flower=True)
+    s.add_argument("--app", default="", help="a Flower app folder (default: the installed mdmt app, generated "
+                                             "in the workspace's flwr/app)")
+    s.add_argument("--watch", action="store_true", help="stay and supervise the run (systemd: mdmt-job@.service)")
+    s.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (default 10)")
+    s.add_argument("--max-restarts", type=int, default=5, help="resubmissions before giving up (default 5)")
+    s.set_defaults(fn=cmd_submit)
+    s = sub.add_parser("status", help="a submitted job: Flower run status, units and rounds done, events")
+    common(s)
+    s.set_defaults(fn=cmd_status)
+    s = sub.add_parser("stop", help="stop a submitted job (its supervisor then stops too)")
+    common(s)
+    s.set_defaults(fn=cmd_stop)

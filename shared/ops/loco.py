@@ -64,7 +64,7 @@ def write_run_config(cfg: RunConfig, path: Path) -> Path:
 
 def ingest_sites(cfg: RunConfig) -> None:
     """Decode and cache every site of the config once (later runs reuse the cache)."""
-    from mdmt.data.cache import ingest_site
+    from mdmt.data.ingest import ingest_site
 
     for site in cfg.site_list:
         ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True,

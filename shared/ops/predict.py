@@ -1,7 +1,7 @@
 """Score new chest X-rays with a checkpoint, through the checkpoint's own preprocessing.
 
 ``mdmt predict CHECKPOINT FILE_OR_FOLDER...`` (see docs/predict.md). Every file is decoded and cropped
-by the ingestion worker (:func:`mdmt.data.cache._process_one`: :func:`mdmt.data.dicom.read_image` +
+by the ingestion worker (:func:`mdmt.data.worker.decode_one`: :func:`mdmt.data.dicom.read_image` +
 :func:`mdmt.data.preprocess.preprocess_with_info`) with the image size, crop mode and VOI mode stored
 in the checkpoint's run config, so a prediction sees exactly the uint8 image training would have cached
 for that file; the model then runs on it as in evaluation (:class:`mdmt.ml.train.Feeder`).
@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mdmt.data.crop_source import BOX_COLUMNS, crop_input, read_lung_boxes
+from mdmt.data.preprocess import USER_CROP_MODES
+from mdmt.data.worker import decode_results, resolve_workers
 from mdmt.errors import ConfigError, DataError, MDMTError
 
 PREDICTIONS = "predictions.csv"
@@ -227,9 +230,6 @@ def collect_inputs(inputs: list[Path], skip: Path | None = None) -> tuple[list[_
 def _crop_source(crop: str, crop_source: str | Path | None, checkpoint: Path) -> tuple[Path | None, dict | None]:
     """The box table (read) or mask folder for ``crop`` boxes/masks; a one-line error when it is needed
     and missing, or given for a checkpoint that does not use one."""
-    from mdmt.data.cache import BOX_COLUMNS, read_lung_boxes
-    from mdmt.data.preprocess import USER_CROP_MODES
-
     given = crop_source not in (None, "")
     if crop not in USER_CROP_MODES:
         if given:
@@ -253,9 +253,7 @@ def _crop_source(crop: str, crop_source: str | Path | None, checkpoint: Path) ->
 
 def _task(item: _Item, prep: Preprocessing, src: Path | None, boxes: dict | None) -> tuple:
     """The ingestion worker's task for one file; the crop input is looked up under each of the file's keys."""
-    from mdmt.data.cache import _crop_input
-
-    found = [_crop_input(prep.crop, key, src, boxes)[1:] for key in item.keys]
+    found = [crop_input(prep.crop, key, src, boxes)[1:] for key in item.keys]
     box, mask, note = next((f for f in found if f[0] is not None or f[1] is not None), found[0])
     return (str(item.path), prep.image_size, prep.crop, prep.voi, box, mask, note)
 
@@ -363,12 +361,12 @@ def _safe_name(text: str) -> str:
 
 def _score(batch: list[_Item], model: nn.Module, feed, device: torch.device, threshold: float,
            saliency: Saliency | None, heat_dir: Path | None, counter: list[int]) -> None:
-    from mdmt.ml.train import _autocast
+    from mdmt.ml.train import autocast
 
     names = _severity_names()
     images = np.stack([it.image for it in batch])
     x = feed(images)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device):
         lp, ls = model(x)
     p_severe = torch.softmax(lp.float(), 1)[:, 1].cpu().numpy()
     p_sev = torch.softmax(ls.float(), 1).cpu().numpy()
@@ -440,7 +438,6 @@ def predict(checkpoint: Path, inputs: list[Path], out_dir: Path, saliency: bool 
     are listed with their reason. ``workers``: decoding processes (0 = one per CPU core). Returns the
     printout. Raises a one-line :class:`MDMTError` for a bad checkpoint, a missing crop source, no
     input files, or when no file could be scored."""
-    from mdmt.data.cache import _resolve_workers, _results
     from mdmt.ml.train import Feeder
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
@@ -461,11 +458,11 @@ def predict(checkpoint: Path, inputs: list[Path], out_dir: Path, saliency: bool 
         raise DataError(f"output folder {out_dir} cannot be written ({_short(exc)}); choose another with --out") from None
 
     tasks = [_task(it, pred.prep, src, boxes) for it in items]
-    n_workers = _resolve_workers(workers)
+    n_workers = resolve_workers(workers)
     from tqdm.auto import tqdm
 
     n_ok, counter = 0, [0]
-    with _results(tasks, n_workers) as results:  # decoding processes start before CUDA is touched
+    with decode_results(tasks, n_workers) as results:  # decoding processes start before CUDA is touched
         model = pred.model.to(dev)
         feed = Feeder(dev)
         cam = Saliency(model, pred.prep.image_size) if saliency else None

@@ -23,6 +23,7 @@ import pandas as pd
 from mdmt.errors import DataError, MDMTError
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, roc_from_hist
+from mdmt.results.report import compare_methods, finished_units, loco_table, prognosis_records, prognosis_tables
 from mdmt.store import RunStore, UnitKey
 
 STORE_FILE = "store.sqlite"
@@ -294,8 +295,6 @@ def _per_store(cache: dict, src: Source, version: str, compute):
 
 def loco_frame(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, list[str]]:
     """mdmt.results.report.loco_table of every store, with a 'store' column; cached per data version."""
-    from mdmt.results.report import loco_table
-
     frames, problems = [], []
     for src in sources:
         try:
@@ -315,8 +314,6 @@ _PAPER_CACHE: dict[tuple[str, str], tuple[pd.DataFrame, pd.DataFrame]] = {}
 
 
 def _paper(st) -> tuple[pd.DataFrame, pd.DataFrame]:
-    from mdmt.results.report import compare_methods, finished_units, prognosis_records, prognosis_tables
-
     units = finished_units(st) if "units" in _tables(st.db) else []
     records = prognosis_records(st, units) if units else pd.DataFrame()
     if records.empty:

@@ -1,0 +1,48 @@
+"""The files the deploy verbs write: the certificate folder's layout, where a site's key pair goes, and how
+secrets (owner-only, 0600) and public files (0644) are written."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from mdmt.errors import MDMTError
+
+# Certificate folder layout (``mdmt deploy certs --out DIR``).
+CA_CERT = "ca.pem"
+CA_KEY = "ca.key"
+SERVER_CERT = "server.pem"
+SERVER_KEY = "server.key"
+CA_PREVIOUS = "ca-previous.pem"
+CA_BUNDLE = "ca-bundle.pem"
+PREVIOUS_DIR = "previous"
+
+
+def site_key_paths(out: str | Path, site: str) -> tuple[Path, Path]:
+    """A site's key pair in ``out``: (``site-<site>``, ``site-<site>.pub``)."""
+    private = Path(out).expanduser() / f"site-{site}"
+    return private, private.with_name(private.name + ".pub")
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret readable by its owner only (created 0600, never world-readable for a moment)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def make_dir(path: Path, what: str) -> None:
+    """Create ``path`` (and its parents); one-line MDMTError naming the ``what`` folder otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MDMTError(f"{path}: cannot create the {what} folder ({exc.strerror or exc})") from None

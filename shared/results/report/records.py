@@ -1,0 +1,129 @@
+"""Reading finished units from the run store: prognosis records, learning curves, and the reading order of
+methods and protocols that every table follows."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from mdmt.errors import DataError
+from mdmt.ml.methods import METHODS, PROGNOSIS
+from mdmt.ml.metrics import HIST_BINS, cm_at_bin, threshold_bin
+from mdmt.store import RunStore
+
+LOCAL_PREFIX = "local:"  # local:<SITE>: one model trained on that site alone
+LOCAL = "local"  # the method name that groups the site models in method tables
+METHOD_ORDER = ("stl_prognosis", "stl_severity", "ft", "mdmt", "centralised_mdmt", LOCAL)
+PROTOCOL_ORDER = ("loco", "cv")
+PROTOCOL_TITLES = {"loco": "leave-one-centre-out", "cv": "k-fold cross-validation"}
+
+
+# ---- naming and ordering -------------------------------------------------------------------------------
+def method_group(method: str) -> str:
+    """The method a unit counts under in method tables: every local:<SITE> model is 'local'."""
+    return LOCAL if method.startswith(LOCAL_PREFIX) else method
+
+
+def trains(method: str, task: str) -> bool | None:
+    """Does a registered method train ``task``? None for methods outside the registry (ft, local:<SITE>)."""
+    m = METHODS.get(method)
+    return None if m is None else task in m.tasks
+
+
+def sort_rows(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    """Protocols and methods in their reading order (unknown names after the known ones), the rest by name."""
+    def order(col: pd.Series) -> pd.Series:
+        if col.name == "method":
+            known = {m: i for i, m in enumerate(METHOD_ORDER)}
+            return col.map(lambda m: (known.get(method_group(m), len(known)), m))
+        if col.name == "protocol":
+            return col.map(lambda p: (PROTOCOL_ORDER.index(p) if p in PROTOCOL_ORDER else len(PROTOCOL_ORDER), p))
+        return col if pd.api.types.is_numeric_dtype(col) else col.map(str)
+
+    present = [k for k in keys if k in df.columns]
+    return df.sort_values(present, key=order, kind="stable").reset_index(drop=True) if present else df
+
+
+# ---- reading the store ---------------------------------------------------------------------------------
+def finished_units(store: RunStore) -> list[sqlite3.Row]:
+    """Units that count in a report: status 'done' with a selected round."""
+    try:
+        units = store.units()
+    except sqlite3.Error as exc:
+        raise DataError(f"{store.path}: not a readable run store ({exc})") from None
+    return [u for u in units if u["status"] == "done" and u["best_round"] is not None]
+
+
+def _hist(row: sqlite3.Row) -> np.ndarray:
+    return np.asarray(json.loads(row["hist"]), dtype=np.int64).reshape(2, HIST_BINS)
+
+
+def _threshold_rule(unit: sqlite3.Row) -> str:
+    try:
+        rule = str(json.loads(unit["config"] or "{}").get("threshold", "val"))
+    except json.JSONDecodeError:
+        raise DataError(f"unit {unit['unit_id']}: its config column is not JSON; re-run the unit") from None
+    if rule != "val":
+        try:
+            ok = 0.0 < float(rule) < 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise DataError(f"unit {unit['unit_id']}: config 'threshold' = {rule!r}; use 'val' or a number in (0, 1)")
+    return rule
+
+
+def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[str, np.ndarray]]]:
+    """A unit's decision threshold bin and its scored prognosis histograms at the selected round.
+
+    The threshold comes from the pooled validation histograms of the unit's training sites (or the config's
+    fixed value). Scored: under LOCO the held-out centre; under CV every site's test split.
+    """
+    rows = [r for r in store.eval_stats(unit["unit_id"], unit["best_round"])
+            if r["task"] == PROGNOSIS and r["hist"] is not None]
+    train_sites = set((unit["train_sites"] or "").split(","))
+    val = [_hist(r) for r in rows if r["site"] in train_sites and r["split"] == "val"]
+    k = threshold_bin(_threshold_rule(unit), sum(val) if val else None)
+    if unit["protocol"] == "loco":
+        scored = [(r["site"], _hist(r)) for r in rows if r["site"] == unit["fold"]][:1]
+    elif unit["protocol"] == "cv":
+        scored = [(r["site"], _hist(r)) for r in rows if r["split"] == "test"]
+    else:
+        scored = []
+    return k, scored
+
+
+def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataFrame:
+    """One row per (unit, scored site): the site's histogram and its confusion counts at the unit's threshold."""
+    rows = []
+    for u in units:
+        if trains(u["method"], PROGNOSIS) is False:
+            continue
+        k, scored = unit_prognosis(store, u)
+        for site, hist in scored:
+            rows.append({"protocol": u["protocol"], "method": u["method"], "backbone": u["backbone"], "seed": u["seed"],
+                         "fold": u["fold"], "round": u["best_round"], "site": site, "threshold": k / HIST_BINS,
+                         "cm": cm_at_bin(hist, k), "hist": hist})
+    cols = ["protocol", "method", "backbone", "seed", "fold", "round", "site", "threshold", "cm", "hist"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def learning_curves(store: RunStore, units: Sequence[sqlite3.Row]) -> pd.DataFrame:
+    """Per finished unit and round: the monitored validation loss and the mean training loss over sites."""
+    ids = {u["unit_id"] for u in units}
+    m = pd.read_sql("SELECT unit_id, round, site, task, split, name, value FROM metrics "
+                    "WHERE (site='*' AND split='val' AND name='monitored_loss') "
+                    "OR (site<>'*' AND task='all' AND split='train' AND name='loss')", store.db)
+    m = m[m["unit_id"].isin(ids)]
+    monitored = m[m["name"] == "monitored_loss"].groupby(["unit_id", "round"])["value"].mean().rename("monitored_loss")
+    train = m[m["name"] == "loss"].groupby(["unit_id", "round"])["value"].mean().rename("train_loss")
+    curves = pd.concat([monitored, train], axis=1).reset_index()
+    info = pd.DataFrame([{k: u[k] for k in ("unit_id", "protocol", "method", "backbone", "fold", "seed", "best_round")}
+                         for u in units])
+    curves = info.merge(curves, on="unit_id") if len(curves) else info.iloc[:0].assign(
+        round=[], monitored_loss=[], train_loss=[])
+    return sort_rows(curves, ["protocol", "method", "backbone", "fold", "seed", "round"])

@@ -1,0 +1,136 @@
+"""write_report: every table, test and plot of a store's finished units written into one folder, with
+report.md linking them."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pandas as pd
+
+from mdmt.errors import MDMTError
+from mdmt.results.report.formatting import display_frame, tests_markdown, write_table
+from mdmt.results.report.loco import write_loco_report
+from mdmt.results.report.plots import plot_centres, plot_learning_curves, plot_roc
+from mdmt.results.report.records import PROTOCOL_TITLES, finished_units, learning_curves, prognosis_records, sort_rows
+from mdmt.results.report.stats import compare_methods
+from mdmt.results.report.tables import PrognosisTables, prognosis_tables, severity_summary, severity_table
+from mdmt.store import RunStore
+
+METHOD_NOTE = ("Mean over backbones of the metrics on each backbone's pooled predictions (every fold's held-out or "
+               "test counts at that fold's own threshold, summed). ACC, F1, G-mean, sens, spec in %. AUC interval: "
+               "stratified bootstrap of the mean over backbones from their pooled histograms. 'local': mean over "
+               "the single-site models (no interval).")
+
+
+def _write_protocol(protocol: str, records: pd.DataFrame, out_dir: Path, n_boot: int,
+                    seed: int) -> tuple[list[Path], list[str], PrognosisTables]:
+    """The prognosis tables and plots of one protocol."""
+    name = PROTOCOL_TITLES.get(protocol, protocol)
+    t = prognosis_tables(records, n_boot, seed)
+    files: list[Path] = []
+    sections: list[str] = []
+    specs = [
+        (t.methods, f"methods_{protocol}", f"{name}: mean over backbones (pooled folds)", METHOD_NOTE),
+        (t.backbones, f"backbones_{protocol}", f"{name}: per backbone",
+         "Pooled predictions of all folds, plus each metric's mean and sample std (ddof 1) over folds."),
+        (t.centres, f"centres_{protocol}", f"{name}: per centre (mean over backbones)",
+         "Each centre's held-out (LOCO) or test (CV, pooled over folds) predictions at each fold's threshold."),
+        (t.folds, f"folds_{protocol}", f"{name}: per fold", "One row per model and fold, at the selected round."),
+    ]
+    if len(t.local_sites):
+        specs.append((t.local_sites, f"local_sites_{protocol}", f"{name}: single-site models per fold", ""))
+    for df, stem, title, note in specs:
+        paths, md = write_table(df, out_dir, stem, title, note)
+        files += paths
+        sections.append(md)
+    files.append(plot_roc(records, f"ROC ({name}, pooled)", out_dir / f"roc_{protocol}.png"))
+    files.append(plot_centres(t.centres, f"{name}: per centre, mean over backbones",
+                              out_dir / f"centres_{protocol}.png"))
+    return files, sections, t
+
+
+def _write_tests(backbones: pd.DataFrame, out_dir: Path) -> tuple[list[Path], str]:
+    """tests.csv, tests.md and tests.tex: MDMT against its baselines, per protocol."""
+    tests = compare_methods(backbones)
+    protocols = list(dict.fromkeys(tests["protocol"]))
+    md = "\n".join(tests_markdown(tests[tests["protocol"] == p], f"{PROTOCOL_TITLES.get(p, p)}: paired tests")
+                   for p in protocols)
+    paths = [out_dir / f"tests.{ext}" for ext in ("csv", "md", "tex")]
+    tests.to_csv(paths[0], index=False)
+    paths[1].write_text(md)
+    paths[2].write_text(display_frame(tests).to_latex(
+        index=False, escape=True, caption="Paired one-tailed tests of MDMT against its baselines", label="tab:tests"))
+    return paths, md
+
+
+def _write_severity(store: RunStore, units: list[sqlite3.Row], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """severity.* (per unit) and severity_methods.* (mean over backbones); nothing if no unit trains severity."""
+    severity = severity_table(store, units)
+    if severity.empty:
+        return [], []
+    files, sections = [], []
+    note = ("Accuracy and weighted F1 (%) at the selected round: 'val' = the severity sites' validation rows, "
+            "'test' = the consensus test set.")
+    for df, stem, title in ((severity_summary(severity), "severity_methods", "severity: mean over backbones"),
+                            (severity, "severity", "severity per model and fold")):
+        paths, md = write_table(df, out_dir, stem, title, note)
+        files += paths
+        sections.append(md)
+    return files, sections
+
+
+def _write_learning_curves(store: RunStore, units: list[sqlite3.Row], out_dir: Path) -> list[Path]:
+    """learning_curves.csv and one learning_<protocol>.png per protocol."""
+    curves = learning_curves(store, units)
+    files = [out_dir / "learning_curves.csv"]
+    curves.to_csv(files[0], index=False)
+    for protocol in dict.fromkeys(curves["protocol"]):
+        files.append(plot_learning_curves(curves[curves["protocol"] == protocol],
+                                          f"learning curves ({PROTOCOL_TITLES.get(protocol, protocol)})",
+                                          out_dir / f"learning_{protocol}.png"))
+    return files
+
+
+def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int = 0) -> str:
+    """Write every table, test and plot of the store's finished units into ``out_dir``; return a summary:
+    the main table of each protocol in markdown and the files written."""
+    units = finished_units(store)
+    if not units:
+        return f"{store.path}: no finished unit (status 'done' with a selected round) yet; nothing to report"
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MDMTError(f"{out_dir}: cannot create the report folder ({exc.strerror}); choose another --out") from None
+
+    records = prognosis_records(store, units)
+    files: list[Path] = []
+    sections: list[str] = []
+    main: list[str] = []
+    backbones = []
+    for protocol in sort_rows(records[["protocol"]].drop_duplicates(), ["protocol"])["protocol"]:
+        written, mds, tables = _write_protocol(protocol, records[records["protocol"] == protocol], out_dir,
+                                               n_boot, seed)
+        files += written
+        sections += mds
+        main.append(mds[0])
+        backbones.append(tables.backbones)
+    if backbones:
+        written, md = _write_tests(pd.concat(backbones, ignore_index=True), out_dir)
+        files += written
+        sections.append(md)
+    written, mds = _write_severity(store, units, out_dir)
+    files += written
+    sections += mds
+    files += _write_learning_curves(store, units, out_dir)
+    _, loco_csv, loco_md = write_loco_report(store, out_dir, n_boot=n_boot, seed=seed)
+    files += [loco_csv, loco_md]
+
+    figures = [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"]
+    (out_dir / "report.md").write_text("# Results\n\n" + "\n".join(sections) + "\n## Figures\n\n"
+                                       + "\n\n".join(figures) + "\n")
+    files.insert(0, out_dir / "report.md")
+
+    head = "\n".join(main) if main else "No prognosis results (no finished unit scores a held-out or test split)."
+    return head + f"\nwrote {len(files)} files to {out_dir}:\n" + "\n".join(f"  {p.name}" for p in files)
