@@ -35,7 +35,9 @@ def train(msg: Message, context: Context) -> Message:
     new_state, metrics = run_train(cfg, loc, state, rcfg)
     # Reply: the update (fp16/int8 difference from the global model, or the weights) and counts per task.
     update = encode_update(new_state, state, str(rcfg.get(P.CFG_COMPRESSION, "none")))
-    content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: MetricRecord(metrics)})
+    content = RecordDict(
+        {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: MetricRecord(metrics)}
+    )
     return Message(content, reply_to=msg)
 
 

@@ -8,9 +8,9 @@ from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from mdmt.fed import protocol as P
+from mdmt.fed.audit import append_message_log, append_reply_log, value_kind
 from mdmt.fed.config import RunConfig
 from mdmt.fed.site import locate_site
-from mdmt.fed.audit import append_message_log, append_reply_log, value_kind
 
 
 def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -20,8 +20,13 @@ def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable
     append_message_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type, config=config)
     reply = call_next(msg, context)
     if not reply.has_error():
-        append_reply_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type,
-                         unit_id=str(config.get(P.CFG_UNIT, "")), description=describe(reply))
+        append_reply_log(
+            loc.workspace,
+            run_id=context.run_id,
+            message_type=msg.metadata.message_type,
+            unit_id=str(config.get(P.CFG_UNIT, "")),
+            description=describe(reply),
+        )
     return reply
 
 

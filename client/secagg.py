@@ -16,8 +16,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common.recorddict_compat import parameters_to_arrayrecord
 
 from mdmt.fed import protocol as P
-from mdmt.ml.methods import TASKS
 from mdmt.fed.secagg import COUNT_KEYS, SecAggSpec, count_key, pack_update, skip_for
+from mdmt.ml.methods import TASKS
 
 # Entries per array of the masked vector: keeps every serialised piece of the reply at 8 MiB or less.
 CHUNK = 1 << 20
@@ -34,17 +34,24 @@ def secagg_reply(request: Message, reply: Message) -> Message:
     reference = {k: v.numpy() for k, v in request.content[P.ARRAYS].items()}
     local = {k: v.numpy() for k, v in reply.content[P.ARRAYS].items()}
     metrics = dict(reply.content[P.METRICS])
-    vec = pack_update(local, reference, int(metrics[P.NUM_EXAMPLES]),
-                      {t: int(metrics[count_key(t)]) for t in TASKS}, spec,
-                      skip_for(str(config.get(P.CFG_AGGREGATION, "fedavg"))))
+    vec = pack_update(
+        local,
+        reference,
+        int(metrics[P.NUM_EXAMPLES]),
+        {t: int(metrics[count_key(t)]) for t in TASKS},
+        spec,
+        skip_for(str(config.get(P.CFG_AGGREGATION, "fedavg"))),
+    )
     public = {k: v for k, v in metrics.items() if k not in COUNT_KEYS}
-    chunks = [vec[i:i + CHUNK] for i in range(0, vec.size, CHUNK)]
-    content = RecordDict({
-        "fitres.parameters": parameters_to_arrayrecord(ndarrays_to_parameters(chunks), keep_input=False),
-        "fitres.num_examples": MetricRecord({"num_examples": 1}),
-        "fitres.metrics": ConfigRecord(public),
-        "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
-    })
+    chunks = [vec[i : i + CHUNK] for i in range(0, vec.size, CHUNK)]
+    content = RecordDict(
+        {
+            "fitres.parameters": parameters_to_arrayrecord(ndarrays_to_parameters(chunks), keep_input=False),
+            "fitres.num_examples": MetricRecord({"num_examples": 1}),
+            "fitres.metrics": ConfigRecord(public),
+            "fitres.status": ConfigRecord({"code": 0, "message": "Success"}),
+        }
+    )
     return Message(content, reply_to=request)
 
 

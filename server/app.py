@@ -11,12 +11,11 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.units import (SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale,
-                              unit_keys)
+from mdmt.fed.units import SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale, unit_keys
 from mdmt.logs import setup_logging
+from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from mdmt.store import RunStore
 
 app = ServerApp()
@@ -27,8 +26,14 @@ class FlowerRounds:
     """mdmt.fed.units.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip (or one SecAgg+
     round when secure aggregation is on and at least two sites train)."""
 
-    def __init__(self, grid: Grid, node_of: dict[str, int], timeout: float, cfg: RunConfig | None = None,
-                 sites: dict[str, SiteInfo] | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        node_of: dict[str, int],
+        timeout: float,
+        cfg: RunConfig | None = None,
+        sites: dict[str, SiteInfo] | None = None,
+    ):
         self.grid, self.node_of, self.timeout = grid, node_of, timeout
         self.cfg, self.sites = cfg, sites if sites is not None else {}
         self.silent: set[int] = set()  # nodes that did not say which site they serve
@@ -54,27 +59,42 @@ class FlowerRounds:
         self.refresh()
         if self.cfg is not None and self.cfg.secure_aggregation and len(plan.train_messages) >= 2:
             return self._secure_train(arrays, plan, config)
-        strategy = TaskAwareFedAvg(plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]),
-                                   str(config[P.CFG_COMPRESSION]))
+        strategy = TaskAwareFedAvg(
+            plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]), str(config[P.CFG_COMPRESSION])
+        )
         record = to_record(arrays)
         msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
         new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
         down = int(record.count_bytes())
         sizes = {s: (down, strategy.bytes_up.get(s, 0)) for s in strategy.train_status}
-        return TrainRound(from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes)
+        return TrainRound(
+            from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes
+        )
 
     def _secure_train(self, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
-        from mdmt.server.secagg import secure_train_round
         from mdmt.fed.secagg import SecAggSpec
+        from mdmt.server.secagg import secure_train_round
 
         cfg = self.cfg
         site_of = {self.node_of[s]: s for s in plan.train_messages}
-        spec = SecAggSpec(clip=cfg.secagg_clip, count_scale=cfg.secagg_count_scale or secagg_count_scale(plan, self.sites))
-        res = secure_train_round(self.grid, list(site_of), arrays, config, spec=spec, timeout=self.timeout,
-                                 extra={self.node_of[s]: x for s, x in plan.train_messages.items()})
+        spec = SecAggSpec(
+            clip=cfg.secagg_clip, count_scale=cfg.secagg_count_scale or secagg_count_scale(plan, self.sites)
+        )
+        res = secure_train_round(
+            self.grid,
+            list(site_of),
+            arrays,
+            config,
+            spec=spec,
+            timeout=self.timeout,
+            extra={self.node_of[s]: x for s, x in plan.train_messages.items()},
+        )
         # The server learns only the summed counts; per-site reports carry none.
-        trained = {site_of[n]: P.read_train(m | {P.NUM_EXAMPLES: 0, "n-prognosis": 0, "n-severity": 0})
-                   for n, m in res.metrics.items() if res.status.get(n) == "ok"}
+        trained = {
+            site_of[n]: P.read_train(m | {P.NUM_EXAMPLES: 0, "n-prognosis": 0, "n-severity": 0})
+            for n, m in res.metrics.items()
+            if res.status.get(n) == "ok"
+        }
         status = {site_of[n]: st for n, st in res.status.items()}
         down = int(to_record(arrays).count_bytes())
         sizes = {site_of[n]: (down, res.bytes_up.get(n, 0)) for n in site_of}
@@ -90,7 +110,9 @@ class FlowerRounds:
 def query_sites(grid: Grid, nodes: list[int], timeout: float) -> tuple[list[tuple[SiteInfo, int]], dict[int, str]]:
     """Ask nodes which site they serve (a QUERY round): (site, node) for each answer, and every node's status.
     A node whose ClientApp fails (its data folder is wrong, say) stops the run with that node's error."""
-    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+    msgs = [
+        Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
+    ]
     replies, status = collect(grid.send_and_receive(msgs, timeout=timeout), {}, [])
     errors = {s: st for s, st in status.items() if st.startswith("error")}
     if errors:

@@ -9,8 +9,9 @@ train handler is the one that plain rounds use. The sites' ClientApp needs mdmt.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -26,10 +27,10 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 
-from mdmt.server.strategy import to_record
-from mdmt.fed import protocol as P
 from mdmt.errors import ConfigError
+from mdmt.fed import protocol as P
 from mdmt.fed.secagg import MODULUS, SecAggSpec, error_bound, skip_for, unpack_sum
+from mdmt.server.strategy import to_record
 
 
 @dataclass
@@ -124,10 +125,21 @@ class _TaskAwareSecAggPlus(SecAggPlusWorkflow):
         return ok
 
 
-def secure_train_round(grid: Grid, node_ids: Iterable[int], arrays: Mapping[str, np.ndarray],
-                       config: Mapping[str, Any], *, spec: SecAggSpec = SecAggSpec(),
-                       extra: Mapping[int, Mapping[str, Any]] | None = None, num_shares: int | float = 1.0,
-                       reconstruction_threshold: int | float = 0.67, timeout: float | None = None) -> SecureRound:
+DEFAULT_SPEC = SecAggSpec()  # frozen: one shared default is safe
+
+
+def secure_train_round(
+    grid: Grid,
+    node_ids: Iterable[int],
+    arrays: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+    *,
+    spec: SecAggSpec = DEFAULT_SPEC,
+    extra: Mapping[int, Mapping[str, Any]] | None = None,
+    num_shares: int | float = 1.0,
+    reconstruction_threshold: int | float = 0.67,
+    timeout: float | None = None,
+) -> SecureRound:
     """Send a train message (``arrays`` + ``config`` + ``extra[node]``) to every node through SecAgg+ and
     return the task-aware average of the updates inside the secure sum.
 
@@ -137,37 +149,55 @@ def secure_train_round(grid: Grid, node_ids: Iterable[int], arrays: Mapping[str,
     back unchanged."""
     nodes = sorted(set(int(n) for n in node_ids))
     if len(nodes) < 2:
-        raise ConfigError(f"secure aggregation needs at least 2 training sites per round, got {len(nodes)}; "
-                          "turn secure-aggregation off for single-site units")
+        raise ConfigError(
+            f"secure aggregation needs at least 2 training sites per round, got {len(nodes)}; "
+            "turn secure-aggregation off for single-site units"
+        )
     t = spec.check_sites(len(nodes))
     reference = {k: np.asarray(v) for k, v in arrays.items()}
     record = to_record(reference)
     base = dict(config) | spec.to_config()
     extra = extra or {}
-    contents = {n: RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(base | dict(extra.get(n, {})))})
-                for n in nodes}
+    contents = {n: RecordDict({P.ARRAYS: record, P.CONFIG: ConfigRecord(base | dict(extra.get(n, {})))}) for n in nodes}
     watch = _Watch(grid)
     collector = _Collector([GridClientProxy(n, watch, 0) for n in nodes])
-    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
-                            strategy=collector)
+    context = LegacyContext(
+        Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}), strategy=collector
+    )
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord(
-        {WorkflowKey.CURRENT_ROUND: int(config.get(P.CFG_ROUND, 1))})
+        {WorkflowKey.CURRENT_ROUND: int(config.get(P.CFG_ROUND, 1))}
+    )
     workflow = _TaskAwareSecAggPlus(
-        contents, num_shares=num_shares, reconstruction_threshold=reconstruction_threshold, max_weight=1.0,
-        clipping_range=1.0, quantization_range=t, modulus_range=MODULUS, timeout=timeout)
+        contents,
+        num_shares=num_shares,
+        reconstruction_threshold=reconstruction_threshold,
+        max_weight=1.0,
+        clipping_range=1.0,
+        quantization_range=t,
+        modulus_range=MODULUS,
+        timeout=timeout,
+    )
     workflow(watch, context)
 
     included = {p.node_id: dict(r.metrics) for p, r in collector.results} if collector.aggregate is not None else {}
-    status = {n: "ok" if n in included else (f"error: {watch.errors[n]}" if n in watch.errors else "no reply")
-              for n in nodes}
+    status = {
+        n: "ok" if n in included else (f"error: {watch.errors[n]}" if n in watch.errors else "no reply") for n in nodes
+    }
     if collector.aggregate is None:
-        status = {n: "no result: SecAgg+ halted (too few sites left)" if s == "no reply" else s
-                  for n, s in status.items()}
+        status = {
+            n: "no result: SecAgg+ halted (too few sites left)" if s == "no reply" else s for n, s in status.items()
+        }
         return SecureRound(dict(reference), {}, {}, status, quantization_range=t, bytes_up=watch.bytes_up)
     # SecAgg+ returns the mean of the included vectors (each weighted 1): times their number is the sum.
     total = np.concatenate([np.ravel(a) for a in collector.aggregate]) * len(included)
     new, counts = unpack_sum(total, reference, spec, skip_for(str(base.get(P.CFG_AGGREGATION, "fedavg"))))
-    return SecureRound(new, counts, included, status, error_bound(spec, len(included), counts, t), t,
-                       {n: watch.bytes_up[n] for n in included if n in watch.bytes_up})
-
+    return SecureRound(
+        new,
+        counts,
+        included,
+        status,
+        error_bound(spec, len(included), counts, t),
+        t,
+        {n: watch.bytes_up[n] for n in included if n in watch.bytes_up},
+    )

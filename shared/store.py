@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from mdmt.errors import DataError
 
@@ -101,8 +102,15 @@ class RunStore:
         row = self.db.execute("SELECT status FROM units WHERE unit_id=?", (key.unit_id,)).fetchone()
         return row[0] if row else None
 
-    def start_unit(self, key: UnitKey, train_sites: list[str], eval_sites: dict[str, str], config: dict[str, Any],
-                   manifest_hashes: dict[str, str], flwr_run_id: str = "") -> None:
+    def start_unit(
+        self,
+        key: UnitKey,
+        train_sites: list[str],
+        eval_sites: dict[str, str],
+        config: dict[str, Any],
+        manifest_hashes: dict[str, str],
+        flwr_run_id: str = "",
+    ) -> None:
         with self.tx() as db:
             for table in ("metrics", "eval_stats", "participation", "events"):
                 db.execute(f"DELETE FROM {table} WHERE unit_id=?", (key.unit_id,))
@@ -110,9 +118,20 @@ class RunStore:
                 "INSERT OR REPLACE INTO units (unit_id, method, backbone, protocol, fold, seed, status, started, "
                 "rounds_done, train_sites, eval_sites, flwr_run_id, config, manifest_hashes) "
                 "VALUES (?,?,?,?,?,?, 'running', ?, 0, ?, ?, ?, ?, ?)",
-                (key.unit_id, key.method, key.backbone, key.protocol, key.fold, key.seed, time.time(),
-                 ",".join(train_sites), json.dumps(eval_sites), flwr_run_id, json.dumps(config),
-                 json.dumps(manifest_hashes)),
+                (
+                    key.unit_id,
+                    key.method,
+                    key.backbone,
+                    key.protocol,
+                    key.fold,
+                    key.seed,
+                    time.time(),
+                    ",".join(train_sites),
+                    json.dumps(eval_sites),
+                    flwr_run_id,
+                    json.dumps(config),
+                    json.dumps(manifest_hashes),
+                ),
             )
 
     def resume_unit(self, key: UnitKey, after_round: int, detail: str = "") -> None:
@@ -121,9 +140,13 @@ class RunStore:
         with self.tx() as db:
             for table in ("metrics", "eval_stats", "participation"):
                 db.execute(f"DELETE FROM {table} WHERE unit_id=? AND round>?", (key.unit_id, after_round))
-            db.execute("UPDATE units SET status='running', rounds_done=?, message='' WHERE unit_id=?",
-                       (after_round, key.unit_id))
-            db.execute("INSERT INTO events VALUES (?,?,?,?,?)", (key.unit_id, time.time(), after_round, "resumed", detail))
+            db.execute(
+                "UPDATE units SET status='running', rounds_done=?, message='' WHERE unit_id=?",
+                (after_round, key.unit_id),
+            )
+            db.execute(
+                "INSERT INTO events VALUES (?,?,?,?,?)", (key.unit_id, time.time(), after_round, "resumed", detail)
+            )
 
     def log_event(self, key: UnitKey, rnd: int, kind: str, detail: str = "") -> None:
         """Something that happened to a unit outside its metrics: a resume, a site that left or rejoined."""
@@ -134,21 +157,31 @@ class RunStore:
         return self.db.execute("SELECT * FROM events WHERE unit_id=? ORDER BY time, rowid", (unit_id,)).fetchall()
 
     def participation(self, unit_id: str) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM participation WHERE unit_id=? ORDER BY round, site, kind",
-                               (unit_id,)).fetchall()
+        return self.db.execute(
+            "SELECT * FROM participation WHERE unit_id=? ORDER BY round, site, kind", (unit_id,)
+        ).fetchall()
 
     def finish_unit(self, key: UnitKey, status: str, best_round: int | None, message: str = "") -> None:
         with self.tx() as db:
-            db.execute("UPDATE units SET status=?, ended=?, best_round=?, message=? WHERE unit_id=?",
-                       (status, time.time(), best_round, message, key.unit_id))
+            db.execute(
+                "UPDATE units SET status=?, ended=?, best_round=?, message=? WHERE unit_id=?",
+                (status, time.time(), best_round, message, key.unit_id),
+            )
 
     def units(self) -> list[sqlite3.Row]:
         return self.db.execute("SELECT * FROM units ORDER BY unit_id").fetchall()
 
     # ---- per round ------------------------------------------------------------------------------
-    def log_round(self, key: UnitKey, rnd: int, metrics: list[tuple[str, str, str, str, float]],
-                  stats: list[dict[str, Any]], participation: list[tuple[str, str, str, str]]) -> None:
-        """metrics: (site, task, split, name, value); stats: eval_stats rows; participation: (site, kind, status, detail)."""
+    def log_round(
+        self,
+        key: UnitKey,
+        rnd: int,
+        metrics: list[tuple[str, str, str, str, float]],
+        stats: list[dict[str, Any]],
+        participation: list[tuple[str, str, str, str]],
+    ) -> None:
+        """metrics: (site, task, split, name, value); stats: eval_stats rows;
+        participation: (site, kind, status, detail)."""
         with self.tx() as db:
             db.executemany(
                 "INSERT OR REPLACE INTO metrics VALUES (?,?,?,?,?,?,?)",
@@ -156,8 +189,20 @@ class RunStore:
             )
             db.executemany(
                 "INSERT OR REPLACE INTO eval_stats VALUES (?,?,?,?,?,?,?,?,?)",
-                [(key.unit_id, rnd, r["site"], r["task"], r["split"], int(r["n"]), float(r["loss_sum"]),
-                  json.dumps(r["cm"]), json.dumps(r["hist"]) if r.get("hist") is not None else None) for r in stats],
+                [
+                    (
+                        key.unit_id,
+                        rnd,
+                        r["site"],
+                        r["task"],
+                        r["split"],
+                        int(r["n"]),
+                        float(r["loss_sum"]),
+                        json.dumps(r["cm"]),
+                        json.dumps(r["hist"]) if r.get("hist") is not None else None,
+                    )
+                    for r in stats
+                ],
             )
             db.executemany(
                 "INSERT OR REPLACE INTO participation VALUES (?,?,?,?,?,?)",
@@ -167,11 +212,17 @@ class RunStore:
 
     def eval_stats(self, unit_id: str, rnd: int | None = None) -> list[sqlite3.Row]:
         if rnd is None:
-            return self.db.execute("SELECT * FROM eval_stats WHERE unit_id=? ORDER BY round, site", (unit_id,)).fetchall()
-        return self.db.execute("SELECT * FROM eval_stats WHERE unit_id=? AND round=? ORDER BY site", (unit_id, rnd)).fetchall()
+            return self.db.execute(
+                "SELECT * FROM eval_stats WHERE unit_id=? ORDER BY round, site", (unit_id,)
+            ).fetchall()
+        return self.db.execute(
+            "SELECT * FROM eval_stats WHERE unit_id=? AND round=? ORDER BY site", (unit_id, rnd)
+        ).fetchall()
 
     def metrics(self, unit_id: str) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM metrics WHERE unit_id=? ORDER BY round, site, task, name", (unit_id,)).fetchall()
+        return self.db.execute(
+            "SELECT * FROM metrics WHERE unit_id=? ORDER BY round, site, task, name", (unit_id,)
+        ).fetchall()
 
     # ---- housekeeping ---------------------------------------------------------------------------
     def delete_units(self, unit_ids: list[str]) -> dict[str, int]:

@@ -30,9 +30,16 @@ def sim_run(small_federation, tmp_path_factory):
 
     ws = tmp_path_factory.mktemp("ws")
     values = {
-        "fed-dir": str(small_federation), "workspace": str(ws), "method": "mdmt,stl_prognosis,centralised_mdmt,stl_severity",
-        "backbone": "resnet18", "num-rounds": 2, "image-size": 32, "holdouts": "A", "sites": "A,B,C,BRIXIA",
-        "batch-size": 16, "seed": 0,
+        "fed-dir": str(small_federation),
+        "workspace": str(ws),
+        "method": "mdmt,stl_prognosis,centralised_mdmt,stl_severity",
+        "backbone": "resnet18",
+        "num-rounds": 2,
+        "image-size": 32,
+        "holdouts": "A",
+        "sites": "A,B,C,BRIXIA",
+        "batch-size": 16,
+        "seed": 0,
     }
     lines: list[str] = []
     table = loco(values, cpus_per_client=1.0, echo=lines.append)

@@ -15,8 +15,9 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "build" / "lint"
@@ -93,7 +94,7 @@ def cycles(known: dict[str, Path]) -> list[str]:
         stack.append(m)
         for t in graph[m]:
             if seen.get(t) == 1:
-                found.append(" -> ".join(stack[stack.index(t):] + [t]))
+                found.append(" -> ".join(stack[stack.index(t) :] + [t]))
             elif t not in seen:
                 visit(t)
         stack.pop()

@@ -14,8 +14,16 @@ from mdmt.ops.bench import SECTIONS, Settings, run_bench
 @pytest.mark.slow
 def test_bench_measures_every_section(tmp_path, small_federation):
     lines = []
-    s = Settings.for_mode(True, fed_dir=small_federation, workspace=tmp_path / "bench", steps=2, batch_size=8,
-                          image_size=32, scaling_sites=(2, 3), device="cpu")
+    s = Settings.for_mode(
+        True,
+        fed_dir=small_federation,
+        workspace=tmp_path / "bench",
+        steps=2,
+        batch_size=8,
+        image_size=32,
+        scaling_sites=(2, 3),
+        device="cpu",
+    )
     b = run_bench(s, SECTIONS, command="mdmt bench --quick (test)", echo=lines.append)
     fig = {(f.section, f.name): f for f in b.figures}
     for f in b.figures:
@@ -26,8 +34,9 @@ def test_bench_measures_every_section(tmp_path, small_federation):
         assert fig[("train", f"local / raw, augment {aug}")].value == pytest.approx(local.value / raw.value)
         assert local.settings == raw.settings and "resnet18 32 px, batch 8" in raw.settings
     # bytes: fp16 halves the float arrays, 8-bit quarters them (integer buffers are a few bytes)
-    fp32, fp16, int8 = (fig[("bytes", f"per site per round, {m}")].value
-                        for m in ("fp32 weights", "fp16 update", "8-bit update"))
+    fp32, fp16, int8 = (
+        fig[("bytes", f"per site per round, {m}")].value for m in ("fp32 weights", "fp16 update", "8-bit update")
+    )
     assert fp16 / fp32 == pytest.approx(0.5, abs=1e-3) and int8 / fp32 == pytest.approx(0.25, abs=1e-3)
     # round: a 7-site simulation; what Flower carried matches the fp16 payload
     assert "7-site simulation of federation" in fig[("round", "round overhead ratio")].settings
@@ -37,7 +46,8 @@ def test_bench_measures_every_section(tmp_path, small_federation):
     # ingest: both paths decoded the same files, on 1 core and on all
     for label in ("1 core",):
         assert fig[("ingest", f"mdmt ingest / bare decode, {label}")].value == pytest.approx(
-            fig[("ingest", f"mdmt ingest, {label}")].value / fig[("ingest", f"bare pydicom decode, {label}")].value)
+            fig[("ingest", f"mdmt ingest, {label}")].value / fig[("ingest", f"bare pydicom decode, {label}")].value
+        )
     # scaling: round time and memory per site count
     for n in (2, 3):
         assert fig[("scaling", f"{n} sites: peak memory (PSS, all processes)")].value > 100  # MiB: Python + torch

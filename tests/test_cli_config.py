@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-
-import pytest
-
-import tomllib
 from pathlib import Path
 
-from mdmt.fed.config import RunConfig
+import pytest
+import tomllib
+
 from mdmt.errors import ConfigError
+from mdmt.fed.config import RunConfig
 
 
 def test_pyproject_defaults_are_exactly_the_schema():

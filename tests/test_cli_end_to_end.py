@@ -19,15 +19,42 @@ def _mdmt(*args, cwd):
 
 
 def test_synth_layouts_import_and_loco(tmp_path):
-    _mdmt("synth", tmp_path / "aif", "--layout", "aiforcovid", "--scale", 0.03, "--image-size", 64, "--quiet", cwd=tmp_path)
+    _mdmt(
+        "synth",
+        tmp_path / "aif",
+        "--layout",
+        "aiforcovid",
+        "--scale",
+        0.03,
+        "--image-size",
+        64,
+        "--quiet",
+        cwd=tmp_path,
+    )
     _mdmt("synth", tmp_path / "brx", "--layout", "brixia", "--scale", 0.03, "--image-size", 64, "--quiet", cwd=tmp_path)
     out = _mdmt("import", "aiforcovid", tmp_path / "aif", tmp_path / "fed", "--quiet", cwd=tmp_path)
     assert "A " in out and "rejected: 0" in out
     _mdmt("import", "brixia", tmp_path / "brx", tmp_path / "fed", "--quiet", cwd=tmp_path)
     brixia = pd.read_csv(tmp_path / "fed" / "BRIXIA" / "manifest.csv", dtype=str, keep_default_na=False)
     assert brixia["brixia"].str.fullmatch(r"[0-3]{6}").all()
-    out = _mdmt("loco", "--fed", tmp_path / "fed", "--method", "mdmt", "--holdouts", "B", "--rounds", 1,
-                "--image-size", 32, "--workspace", tmp_path / "ws", "--set", "sites=A,B,BRIXIA", cwd=tmp_path)
+    out = _mdmt(
+        "loco",
+        "--fed",
+        tmp_path / "fed",
+        "--method",
+        "mdmt",
+        "--holdouts",
+        "B",
+        "--rounds",
+        1,
+        "--image-size",
+        32,
+        "--workspace",
+        tmp_path / "ws",
+        "--set",
+        "sites=A,B,BRIXIA",
+        cwd=tmp_path,
+    )
     assert "| mdmt | resnet18 | B |" in out and "| mdmt | resnet18 | pooled |" in out
     table = pd.read_csv(tmp_path / "ws" / "reports" / "loco.csv")
     b = table[table["centre"] == "B"].iloc[0]

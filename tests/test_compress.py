@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mdmt.fed.compress import SCALE, decode_update, encode_update, payload_bytes
 from mdmt.errors import ProtocolError
+from mdmt.fed.compress import SCALE, decode_update, encode_update, payload_bytes
 from mdmt.ml.model import build_model
 
 
@@ -13,8 +13,10 @@ def _pair(seed=0, step=1e-3):
     model = build_model("resnet18", seed=seed)
     base = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     rng = np.random.default_rng(seed)
-    local = {k: (v + rng.normal(0, step, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else np.asarray(v + 3)
-             for k, v in base.items()}
+    local = {
+        k: (v + rng.normal(0, step, v.shape).astype(v.dtype)) if v.dtype.kind == "f" else np.asarray(v + 3)
+        for k, v in base.items()
+    }
     return base, local
 
 
@@ -32,7 +34,7 @@ def test_fp16_halves_the_bytes_and_restores_the_weights_to_half_precision_of_the
             delta = v - base[k]
             assert back[k].dtype == np.float32
             # float16 keeps 11 significant bits of each update value
-            assert np.all(np.abs((back[k] - base[k]) - delta) <= np.abs(delta) * 2 ** -10 + 1e-7), k
+            assert np.all(np.abs((back[k] - base[k]) - delta) <= np.abs(delta) * 2**-10 + 1e-7), k
 
 
 def test_int8_is_a_quarter_with_one_scale_per_tensor_and_bounded_error():
@@ -51,8 +53,9 @@ def test_int8_is_a_quarter_with_one_scale_per_tensor_and_bounded_error():
 
 def test_none_sends_the_weights_and_fp16_falls_back_to_fp32_where_the_update_overflows():
     base, local = _pair()
-    assert all(np.array_equal(v, local[k]) for k, v in decode_update(encode_update(local, base, "none"), base,
-                                                                      "none").items())
+    assert all(
+        np.array_equal(v, local[k]) for k, v in decode_update(encode_update(local, base, "none"), base, "none").items()
+    )
     name = next(k for k, v in base.items() if v.dtype.kind == "f")
     local[name] = local[name] + 1e5  # past float16's range
     sent = encode_update(local, base, "fp16")
@@ -67,11 +70,14 @@ def test_encode_accepts_torch_state_dicts():
     assert all(np.array_equal(a[k], b[k]) for k in b)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda s, n: s.pop(n), "missing"),
-    (lambda s, n: s.pop(n + SCALE), "without its scale"),
-    (lambda s, n: s.__setitem__(n, s[n][:1]), "shape"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s, n: s.pop(n), "missing"),
+        (lambda s, n: s.pop(n + SCALE), "without its scale"),
+        (lambda s, n: s.__setitem__(n, s[n][:1]), "shape"),
+    ],
+)
 def test_a_malformed_update_is_named(damage, message):
     base, local = _pair()
     sent = encode_update(local, base, "int8")

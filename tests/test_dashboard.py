@@ -29,8 +29,10 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 HAVE_BROWSER = os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)
-needs_browser = pytest.mark.skipif(not HAVE_BROWSER, reason=f"headless browser tests need {CHROMIUM} and {CHROMEDRIVER} "
-                                                           "(apt-get install chromium chromium-driver)")
+needs_browser = pytest.mark.skipif(
+    not HAVE_BROWSER,
+    reason=f"headless browser tests need {CHROMIUM} and {CHROMEDRIVER} (apt-get install chromium chromium-driver)",
+)
 
 UNIT = "mdmt/resnet18/loco/A/seed0"
 FAILED_UNIT = "stl_severity/resnet18/loco/-/seed0"
@@ -44,8 +46,14 @@ class Dashboard:
     def __init__(self, args: list[str], env_extra: dict[str, str] | None = None, expect_start: bool = True):
         env = {k: v for k, v in os.environ.items() if k != "MDMT_DASHBOARD_TOKEN"}
         env.update(env_extra or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "mdmt.results.dashboard", *args], cwd=ROOT, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mdmt.results.dashboard", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.lines: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
         threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines.put), daemon=True).start()
@@ -111,9 +119,18 @@ def browser():
     profile = tempfile.mkdtemp(prefix="mdmt-chromium-")
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                 f"--user-data-dir={profile}", "--window-size=1400,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1400,1000",
+    ):
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
     driver = webdriver.Chrome(options=opts, service=Service(CHROMEDRIVER))
@@ -144,8 +161,9 @@ def _screenshot(driver, path: Path) -> Path:
     time.sleep(0.8)  # let plotly finish drawing
     w = driver.execute_script("return Math.max(document.body.scrollWidth, 1200)")
     h = driver.execute_script("return Math.min(document.body.scrollHeight, 3200)")
-    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {"width": w, "height": h, "deviceScaleFactor": 1,
-                                                                  "mobile": False})
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": w, "height": h, "deviceScaleFactor": 1, "mobile": False}
+    )
     time.sleep(0.5)
     raw = path.with_suffix(".raw.png")
     driver.save_screenshot(str(raw))
@@ -168,23 +186,39 @@ def _expected(store: Path) -> dict:
     from sklearn.metrics import roc_auc_score
 
     db = sqlite3.connect(store)
-    best, = db.execute("SELECT best_round FROM units WHERE unit_id=?", (UNIT,)).fetchone()
-    hist = np.asarray(json.loads(db.execute(
-        "SELECT hist FROM eval_stats WHERE unit_id=? AND round=? AND site='A' AND task='prognosis'",
-        (UNIT, best)).fetchone()[0]))
+    (best,) = db.execute("SELECT best_round FROM units WHERE unit_id=?", (UNIT,)).fetchone()
+    hist = np.asarray(
+        json.loads(
+            db.execute(
+                "SELECT hist FROM eval_stats WHERE unit_id=? AND round=? AND site='A' AND task='prognosis'",
+                (UNIT, best),
+            ).fetchone()[0]
+        )
+    )
     bins = hist.shape[1]
     scores = np.tile((np.arange(bins) + 0.5) / bins, 2)
     labels = np.repeat([0, 1], bins)
     weights = hist.ravel().astype(float)
     keep = weights > 0
     auc = roc_auc_score(labels[keep], scores[keep], sample_weight=weights[keep])
-    sev_cm = np.asarray(json.loads(db.execute(
-        "SELECT cm FROM eval_stats WHERE unit_id=? AND round=1 AND site='BRIXIA' AND task='severity' AND split='val'",
-        (UNIT,)).fetchone()[0]))
-    rounds, = db.execute("SELECT rounds_done FROM units WHERE unit_id=?", (UNIT,)).fetchone()
+    sev_cm = np.asarray(
+        json.loads(
+            db.execute(
+                "SELECT cm FROM eval_stats WHERE unit_id=? AND round=1 AND site='BRIXIA' AND task='severity' "
+                "AND split='val'",
+                (UNIT,),
+            ).fetchone()[0]
+        )
+    )
+    (rounds,) = db.execute("SELECT rounds_done FROM units WHERE unit_id=?", (UNIT,)).fetchone()
     db.close()
-    return {"best": best, "heldout_n": int(hist.sum()), "heldout_auc": f"{auc:.3f}",
-            "sev_acc_r1": f"{100 * np.trace(sev_cm) / sev_cm.sum():.1f}", "rounds": rounds}
+    return {
+        "best": best,
+        "heldout_n": int(hist.sum()),
+        "heldout_auc": f"{auc:.3f}",
+        "sev_acc_r1": f"{100 * np.trace(sev_cm) / sev_cm.sum():.1f}",
+        "rounds": rounds,
+    }
 
 
 def _request(url: str, path: str, headers: dict | None = None) -> http.client.HTTPResponse:
@@ -250,14 +284,18 @@ def test_pages_show_the_store(dashboard, browser, store, tmp_path):
         msg = json.loads(entry["message"])["message"]
         if msg["method"] in ("Network.requestWillBeSent", "Network.webSocketCreated"):
             urls.append(msg["params"].get("request", {}).get("url") or msg["params"].get("url", ""))
-    remote = [u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss")
-              and urlsplit(u).hostname != "127.0.0.1"]
+    remote = [
+        u for u in urls if urlsplit(u).scheme in ("http", "https", "ws", "wss") and urlsplit(u).hostname != "127.0.0.1"
+    ]
     assert any(urlsplit(u).hostname == "127.0.0.1" for u in urls)
     assert not remote, remote
     refs = browser.execute_script(
         "return Array.from(document.querySelectorAll('script[src],link[href],img[src],iframe[src]'))"
-        ".map(e => e.src || e.href)")
-    assert refs and all(urlsplit(u).hostname == "127.0.0.1" for u in refs if urlsplit(u).scheme.startswith("http")), refs
+        ".map(e => e.src || e.href)"
+    )
+    assert refs and all(urlsplit(u).hostname == "127.0.0.1" for u in refs if urlsplit(u).scheme.startswith("http")), (
+        refs
+    )
 
     keep = os.environ.get("MDMT_DASHBOARD_SHOTS")  # set to docs/img to refresh the README's screenshots
     if keep:
@@ -272,7 +310,7 @@ def test_new_round_appears_without_reload(dashboard, browser, store):
     with db:
         db.execute("UPDATE units SET status='running', ended=NULL WHERE unit_id=?", (UNIT,))
         db.execute("UPDATE units SET status='failed', message=? WHERE unit_id=?", (FAILED_MSG, FAILED_UNIT))
-    n, = db.execute("SELECT rounds_done FROM units WHERE unit_id=?", (UNIT,)).fetchone()
+    (n,) = db.execute("SELECT rounds_done FROM units WHERE unit_id=?", (UNIT,)).fetchone()
 
     _open(browser, _run_url(dashboard.url, UNIT), "participation")
     _wait_id(browser, f"participation-{n}")
@@ -283,8 +321,10 @@ def test_new_round_appears_without_reload(dashboard, browser, store):
         for table in ("metrics", "eval_stats", "participation"):
             cols = [r[1] for r in db.execute(f"PRAGMA table_info({table})")]
             sel = ", ".join("round + 1" if c == "round" else c for c in cols)
-            db.execute(f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel} FROM {table} WHERE unit_id=? AND round=?",
-                       (UNIT, n))
+            db.execute(
+                f"INSERT INTO {table} ({', '.join(cols)}) SELECT {sel} FROM {table} WHERE unit_id=? AND round=?",
+                (UNIT, n),
+            )
         db.execute("UPDATE units SET rounds_done=? WHERE unit_id=?", (n + 1, UNIT))
     db.close()
 
@@ -374,9 +414,17 @@ def test_pages_render_dp_missing_bytes_and_a_failed_unit(tmp_path):
     st.start_unit(dp, ["A", "C"], {"A": "val", "C": "val", "B": "all"}, {"num-rounds": 3}, {})
     sources = resolve_sources([str(tmp_path)])
     v0 = data_version(sources)
-    st.log_round(dp, 1, [("A", "all", "train", "loss", 0.7), ("A", "all", "train", "epsilon", 1.25),
-                         ("C", "all", "train", "epsilon", 2.5)], [],
-                 [("A", "train", "ok", ""), ("C", "train", "error: out of memory", ""), ("B", "evaluate", "ok", "all")])
+    st.log_round(
+        dp,
+        1,
+        [
+            ("A", "all", "train", "loss", 0.7),
+            ("A", "all", "train", "epsilon", 1.25),
+            ("C", "all", "train", "epsilon", 2.5),
+        ],
+        [],
+        [("A", "train", "ok", ""), ("C", "train", "error: out of memory", ""), ("B", "evaluate", "ok", "all")],
+    )
     v1 = data_version(sources)
     bad = UnitKey("stl_prognosis", "resnet18", "loco", "B", 0)
     st.start_unit(bad, ["A", "C"], {"A": "val", "C": "val", "B": "all"}, {}, {})

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mdmt.ops.deploy import commands, files, pki, siteconfig
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.ops.deploy import commands, files, pki, siteconfig
 from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -129,12 +129,27 @@ def test_site_key_is_ecdsa_p384_openssh_and_flower_accepts_it(tmp_path, capsys):
 # ---- site config ---------------------------------------------------------------------------------
 
 
-def _site_config(tmp_path, site="A", data_dir=None, coordinator="127.0.0.1:9092", ca=None, device="cpu", port=None,
-                 name=None) -> Path:
+def _site_config(
+    tmp_path, site="A", data_dir=None, coordinator="127.0.0.1:9092", ca=None, device="cpu", port=None, name=None
+) -> Path:
     out = tmp_path / (name or f"site-{site}.toml")
-    argv = ["site-config", "--site", site, "--data-dir", data_dir or tmp_path / "data" / site,
-            "--coordinator", coordinator, "--ca", ca or tmp_path / "ca.pem", "--device", device, "--out", out,
-            "--workspace", tmp_path / f"ws-{site}"]
+    argv = [
+        "site-config",
+        "--site",
+        site,
+        "--data-dir",
+        data_dir or tmp_path / "data" / site,
+        "--coordinator",
+        coordinator,
+        "--ca",
+        ca or tmp_path / "ca.pem",
+        "--device",
+        device,
+        "--out",
+        out,
+        "--workspace",
+        tmp_path / f"ws-{site}",
+    ]
     if port:
         argv += ["--supernode-port", port]
     assert _run(argv) == 0
@@ -149,17 +164,28 @@ def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federat
 
     path = _site_config(tmp_path, data_dir=small_federation / "A", port=9101)
     cfg = siteconfig.load_site_config(path)
-    assert cfg == siteconfig.SiteConfig(site="A", data_dir=small_federation / "A", coordinator="127.0.0.1:9092",
-                                        ca=tmp_path / "ca.pem", key=tmp_path / "site-A", workspace=tmp_path / "ws-A",
-                                        device="cpu", supernode_port=9101)
+    assert cfg == siteconfig.SiteConfig(
+        site="A",
+        data_dir=small_federation / "A",
+        coordinator="127.0.0.1:9092",
+        ca=tmp_path / "ca.pem",
+        key=tmp_path / "site-A",
+        workspace=tmp_path / "ws-A",
+        device="cpu",
+        supernode_port=9101,
+    )
     # rewriting what was read gives the same file
     siteconfig.write_site_config(cfg, tmp_path / "again.toml")
     assert siteconfig.load_site_config(tmp_path / "again.toml") == cfg
     # what flower-supernode parses from --node-config is what the ClientApp uses to find the site
     argv, env = commands.supernode_command(cfg)
     node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
-    assert node_config == {"site": "A", "data-dir": str(small_federation / "A"), "workspace": str(tmp_path / "ws-A"),
-                           "device": "cpu"}
+    assert node_config == {
+        "site": "A",
+        "data-dir": str(small_federation / "A"),
+        "workspace": str(tmp_path / "ws-A"),
+        "device": "cpu",
+    }
     loc = locate_site(RunConfig(), node_config)
     assert loc.device == "cpu"  # the site's choice wins over the run config's device
     assert (loc.site, loc.site_dir, loc.cache_root) == ("A", small_federation / "A", tmp_path / "ws-A" / "cache")
@@ -173,22 +199,34 @@ def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federat
     (tmp_path / "rel").mkdir()
     (tmp_path / "rel" / "site.toml").write_text(
         'site = "B"\ndata-dir = "data/B"\ncoordinator = "coord.example.org:9092"\nca = "ca.pem"\n'
-        'key = "keys/site-B"\nworkspace = "ws"\n')
+        'key = "keys/site-B"\nworkspace = "ws"\n'
+    )
     rel = siteconfig.load_site_config(tmp_path / "rel" / "site.toml")
     assert rel.data_dir == tmp_path / "rel" / "data" / "B" and rel.key == tmp_path / "rel" / "keys" / "site-B"
     assert rel.device == "auto" and rel.supernode_port == siteconfig.DEFAULT_SUPERNODE_PORT and rel.cache_dir is None
 
 
-@pytest.mark.parametrize("text, message", [
-    ('site = "A"\n', "missing key 'data-dir'"),
-    ('site = "A"\ndata-dir = "d"\ncoordinator = "https://c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "URL prefix"),
-    ('site = "A"\ndata-dir = "d"\ncoordinator = "c"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "expected host:port"),
-    ('site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ndevice = "gpu"\n', "'device'"),
-    ('site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ncolour = 1\n',
-     "unknown key 'colour'"),
-    ('site = "A B"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "'site'"),
-    ('site = [1\n', "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('site = "A"\n', "missing key 'data-dir'"),
+        (
+            'site = "A"\ndata-dir = "d"\ncoordinator = "https://c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n',
+            "URL prefix",
+        ),
+        ('site = "A"\ndata-dir = "d"\ncoordinator = "c"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "expected host:port"),
+        (
+            'site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ndevice = "gpu"\n',
+            "'device'",
+        ),
+        (
+            'site = "A"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\ncolour = 1\n',
+            "unknown key 'colour'",
+        ),
+        ('site = "A B"\ndata-dir = "d"\ncoordinator = "c:1"\nca = "c"\nkey = "k"\nworkspace = "w"\n', "'site'"),
+        ("site = [1\n", "not valid TOML"),
+    ],
+)
 def test_bad_site_config_is_one_line_naming_file_and_key(tmp_path, capsys, text, message):
     path = tmp_path / "site.toml"
     path.write_text(text)
@@ -262,7 +300,7 @@ class TLSListener:
             except (OSError, ssl.SSLError):
                 pass
 
-    def __enter__(self) -> "TLSListener":
+    def __enter__(self) -> TLSListener:
         self.thread.start()
         return self
 
@@ -287,8 +325,12 @@ def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, s
     pki.make_certs(tmp_path / "stranger", ["IP:127.0.0.1"])
     pki.make_site_key("A", tmp_path)
     with TLSListener(tmp_path / "certs" / files.SERVER_CERT, tmp_path / "certs" / files.SERVER_KEY) as srv:
-        good = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
-                            ca=tmp_path / "certs" / files.CA_CERT)
+        good = _site_config(
+            tmp_path,
+            data_dir=small_federation / "A",
+            coordinator=f"127.0.0.1:{srv.port}",
+            ca=tmp_path / "certs" / files.CA_CERT,
+        )
         rc, lines = _check(good, capsys)
         assert rc == 0 and lines[-1] == "READY", lines
         text = "\n".join(lines)
@@ -298,8 +340,13 @@ def test_check_is_ready_for_a_good_site_and_names_a_wrong_ca(tmp_path, capsys, s
         assert f"prognosis: {n_mild} MILD, {n_severe} SEVERE; severity (brixia global): none" in text
         assert f"{len(df)} images of {df['patient_id'].nunique()} patients, role prognosis" in text
         assert "5 of 5 sampled decoded" in text
-        wrong = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{srv.port}",
-                             ca=tmp_path / "stranger" / files.CA_CERT, name="wrong.toml")
+        wrong = _site_config(
+            tmp_path,
+            data_dir=small_federation / "A",
+            coordinator=f"127.0.0.1:{srv.port}",
+            ca=tmp_path / "stranger" / files.CA_CERT,
+            name="wrong.toml",
+        )
         rc, lines = _check(wrong, capsys)
     assert rc == 1 and lines[-1].startswith("NOT READY: coordinator:") and "does not verify" in lines[-1], lines
 
@@ -316,8 +363,12 @@ def test_check_not_ready_for_an_unreachable_coordinator(tmp_path, capsys, small_
     pki.make_certs(tmp_path / "certs", ["IP:127.0.0.1"])
     pki.make_site_key("A", tmp_path)
     port = free_port()  # nothing listens there
-    path = _site_config(tmp_path, data_dir=small_federation / "A", coordinator=f"127.0.0.1:{port}",
-                        ca=tmp_path / "certs" / files.CA_CERT)
+    path = _site_config(
+        tmp_path,
+        data_dir=small_federation / "A",
+        coordinator=f"127.0.0.1:{port}",
+        ca=tmp_path / "certs" / files.CA_CERT,
+    )
     rc, lines = _check(path, capsys)
     assert rc == 1 and lines[-1].startswith(f"NOT READY: coordinator: cannot reach 127.0.0.1:{port}"), lines
     assert "data-dir" not in lines[-1] and "manifest" not in lines[-1]  # only the coordinator is wrong
@@ -331,7 +382,7 @@ def _deploy_argv(command: str) -> list[str] | None:
     words = shlex.split(command)
     for i, w in enumerate(words[:-1]):
         if Path(w).name == "mdmt" and words[i + 1] == "deploy":
-            return words[i + 1:]
+            return words[i + 1 :]
     return None
 
 
@@ -348,8 +399,9 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
         execs = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
         assert len(execs) == 1, unit
         args = parser.parse_args(_deploy_argv(execs[0].replace("%i", "A")))
-        assert (args.deploy_verb in ("superlink-cmd", "supernode-cmd") and args.exec) or \
-            (args.deploy_verb == "submit" and args.watch), unit
+        assert (args.deploy_verb in ("superlink-cmd", "supernode-cmd") and args.exec) or (
+            args.deploy_verb == "submit" and args.watch
+        ), unit
         assert "Restart=" in text and "RestartSec=" in text
         assert "Environment=FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in text
     compose = yaml.safe_load((DEPLOY_DIR / "compose.yaml").read_text())
@@ -365,14 +417,29 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
     siteconfig.load_site_config(DEPLOY_DIR / "examples" / "site-A.toml")
     # the install script writes the units with the given environment's mdmt
     venv = Path(sys.executable).parent.parent
-    res = subprocess.run(["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path),
-                          "--venv", str(venv)], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path), "--venv", str(venv)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     for unit in units:
         text = (tmp_path / "etc" / "systemd" / "system" / unit.name).read_text()
         assert f"ExecStart={venv}/bin/mdmt deploy " in text and "/opt/mdmt/.venv" not in text
-    res = subprocess.run(["bash", str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(tmp_path),
-                          "--venv", str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            "bash",
+            str(DEPLOY_DIR / "scripts" / "install-units.sh"),
+            "--root",
+            str(tmp_path),
+            "--venv",
+            str(tmp_path / "nowhere"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "mdmt not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
@@ -400,15 +467,29 @@ class Processes:
 
     def start(self, name: str, argv: list[str], extra: dict[str, str]) -> subprocess.Popen:
         with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(argv, env=self.env(extra), stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, cwd=self.root)
+            proc = subprocess.Popen(
+                argv,
+                env=self.env(extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=self.root,
+            )
         self.procs[name] = proc
         return proc
 
     def run(self, name: str, argv: list[str], extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
         with open(self.logs / f"{name}.log", "wb") as log:
-            return subprocess.run(argv, env=self.env(extra), stdout=log, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, cwd=REPO, timeout=timeout)
+            return subprocess.run(
+                argv,
+                env=self.env(extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=REPO,
+                timeout=timeout,
+            )
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")
@@ -517,9 +598,21 @@ def _wait_for(what: str, ready, timeout: float, *procs: subprocess.Popen) -> Non
 def _job_config(path: Path, ws: Path, fed: Path, **extra) -> Path:
     import tomli_w
 
-    values = {"method": "mdmt", "backbone": "resnet18", "num-rounds": 3, "image-size": 32, "batch-size": 16, "seed": 0,
-              "device": "cpu", "sites": ",".join(SITES), "holdouts": "A", "fed-dir": str(fed), "workspace": str(ws),
-              "store": str(ws / "store.sqlite"), "round-timeout": 600.0}
+    values = {
+        "method": "mdmt",
+        "backbone": "resnet18",
+        "num-rounds": 3,
+        "image-size": 32,
+        "batch-size": 16,
+        "seed": 0,
+        "device": "cpu",
+        "sites": ",".join(SITES),
+        "holdouts": "A",
+        "fed-dir": str(fed),
+        "workspace": str(ws),
+        "store": str(ws / "store.sqlite"),
+        "round-timeout": 600.0,
+    }
     values.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(values))
@@ -574,8 +667,9 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
 
         # The SuperLink: TLS, SuperNode authentication, no runtime dependency installation, loopback only.
         port = free_port()
-        argv_link, env_link = commands.superlink_command(certs, tmp_path / "coordinator" / "state", host="127.0.0.1",
-                                                         port=port)
+        argv_link, env_link = commands.superlink_command(
+            certs, tmp_path / "coordinator" / "state", host="127.0.0.1", port=port
+        )
         env_link["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
         superlink = procs.start("superlink", argv_link, env_link)
         _wait_healthy(port, certs / files.CA_CERT, superlink)
@@ -585,18 +679,29 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         commands.write_connection(cli_env["FLWR_HOME"], "mdmt-test", f"127.0.0.1:{port}", certs / files.CA_CERT)
         flwr = str(Path(sys.executable).parent / "flwr")
         for site in SITES:
-            res = procs.run(f"register-{site}", [flwr, "supernode", "register", str(sites_dir / f"site-{site}.pub"),
-                                                 "mdmt-test", "--name", site], cli_env, timeout=120)
-            assert res.returncode == 0 and "registered successfully" in procs.log(f"register-{site}"), \
-                procs.log(f"register-{site}")
+            res = procs.run(
+                f"register-{site}",
+                [flwr, "supernode", "register", str(sites_dir / f"site-{site}.pub"), "mdmt-test", "--name", site],
+                cli_env,
+                timeout=120,
+            )
+            assert res.returncode == 0 and "registered successfully" in procs.log(f"register-{site}"), procs.log(
+                f"register-{site}"
+            )
 
         # Three sites, each with its own config, workspace and cache, started in a shuffled order.
         order = list(SITES)
         random.Random(time.time_ns()).shuffle(order)
         site_ws = {}
         for site in order:
-            path = _site_config(sites_dir, site=site, data_dir=small_federation / site,
-                                coordinator=f"127.0.0.1:{port}", ca=certs / files.CA_CERT, port=free_port())
+            path = _site_config(
+                sites_dir,
+                site=site,
+                data_dir=small_federation / site,
+                coordinator=f"127.0.0.1:{port}",
+                ca=certs / files.CA_CERT,
+                port=free_port(),
+            )
             cfg = siteconfig.load_site_config(path)
             assert cfg.key == sites_dir / f"site-{site}" and cfg.workspace == sites_dir / f"ws-{site}"
             rc, lines = _check(path, capsys)  # against the real SuperLink, before the node starts
@@ -607,10 +712,16 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
             time.sleep(1.0)
 
         # A SuperNode whose key was never registered is refused.
-        rogue_cfg = siteconfig.SiteConfig(site="ROGUE", data_dir=small_federation / "C",
-                                          coordinator=f"127.0.0.1:{port}", ca=certs / files.CA_CERT,
-                                          key=keys / "site-ROGUE", workspace=tmp_path / "rogue-ws", device="cpu",
-                                          supernode_port=free_port())
+        rogue_cfg = siteconfig.SiteConfig(
+            site="ROGUE",
+            data_dir=small_federation / "C",
+            coordinator=f"127.0.0.1:{port}",
+            ca=certs / files.CA_CERT,
+            key=keys / "site-ROGUE",
+            workspace=tmp_path / "rogue-ws",
+            device="cpu",
+            supernode_port=free_port(),
+        )
         argv, env = commands.supernode_command(rogue_cfg)
         rogue = procs.start("supernode-ROGUE", argv, env)
 
@@ -619,8 +730,15 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         jobs_dir, coord = tmp_path / "coordinator" / "jobs", tmp_path / "coordinator"
 
         def submit(name: str, ws: Path, *flags: str, **extra) -> list[str]:
-            return [mdmt, "deploy", "submit", str(_job_config(jobs_dir / f"{name}.toml", ws, small_federation, **extra)),
-                    "--connection", "mdmt-test", *flags]
+            return [
+                mdmt,
+                "deploy",
+                "submit",
+                str(_job_config(jobs_dir / f"{name}.toml", ws, small_federation, **extra)),
+                "--connection",
+                "mdmt-test",
+                *flags,
+            ]
 
         ws = coord / "reference"
         res = procs.run("submit-reference", submit("reference", ws, "--watch", "--poll", "5"), cli_env, timeout=1200)
@@ -630,8 +748,9 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         # Refused at activation: the SuperNode exits (status 1, Flower exit code 305) and the SuperLink logs why.
         rogue_rc = rogue.wait(timeout=120)
         rogue_log, link_log = procs.log("supernode-ROGUE"), procs.log("superlink")
-        assert rogue_rc == 1 and "Exit Code: 305" in rogue_log and "Failed to activate SuperNode" in rogue_log, \
+        assert rogue_rc == 1 and "Exit Code: 305" in rogue_log and "Failed to activate SuperNode" in rogue_log, (
             rogue_log[-2000:]
+        )
         assert "Attempted to register SuperNode with public key" in link_log
         node_of = {s: re.findall(r"SuperNode (\d+) registered", procs.log(f"register-{s}"))[0] for s in SITES}
         assert set(re.findall(r"Activated node_id=(\d+)", link_log)) == set(node_of.values())
@@ -694,13 +813,17 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         # Site dropout: B's SuperNode dies after round 1. Rounds go on without it (k-of-n, round-timeout),
         # the missing rounds are logged, and the restarted SuperNode (same key, same node id) rejoins.
         ws_d = coord / "dropout"
-        res = procs.run("submit-dropout", submit("dropout", ws_d, **{"num-rounds": 4, "round-timeout": 90.0}), cli_env,
-                        timeout=300)
+        res = procs.run(
+            "submit-dropout", submit("dropout", ws_d, **{"num-rounds": 4, "round-timeout": 90.0}), cli_env, timeout=300
+        )
         assert res.returncode == 0, procs.log("submit-dropout")
         _wait_for("round 1 of the dropout job", lambda: _unit(ws_d)[0].get("rounds_done", 0) >= 1, 900)
         _crash(procs.procs["supernode-B"])
-        _wait_for("a round without B", lambda: any(p["site"] == "B" and p["kind"] == "train" and p["status"] != "ok"
-                                                   for p in _unit(ws_d)[2]), 600)
+        _wait_for(
+            "a round without B",
+            lambda: any(p["site"] == "B" and p["kind"] == "train" and p["status"] != "ok" for p in _unit(ws_d)[2]),
+            600,
+        )
         site_b = siteconfig.load_site_config(sites_dir / "site-B.toml")
         procs.start("supernode-B-restarted", *commands.supernode_command(site_b))
         _wait_for("the dropout job", lambda: _unit(ws_d)[0].get("status") in ("done", "failed"), 900)
@@ -712,10 +835,19 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert all(st == "ok" for p in part if p["site"] == "BRIXIA" for st in [p["status"]]), part
         kinds = [(e["kind"], e["detail"].split(":")[0]) for e in events]
         assert ("missing", "B") in kinds and ("rejoined", "B") in kinds, events
-        status = subprocess.run([mdmt, "deploy", "status", str(jobs_dir / "dropout.toml")], capture_output=True,
-                                text=True, env=procs.env(cli_env), timeout=120)
-        assert status.returncode == 0 and "units: 1 of 1 done" in status.stdout and "missing B" in status.stdout \
-            and "rejoined B" in status.stdout, status.stdout + status.stderr
+        status = subprocess.run(
+            [mdmt, "deploy", "status", str(jobs_dir / "dropout.toml")],
+            capture_output=True,
+            text=True,
+            env=procs.env(cli_env),
+            timeout=120,
+        )
+        assert (
+            status.returncode == 0
+            and "units: 1 of 1 done" in status.stdout
+            and "missing B" in status.stdout
+            and "rejoined B" in status.stdout
+        ), status.stdout + status.stderr
         # with its registered key the restarted SuperNode is the same node
         assert procs.log("superlink-restarted").count(f"Activated node_id={node_of['B']}") >= 1
 
@@ -725,14 +857,22 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert res.returncode == 0, procs.log("submit-stop")
         res = procs.run("stop", [mdmt, "deploy", "stop", str(jobs_dir / "stopped.toml")], cli_env, timeout=120)
         assert res.returncode == 0 and "stopped" in procs.log("stop"), procs.log("stop")
-        status = subprocess.run([mdmt, "deploy", "status", str(jobs_dir / "stopped.toml")], capture_output=True,
-                                text=True, env=procs.env(cli_env), timeout=120)
-        assert "job stopped: stopped (stopped by the operator)" in status.stdout and "finished:stopped" in status.stdout, \
-            status.stdout + status.stderr
+        status = subprocess.run(
+            [mdmt, "deploy", "status", str(jobs_dir / "stopped.toml")],
+            capture_output=True,
+            text=True,
+            env=procs.env(cli_env),
+            timeout=120,
+        )
+        assert (
+            "job stopped: stopped (stopped by the operator)" in status.stdout and "finished:stopped" in status.stdout
+        ), status.stdout + status.stderr
         with capsys.disabled():
-            print(f"\nsupernode start order {order}; crashed {crashed} after round {k}; final model bit-identical to "
-                  f"the uninterrupted run: {identical}; B missed rounds {missed}; deployment test "
-                  f"{time.monotonic() - started:.0f}s")
+            print(
+                f"\nsupernode start order {order}; crashed {crashed} after round {k}; final model bit-identical to "
+                f"the uninterrupted run: {identical}; B missed rounds {missed}; deployment test "
+                f"{time.monotonic() - started:.0f}s"
+            )
     finally:
         procs.stop()
         leftovers = procs.alive()

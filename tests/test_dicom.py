@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from dicom_helpers import write_dicom
 from pydicom.dataset import Dataset
 
 from mdmt.data.dicom import read_dicom, read_image
 from mdmt.errors import DicomRejected
-from dicom_helpers import write_dicom
-
 
 KNOWN = np.array([[0, 100, 200], [300, 400, 1000]], dtype=np.uint16)
 
@@ -49,9 +48,7 @@ def test_monochrome1_with_rescale(tmp_path):
 
 
 def test_rgb_averaged_to_grey(tmp_path):
-    rgb = np.array(
-        [[[0, 0, 0], [30, 60, 90], [255, 255, 255]], [[3, 0, 0], [10, 20, 0], [1, 2, 3]]], dtype=np.uint8
-    )
+    rgb = np.array([[[0, 0, 0], [30, 60, 90], [255, 255, 255]], [[3, 0, 0], [10, 20, 0], [1, 2, 3]]], dtype=np.uint8)
     img, meta = read_dicom(write_dicom(tmp_path / "rgb.dcm", rgb, "RGB"))
     expected = np.array([[0, 60, 255], [1, 10, 2]], dtype=np.float32)
     np.testing.assert_array_equal(img, expected)
@@ -143,8 +140,6 @@ def test_read_image_png(tmp_path):
 
 # ---- VOI LUT / windowing --------------------------------------------------------------------------
 
-from pydicom import uid as _uid  # noqa: E402
-
 from dicom_helpers import (  # noqa: E402
     jpeg_bytes,
     pydicom_test_file,
@@ -153,6 +148,7 @@ from dicom_helpers import (  # noqa: E402
     write_jpeg_baseline_dicom,
     write_non_image,
 )
+from pydicom import uid as _uid  # noqa: E402
 
 
 def test_voi_none_is_the_default(tmp_path):
@@ -179,7 +175,9 @@ def test_voi_auto_window_exact_first_of_several(tmp_path):
 def test_voi_after_rescale_then_monochrome1_inversion(tmp_path):
     # rescale first: [-1024, -824, -624, -424, -224, 976]; output range 0*2-1024 .. 4095*2-1024 (8190 wide)
     # window c = 0, w = 1000: x <= -500 -> -1024; x > 500 -> 7166; else (x / 1000 + 0.5) * 8190 - 1024
-    path = write_dicom(tmp_path / "r.dcm", KNOWN, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0.5, WindowWidth=1001)
+    path = write_dicom(
+        tmp_path / "r.dcm", KNOWN, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=0.5, WindowWidth=1001
+    )
     img, _ = read_dicom(path, voi="auto")
     expected = np.array([[-1024, -1024, -1024], [-401.56, 1236.44, 7166]], dtype=np.float32)
     np.testing.assert_array_equal(img, expected)
@@ -221,7 +219,8 @@ SIGNED = np.array([[-1000, -1, 0], [1, 2047, -2048]], dtype=np.int16)
 
 
 @pytest.mark.parametrize(
-    "ts", [_uid.ImplicitVRLittleEndian, _uid.ExplicitVRBigEndian, _uid.DeflatedExplicitVRLittleEndian],
+    "ts",
+    [_uid.ImplicitVRLittleEndian, _uid.ExplicitVRBigEndian, _uid.DeflatedExplicitVRLittleEndian],
     ids=["implicit-le", "explicit-be", "deflated"],
 )
 def test_native_transfer_syntaxes_exact(tmp_path, ts):
@@ -270,7 +269,9 @@ def test_rle_lossless_exact(tmp_path):
     np.testing.assert_array_equal(img, BIG.astype(np.float32))
     assert meta["transfer_syntax"] == "RLE Lossless"
     signed = (BIG.astype(np.int32) - 2048).astype(np.int16)
-    img, _ = read_dicom(write_dicom_as(tmp_path / "rles.dcm", signed, _uid.RLELossless, RescaleSlope=2, RescaleIntercept=1))
+    img, _ = read_dicom(
+        write_dicom_as(tmp_path / "rles.dcm", signed, _uid.RLELossless, RescaleSlope=2, RescaleIntercept=1)
+    )
     np.testing.assert_array_equal(img, signed.astype(np.float32) * 2 + 1)
     rgb = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
     img, _ = read_dicom(write_dicom_as(tmp_path / "rgb.dcm", rgb, _uid.RLELossless, "RGB"))

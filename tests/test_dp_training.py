@@ -14,24 +14,42 @@ import torch
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.units import initial_arrays
 from mdmt.fed.site import locate_site, privacy_file, run_train
+from mdmt.fed.units import initial_arrays
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = "mdmt/resnet18/loco/A/seed0"
 
 
 def _cfg(fed: Path, ws: Path, **kw) -> RunConfig:
-    values = {"fed-dir": str(fed), "workspace": str(ws), "image-size": 32, "batch-size": 8, "num-rounds": 3,
-              "dp": True, "dp-noise-multiplier": 1.0, "augment": "none", "seed": 0} | kw
+    values = {
+        "fed-dir": str(fed),
+        "workspace": str(ws),
+        "image-size": 32,
+        "batch-size": 8,
+        "num-rounds": 3,
+        "dp": True,
+        "dp-noise-multiplier": 1.0,
+        "augment": "none",
+        "seed": 0,
+    } | kw
     return RunConfig.from_mapping(values)
 
 
 def _round(cfg: RunConfig, rnd: int, state=None):
     loc = locate_site(cfg, {"site": "B"})
     state = state if state is not None else {k: torch.from_numpy(v) for k, v in initial_arrays(cfg, "resnet18").items()}
-    rcfg = {P.CFG_ROUND: rnd, P.CFG_UNIT: UNIT, P.CFG_METHOD: "mdmt", P.CFG_BACKBONE: "resnet18",
-            P.CFG_PROTOCOL: "loco", P.CFG_FOLD: "A", P.CFG_LR: 1e-3, P.CFG_AGGREGATION: "fedavg", P.CFG_PROX_MU: 0.0}
+    rcfg = {
+        P.CFG_ROUND: rnd,
+        P.CFG_UNIT: UNIT,
+        P.CFG_METHOD: "mdmt",
+        P.CFG_BACKBONE: "resnet18",
+        P.CFG_PROTOCOL: "loco",
+        P.CFG_FOLD: "A",
+        P.CFG_LR: 1e-3,
+        P.CFG_AGGREGATION: "fedavg",
+        P.CFG_PROX_MU: 0.0,
+    }
     new, metrics = run_train(cfg, loc, state, rcfg)
     return new, metrics, loc
 
@@ -47,8 +65,13 @@ print(json.dumps({"epsilon": m["epsilon"], "refused": m["dp-refused"], "n": m["n
 
 
 def _second_round_in_a_new_process(fed: Path, ws: Path, **kw) -> dict:
-    out = subprocess.run([sys.executable, "-c", _SECOND_ROUND, str(fed), str(ws), json.dumps(kw)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _SECOND_ROUND, str(fed), str(ws), json.dumps(kw)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -65,8 +88,9 @@ def test_dp_model_has_no_batchnorm_and_epsilon_continues_after_a_restart(small_f
     # The site's process restarts: a fresh interpreter reads the history from disk and goes on from it.
     m2 = _second_round_in_a_new_process(small_federation, tmp_path)
     assert m2["epsilon"] > m1["epsilon"]
-    from mdmt.ml.privacy import epsilon_spent, read_accountant
     from opacus.accountants import RDPAccountant
+
+    from mdmt.ml.privacy import epsilon_spent, read_accountant
 
     acc = RDPAccountant()
     acc.history = [tuple(h) for h in read_accountant(privacy_file(loc, UNIT))["history"]]
@@ -100,16 +124,33 @@ def test_simulation_logs_epsilon_and_stops_a_site_at_its_budget(small_federation
     ws = tmp_path / "ws"
     # Budget between BRIXIA's epsilon after 1 and after 2 rounds (it has far more rows, so it spends
     # the least per round; the small sites pass the budget already at round 1 or 2).
-    values = {"fed-dir": str(small_federation), "workspace": str(ws), "method": "mdmt", "backbone": "resnet18",
-              "num-rounds": 3, "image-size": 32, "holdouts": "A", "sites": "A,B,BRIXIA", "batch-size": 8,
-              "seed": 0, "dp": True, "dp-noise-multiplier": 1.0, "dp-epsilon-budget": 3.0, "augment": "none",
-              "select-after": 0, "patience": 0, "lr-patience": 0}
+    values = {
+        "fed-dir": str(small_federation),
+        "workspace": str(ws),
+        "method": "mdmt",
+        "backbone": "resnet18",
+        "num-rounds": 3,
+        "image-size": 32,
+        "holdouts": "A",
+        "sites": "A,B,BRIXIA",
+        "batch-size": 8,
+        "seed": 0,
+        "dp": True,
+        "dp-noise-multiplier": 1.0,
+        "dp-epsilon-budget": 3.0,
+        "augment": "none",
+        "select-after": 0,
+        "patience": 0,
+        "lr-patience": 0,
+    }
     loco(values, echo=lambda *_: None)
     db = sqlite3.connect(ws / "store.sqlite")
-    eps = db.execute("SELECT site, round, value FROM metrics WHERE unit_id=? AND name='epsilon' ORDER BY site, round",
-                     (UNIT,)).fetchall()
-    part = db.execute("SELECT site, round, kind, status FROM participation WHERE unit_id=? ORDER BY round",
-                      (UNIT,)).fetchall()
+    eps = db.execute(
+        "SELECT site, round, value FROM metrics WHERE unit_id=? AND name='epsilon' ORDER BY site, round", (UNIT,)
+    ).fetchall()
+    part = db.execute(
+        "SELECT site, round, kind, status FROM participation WHERE unit_id=? ORDER BY round", (UNIT,)
+    ).fetchall()
     db.close()
     by_site: dict[str, list[float]] = {}
     for site, _, v in eps:

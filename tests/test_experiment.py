@@ -37,8 +37,10 @@ def _units(store: Path) -> dict[str, tuple[str, float, int]]:
         return {}
     db = sqlite3.connect(store, timeout=30)
     try:
-        return {u: (st, started, n) for u, st, started, n in
-                db.execute("SELECT unit_id, status, started, rounds_done FROM units")}
+        return {
+            u: (st, started, n)
+            for u, st, started, n in db.execute("SELECT unit_id, status, started, rounds_done FROM units")
+        }
     finally:
         db.close()
 
@@ -95,12 +97,18 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"4 units in 1 group(s), {4 - len(done_before)} to run" in rerun.stdout
     after = _units(store)
-    assert sorted(after) == sorted(["stl_prognosis/resnet18/loco/A/seed0", "stl_prognosis/resnet18/loco/B/seed0",
-                                    "mdmt/resnet18/loco/A/seed0", "mdmt/resnet18/loco/B/seed0"])
+    assert sorted(after) == sorted(
+        [
+            "stl_prognosis/resnet18/loco/A/seed0",
+            "stl_prognosis/resnet18/loco/B/seed0",
+            "mdmt/resnet18/loco/A/seed0",
+            "mdmt/resnet18/loco/B/seed0",
+        ]
+    )
     assert all(st == "done" and n == 3 for st, _, n in after.values())
     # Units finished before the kill were not run again; the interrupted one went on after its last round.
     assert {u: after[u][1] for u in done_before} == done_before
-    (unit, rounds_before), = interrupted.items()
+    ((unit, rounds_before),) = interrupted.items()
     assert f"unit {unit}: resumed after round {rounds_before}" in rerun.stdout
     assert (ws / "reports").is_dir()
     assert _marked(marker) == []
@@ -108,8 +116,14 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     # The same grid without interruption gives the same final and selected models, bit for bit.
     ref_ws = tmp_path / "ref"
     ref_cfg = _write_config(tmp_path / "ref.toml", small_federation, ref_ws)
-    ref = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "experiment", str(ref_cfg)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        [sys.executable, "-m", "mdmt.ops.cli", "experiment", str(ref_cfg)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert ref.returncode == 0, ref.stdout + ref.stderr
     import torch
 
@@ -119,7 +133,10 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
             got = torch.load(ws / "checkpoints" / slug / name, weights_only=True)
             want = torch.load(ref_ws / "checkpoints" / slug / name, weights_only=True)
             assert got["round"] == want["round"], (uid, name)
-            assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"]), (uid, name)
+            assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"]), (
+                uid,
+                name,
+            )
 
 
 def test_groups_split_by_backbone_and_protocol_with_workers(small_federation, tmp_path):
@@ -127,7 +144,11 @@ def test_groups_split_by_backbone_and_protocol_with_workers(small_federation, tm
     values, _ = read_experiment(cfg, {"backbone": "resnet18,mobilenet_v2", "protocol": "loco,cv"})
     groups = plan_groups(values, workers=2)
     assert [(g.protocol, g.backbone) for g in groups] == [
-        ("loco", "resnet18"), ("loco", "mobilenet_v2"), ("cv", "resnet18"), ("cv", "mobilenet_v2")]
+        ("loco", "resnet18"),
+        ("loco", "mobilenet_v2"),
+        ("cv", "resnet18"),
+        ("cv", "mobilenet_v2"),
+    ]
     assert len(plan_groups(values, workers=1)) == 2
 
 

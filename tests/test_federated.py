@@ -2,8 +2,8 @@
 
 import pytest
 
-from mdmt.fed.config import RunConfig
 from mdmt.errors import ConfigError
+from mdmt.fed.config import RunConfig
 from mdmt.fed.units import Selection, SiteInfo, plan_unit, unit_keys
 from mdmt.store import UnitKey
 
@@ -14,8 +14,11 @@ def _sites():
         return SiteInfo(name, role, counts, "hash-" + name)
 
     return {
-        "A": info("A", "prognosis"), "B": info("B", "prognosis"), "C": info("C", "prognosis"),
-        "BRIXIA": info("BRIXIA", "severity", p=0, s=50), "DUAL": info("DUAL", "both", p=5, s=5),
+        "A": info("A", "prognosis"),
+        "B": info("B", "prognosis"),
+        "C": info("C", "prognosis"),
+        "BRIXIA": info("BRIXIA", "severity", p=0, s=50),
+        "DUAL": info("DUAL", "both", p=5, s=5),
     }
 
 
@@ -79,9 +82,15 @@ def test_ft_is_preceded_by_its_phase_one_and_local_expands_per_site():
     roles = {"A": "prognosis", "B": "prognosis", "C": "prognosis", "BRIXIA": "severity"}
     cfg = RunConfig(method="ft,local", backbone="resnet18", holdouts="A,B")
     ids = [k.unit_id for k in unit_keys(cfg, roles)]
-    assert ids == ["stl_severity/resnet18/loco/-/seed0", "ft/resnet18/loco/A/seed0", "ft/resnet18/loco/B/seed0",
-                   "local:B/resnet18/loco/A/seed0", "local:C/resnet18/loco/A/seed0",
-                   "local:A/resnet18/loco/B/seed0", "local:C/resnet18/loco/B/seed0"]
+    assert ids == [
+        "stl_severity/resnet18/loco/-/seed0",
+        "ft/resnet18/loco/A/seed0",
+        "ft/resnet18/loco/B/seed0",
+        "local:B/resnet18/loco/A/seed0",
+        "local:C/resnet18/loco/A/seed0",
+        "local:A/resnet18/loco/B/seed0",
+        "local:C/resnet18/loco/B/seed0",
+    ]
     with pytest.raises(ConfigError, match="needs the federation's sites"):
         unit_keys(cfg)
 
@@ -95,8 +104,14 @@ def test_local_unit_trains_one_site_and_tests_the_held_out_centre():
 def test_cv_units_train_every_site_and_evaluate_val_and_test():
     cfg = RunConfig(method="mdmt,ft", backbone="resnet18", protocol="cv", folds="0,3")
     ids = [k.unit_id for k in unit_keys(cfg)]
-    assert ids == ["mdmt/resnet18/cv/0/seed0", "mdmt/resnet18/cv/3/seed0", "stl_severity/resnet18/cv/0/seed0",
-                   "ft/resnet18/cv/0/seed0", "stl_severity/resnet18/cv/3/seed0", "ft/resnet18/cv/3/seed0"]
+    assert ids == [
+        "mdmt/resnet18/cv/0/seed0",
+        "mdmt/resnet18/cv/3/seed0",
+        "stl_severity/resnet18/cv/0/seed0",
+        "ft/resnet18/cv/0/seed0",
+        "stl_severity/resnet18/cv/3/seed0",
+        "ft/resnet18/cv/3/seed0",
+    ]
     plan = plan_unit(UnitKey("mdmt", "resnet18", "cv", "3", 0), _sites())
     assert plan.holdout is None and plan.train_sites == ["A", "B", "BRIXIA", "C", "DUAL"]
     assert set(plan.eval_splits.values()) == {("val", "test")}
@@ -118,11 +133,15 @@ class ScriptedRounds:
         from mdmt.ml.train import TrainResult
 
         gone = self.absent.get(rnd, set())
-        trained = {s: TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
-                   for s in plan.train_messages if s not in gone}
+        trained = {
+            s: TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
+            for s in plan.train_messages
+            if s not in gone
+        }
         status = {s: "ok" if s in trained else "no reply" for s in plan.train_messages}
-        return TrainRound({k: v + np.asarray(rnd, v.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()},
-                          trained, status)
+        return TrainRound(
+            {k: v + np.asarray(rnd, v.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}, trained, status
+        )
 
     def evaluate(self, rnd, arrays, plan, config):
         import numpy as np
@@ -132,8 +151,13 @@ class ScriptedRounds:
 
         hist = np.zeros((2, HIST_BINS), dtype=np.int64)
         hist[0, 10], hist[1, 150] = 4, 4
-        ev = P.SiteEval({"prognosis": 8, "severity": 0}, {"prognosis": 8.0 / rnd, "severity": 0.0},
-                        np.zeros((2, 2), dtype=np.int64), hist, np.zeros((4, 4), dtype=np.int64))
+        ev = P.SiteEval(
+            {"prognosis": 8, "severity": 0},
+            {"prognosis": 8.0 / rnd, "severity": 0.0},
+            np.zeros((2, 2), dtype=np.int64),
+            hist,
+            np.zeros((4, 4), dtype=np.int64),
+        )
         gone = self.absent.get(rnd, set())
         evals = {s: {sp: ev for sp in sps} for s, sps in plan.eval_splits.items() if s not in gone}
         return evals, {s: "ok" if s in evals else "no reply" for s in plan.eval_splits}
@@ -151,8 +175,15 @@ def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(t
     from mdmt.fed.units import run_unit
     from mdmt.store import RunStore
 
-    cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=4, workspace=str(tmp_path), min_sites=1,
-                    patience=0, select_after=0)
+    cfg = RunConfig(
+        backbone="resnet18",
+        image_size=32,
+        num_rounds=4,
+        workspace=str(tmp_path),
+        min_sites=1,
+        patience=0,
+        select_after=0,
+    )
     key = _key("mdmt", "A")
     store = RunStore(tmp_path / "store.sqlite")
     try:

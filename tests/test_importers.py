@@ -94,20 +94,34 @@ AIC_R2 = [
     ["P_1_9", " d", "MILD", 62],  # row 5: hospital ' d' -> D, deep nesting
 ]
 AIC_EXPECT = {"A": (1, 2), "B": (1, 0), "C": (1, 1), "D": (1, 1)}  # (MILD, SEVERE)
-AIC_LABELS = {"P_1": "MILD", "P_2": "SEVERE", "P_3": "SEVERE", "P_4": "MILD", "P_11": "SEVERE", "P_1_7": "MILD",
-              "P_1_8": "SEVERE", "P_1_9": "MILD"}
+AIC_LABELS = {
+    "P_1": "MILD",
+    "P_2": "SEVERE",
+    "P_3": "SEVERE",
+    "P_4": "MILD",
+    "P_11": "SEVERE",
+    "P_1_7": "MILD",
+    "P_1_8": "SEVERE",
+    "P_1_9": "MILD",
+}
 AIC_REJECTED = {  # site ("" = federation) -> {source: reason substring}
     "A": {"AIforCOVID.xlsx:row 13": "listed twice"},
-    "B": {"AIforCOVID.xlsx:row 6": "'MODERATE' is not MILD or SEVERE",
-          "AIforCOVID.xlsx:row 9": "DICOM not found",
-          "AIforCOVID.xlsx:row 10": "truncated"},
+    "B": {
+        "AIforCOVID.xlsx:row 6": "'MODERATE' is not MILD or SEVERE",
+        "AIforCOVID.xlsx:row 9": "DICOM not found",
+        "AIforCOVID.xlsx:row 10": "truncated",
+    },
     "E": {"AIforCOVID.xlsx:row 16": "'unknown' is not MILD or SEVERE"},
-    "C": {"AIforCOVID.xlsx:row 11": "not a DICOM file",
-          "AIforCOVID.xlsx:row 12": "ambiguous: 2 files",
-          "AIforCOVID.xlsx:row 15": "ImageFile is empty"},
-    "": {"AIforCOVID.xlsx:row 7": "Hospital is empty",
-         "imgs/P_99.dcm": UNREFERENCED,
-         "imgs_r3/P_3_45.dcm": UNREFERENCED},
+    "C": {
+        "AIforCOVID.xlsx:row 11": "not a DICOM file",
+        "AIforCOVID.xlsx:row 12": "ambiguous: 2 files",
+        "AIforCOVID.xlsx:row 15": "ImageFile is empty",
+    },
+    "": {
+        "AIforCOVID.xlsx:row 7": "Hospital is empty",
+        "imgs/P_99.dcm": UNREFERENCED,
+        "imgs_r3/P_3_45.dcm": UNREFERENCED,
+    },
 }
 
 
@@ -134,8 +148,10 @@ def aic_src(tmp_path_factory) -> Path:
     _dcm(src / "imgs_r2" / "x" / "y" / "P_1_9.dcm", 22)
     _dcm(src / "imgs_r3" / "P_3_45.dcm", 30)  # release 3 has no workbook
     _xlsx(src / "AIforCOVID.xlsx", [("Foglio1", AIC_R1)])
-    _xlsx(src / "AIforCOVID_r2.xlsx", [("Legend", [["Column", "Description"], ["ImageFile", "image id"]]),
-                                       ("Dati", AIC_R2)])
+    _xlsx(
+        src / "AIforCOVID_r2.xlsx",
+        [("Legend", [["Column", "Description"], ["ImageFile", "image id"]]), ("Dati", AIC_R2)],
+    )
     return src
 
 
@@ -146,8 +162,21 @@ def aic(aic_src, tmp_path_factory):
 
 
 # BRIXIA metadata (header row 1) and the expected outcome with split_by='manufacturer', min_site_size=3.
-BX_HEADER = ["Filename", "Subject", "StudyId", "Sex", "AgeAtStudyDateFiveYear", "Manufacturer", "Modality",
-             "PhotometricInterpretation", "BrixiaScore", "BrixiaScoreGlobal", "ConsensusTestset", "Rows", "Columns"]
+BX_HEADER = [
+    "Filename",
+    "Subject",
+    "StudyId",
+    "Sex",
+    "AgeAtStudyDateFiveYear",
+    "Manufacturer",
+    "Modality",
+    "PhotometricInterpretation",
+    "BrixiaScore",
+    "BrixiaScoreGlobal",
+    "ConsensusTestset",
+    "Rows",
+    "Columns",
+]
 BX_ROWS = [  # Filename, Subject, Manufacturer, BrixiaScore, BrixiaScoreGlobal, ConsensusTestset
     ("1.dcm", "0017", "SIEMENS", "000000", "0", "1"),  # row 2
     ("2.dcm", "0017", "SIEMENS", "000102", "3", "0"),  # row 3
@@ -168,16 +197,23 @@ BX_ROWS = [  # Filename, Subject, Manufacturer, BrixiaScore, BrixiaScoreGlobal, 
     ("17.dcm", "0030", "Philips Medical", "030000", "3", "0"),  # row 18
     ("18.dcm", "0031", "AGFA", "300000", "3", "0"),  # row 19: small -> OTHER
 ]
-BX_SITES = {"CARESTREAM": ["10.dcm", "11.dcm", "12.dcm"], "OTHER": ["13.dcm", "14.dcm", "18.dcm"],
-            "PHILIPS_MEDICAL": ["15.dcm", "16.dcm", "17.dcm"], "SIEMENS": ["1.dcm", "2.dcm", "9.dcm"]}
+BX_SITES = {
+    "CARESTREAM": ["10.dcm", "11.dcm", "12.dcm"],
+    "OTHER": ["13.dcm", "14.dcm", "18.dcm"],
+    "PHILIPS_MEDICAL": ["15.dcm", "16.dcm", "17.dcm"],
+    "SIEMENS": ["1.dcm", "2.dcm", "9.dcm"],
+}
 BX_REJECTED = {
-    "SIEMENS": {"metadata_global_v2.csv:row 4": "'00102' is not six digits 0-3 (5 characters",
-                "metadata_global_v2.csv:row 5": "'0001a2' is not six digits 0-3 (characters other than digits",
-                },
-    "CARESTREAM": {"metadata_global_v2.csv:row 6": "'000402' is not six digits 0-3 (a zone score above 3",
-                   "metadata_global_v2.csv:row 7": "sums to 8 but BrixiaScoreGlobal is 9",
-                   "metadata_global_v2.csv:row 8": "DICOM not found: dicom_clean/7.dcm",
-                   "metadata_global_v2.csv:row 9": "truncated"},
+    "SIEMENS": {
+        "metadata_global_v2.csv:row 4": "'00102' is not six digits 0-3 (5 characters",
+        "metadata_global_v2.csv:row 5": "'0001a2' is not six digits 0-3 (characters other than digits",
+    },
+    "CARESTREAM": {
+        "metadata_global_v2.csv:row 6": "'000402' is not six digits 0-3 (a zone score above 3",
+        "metadata_global_v2.csv:row 7": "sums to 8 but BrixiaScoreGlobal is 9",
+        "metadata_global_v2.csv:row 8": "DICOM not found: dicom_clean/7.dcm",
+        "metadata_global_v2.csv:row 9": "truncated",
+    },
     "": {"dicom_clean/99.dcm": UNREFERENCED},
 }
 
@@ -240,8 +276,10 @@ def test_aiforcovid_sites_counts_and_labels(aic, aic_src):
     assert labels == AIC_LABELS
     c = read_manifest(out / "C")
     assert set(c["image"]) == {"images/imgs/P_11.dcm", "images/imgs_r2/P_1_7.dcm"}
-    assert dict(zip(c["patient_id"], c["source_row"])) == {"P_11": "AIforCOVID.xlsx:row 14",
-                                                           "P_1_7": "AIforCOVID_r2.xlsx:row 3"}
+    assert dict(zip(c["patient_id"], c["source_row"])) == {
+        "P_11": "AIforCOVID.xlsx:row 14",
+        "P_1_7": "AIforCOVID_r2.xlsx:row 3",
+    }
     assert read_manifest(out / "A").set_index("patient_id").loc["P_3", "source_file"] == "imgs/P_3"
     assert summary["sheets"] == {"AIforCOVID.xlsx": "Foglio1", "AIforCOVID_r2.xlsx": "Dati"}
 
@@ -251,9 +289,16 @@ def test_aiforcovid_rejections_normalisation_and_summary(aic):
     out, summary = aic
     _assert_rejected(out, AIC_REJECTED)
     assert summary["normalised_labels"] == 2
-    assert summary["rejected"] == {"label not MILD/SEVERE": 2, "undecodable DICOM": 2, "unreferenced file": 2,
-                                   "DICOM missing": 1, "ambiguous DICOM": 1, "duplicate row": 1,
-                                   "no hospital": 1, "no image id": 1}
+    assert summary["rejected"] == {
+        "label not MILD/SEVERE": 2,
+        "undecodable DICOM": 2,
+        "unreferenced file": 2,
+        "DICOM missing": 1,
+        "ambiguous DICOM": 1,
+        "duplicate row": 1,
+        "no hospital": 1,
+        "no image id": 1,
+    }
     assert summary["rejected_total"] == 11 and summary["federation_rejected"] == 3
     assert {s: d["rejected"] for s, d in summary["sites"].items()} == {"A": 1, "B": 3, "C": 3, "D": 0, "E": 1}
     assert summary["sites"]["E"]["images"] == 0 and sorted(p.name for p in (out / "E").iterdir()) == ["rejected.csv"]
@@ -345,8 +390,18 @@ def test_brixia_split_by_manufacturer(bx):
         assert sorted(df["image"]) == sorted(f"images/{f}" for f in files)
         assert dict(zip(df["image"], df["brixia"])) == {f"images/{f}": scores[f] for f in files}
         assert (df["prognosis"] == "").all()
-        assert list(df.columns) == ["image", "patient_id", "prognosis", "brixia", "split", "ConsensusTestset",
-                                    "Manufacturer", "Modality", "StudyId", "source_row"]
+        assert list(df.columns) == [
+            "image",
+            "patient_id",
+            "prognosis",
+            "brixia",
+            "split",
+            "ConsensusTestset",
+            "Manufacturer",
+            "Modality",
+            "StudyId",
+            "source_row",
+        ]
         assert summary["sites"][site]["images"] == len(files)
     s = read_manifest(out / "SIEMENS").set_index("image")
     assert s.loc["images/1.dcm", "brixia"] == "000000" and s.loc["images/2.dcm", "brixia"] == "000102"
@@ -357,8 +412,13 @@ def test_brixia_split_by_manufacturer(bx):
     assert summary["merged_into_other"] == ["(empty)", "AGFA", "KODAK"]
     assert summary["sites"]["SIEMENS"]["consensus_testset"] == 2 and summary["sites"]["SIEMENS"]["patients"] == 2
     _assert_rejected(out, BX_REJECTED)
-    assert summary["rejected"] == {"malformed BrixiaScore": 3, "DICOM missing": 1, "score/global mismatch": 1,
-                                   "undecodable DICOM": 1, "unreferenced file": 1}
+    assert summary["rejected"] == {
+        "malformed BrixiaScore": 3,
+        "DICOM missing": 1,
+        "score/global mismatch": 1,
+        "undecodable DICOM": 1,
+        "unreferenced file": 1,
+    }
     text = format_import_summary(summary)
     assert "PHILIPS_MEDICAL" in text and "malformed BrixiaScore" in text
 

@@ -10,6 +10,7 @@ import stat
 import numpy as np
 import pandas as pd
 import pytest
+from dicom_helpers import write_dicom
 
 from mdmt.data import cache as cache_mod
 from mdmt.data import ingest as ingest_mod
@@ -19,7 +20,6 @@ from mdmt.data.ingest import ingest_and_load_site, ingest_federation, ingest_sit
 from mdmt.data.manifest import read_rejected, write_rejected
 from mdmt.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
 from mdmt.errors import DataError
-from dicom_helpers import write_dicom
 
 SIZE = 64
 
@@ -320,10 +320,17 @@ def test_crop_and_voi_are_cache_keys(site, tmp_path):
     a = cache_dir_for(site, tmp_path, SIZE, "lung")
     b = cache_dir_for(site, tmp_path, SIZE, "lung", voi="auto")
     c = cache_dir_for(site, tmp_path, SIZE, "boxes")
-    assert a.name.endswith(f"lung-v{cache_mod.CACHE_VERSION}") and b.name == f"s{SIZE}-lung-voiauto-v{cache_mod.CACHE_VERSION}"
+    assert (
+        a.name.endswith(f"lung-v{cache_mod.CACHE_VERSION}")
+        and b.name == f"s{SIZE}-lung-voiauto-v{cache_mod.CACHE_VERSION}"
+    )
     assert len({a, b, c, cache_dir_for(site, tmp_path, SIZE, "masks")}) == 4
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, voi="auto", progress=False)
-    assert s["cached"] == 5 and json.loads((cache_dir_for(site, tmp_path / "cache", SIZE, "lung", "auto") / "meta.json").read_text())["voi"] == "auto"
+    assert (
+        s["cached"] == 5
+        and json.loads((cache_dir_for(site, tmp_path / "cache", SIZE, "lung", "auto") / "meta.json").read_text())["voi"]
+        == "auto"
+    )
     with pytest.raises(cache_mod.ConfigError):
         ingest_site(site, tmp_path / "cache", image_size=SIZE, voi="window", progress=False)
 
@@ -391,7 +398,8 @@ def _box_site(root):
 def test_ingest_with_box_table(tmp_path):
     site = _box_site(tmp_path)
     pd.DataFrame(
-        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", 10, 10, 5, 50), ("imgs/2.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]
+        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", 10, 10, 5, 50), ("imgs/2.dcm", *BOX)],
+        columns=["image", "top", "left", "bottom", "right"],
     ).to_csv(site / "lung_boxes.csv", index=False)
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
     assert s["cached"] == 4 and s["crop_fallbacks"] == 2  # imgs/1 invalid, imgs/3 has no row
@@ -409,16 +417,21 @@ def test_ingest_with_box_table(tmp_path):
 
     # editing one box re-decodes that image only
     pd.DataFrame(
-        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", *BOX), ("imgs/2.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]
+        [("imgs/0.dcm", *BOX), ("imgs/1.dcm", *BOX), ("imgs/2.dcm", *BOX)],
+        columns=["image", "top", "left", "bottom", "right"],
     ).to_csv(site / "lung_boxes.csv", index=False)
     s = ingest_site(site, tmp_path / "cache", image_size=SIZE, crop="boxes", progress=False)
     assert (s["decoded"], s["reused_images"], s["crop_fallbacks"]) == (1, 3, 1)
 
     # crop_source: another table, relative to the site folder or absolute
-    pd.DataFrame([("imgs/3.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]).to_csv(site / "other.csv", index=False)
+    pd.DataFrame([("imgs/3.dcm", *BOX)], columns=["image", "top", "left", "bottom", "right"]).to_csv(
+        site / "other.csv", index=False
+    )
     s = ingest_site(site, tmp_path / "c2", image_size=SIZE, crop="boxes", crop_source="other.csv", progress=False)
     assert s["crop_fallbacks"] == 3
-    s = ingest_site(site, tmp_path / "c3", image_size=SIZE, crop="boxes", crop_source=site / "other.csv", progress=False)
+    s = ingest_site(
+        site, tmp_path / "c3", image_size=SIZE, crop="boxes", crop_source=site / "other.csv", progress=False
+    )
     assert s["crop_fallbacks"] == 3
     with pytest.raises(cache_mod.ConfigError, match="crop_source"):
         ingest_site(site, tmp_path / "c4", image_size=SIZE, crop="lung", crop_source="other.csv", progress=False)
@@ -454,7 +467,9 @@ def test_ingest_with_mask_folder(tmp_path):
     assert s["crop_fallbacks"] == 2
     t = load_site(site, tmp_path / "cache", SIZE, "masks").table
     assert list(t["crop_fallback"]) == [0, 0, 1, 1]
-    assert "does not match" in t["crop_note"].iat[2] and t["crop_note"].iat[3] == "no mask file lung_masks/imgs/3.dcm.png"
+    assert (
+        "does not match" in t["crop_note"].iat[2] and t["crop_note"].iat[3] == "no mask file lung_masks/imgs/3.dcm.png"
+    )
     data = load_site(site, tmp_path / "cache", SIZE, "masks")
     from mdmt.data.dicom import read_dicom
 

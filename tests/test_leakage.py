@@ -27,7 +27,8 @@ def _decisions(store_path):
         best = db.execute("SELECT best_round FROM units WHERE unit_id='mdmt/resnet18/loco/A/seed0'").fetchone()[0]
         rows = db.execute(
             "SELECT round, name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND "
-            "(site='*' OR split IN ('train', 'val')) ORDER BY round, site, task, split, name").fetchall()
+            "(site='*' OR split IN ('train', 'val')) ORDER BY round, site, task, split, name"
+        ).fetchall()
         held = db.execute(
             "SELECT round, hist FROM eval_stats WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND site='A' ORDER BY round"
         ).fetchall()
@@ -52,9 +53,25 @@ def twin_runs(small_federation, tmp_path_factory):
     out = {}
     for name, fed in (("original", small_federation), ("altered", altered)):
         ws = tmp_path_factory.mktemp(f"ws-{name}")
-        loco({"fed-dir": str(fed), "workspace": str(ws), "method": "mdmt", "backbone": "resnet18", "num-rounds": 3,
-              "image-size": 32, "holdouts": "A", "sites": SITES, "batch-size": 16, "seed": 0, "select-after": 0,
-              "patience": 0, "lr-patience": 1, "lr-factor": 0.5}, echo=lambda *_: None)
+        loco(
+            {
+                "fed-dir": str(fed),
+                "workspace": str(ws),
+                "method": "mdmt",
+                "backbone": "resnet18",
+                "num-rounds": 3,
+                "image-size": 32,
+                "holdouts": "A",
+                "sites": SITES,
+                "batch-size": 16,
+                "seed": 0,
+                "select-after": 0,
+                "patience": 0,
+                "lr-patience": 1,
+                "lr-factor": 0.5,
+            },
+            echo=lambda *_: None,
+        )
         out[name] = _decisions(ws / "store.sqlite")
     return out
 

@@ -6,8 +6,7 @@ import numpy as np
 from imblearn.metrics import geometric_mean_score
 from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
-from mdmt.ml.metrics import auc_ci, auc_from_hist, binary_metrics, multiclass_metrics
-from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.metrics import HIST_BINS, auc_ci, auc_from_hist, binary_metrics, multiclass_metrics
 
 
 def _sample(seed=0, n=300):

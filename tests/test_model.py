@@ -8,10 +8,26 @@ from mdmt.ml.model import BACKBONES, build_model, head_of
 
 
 def test_registry_has_the_papers_18_backbones():
-    paper = {"densenet121", "densenet161", "densenet169", "densenet201", "googlenet", "mobilenet_v2", "resnet18",
-             "resnet34", "resnet50", "resnet101", "wide_resnet50_2", "shufflenet_v2_x0_5", "shufflenet_v2_x1_0",
-             "efficientnet_b0", "efficientnet_b1_pruned", "efficientnet_es", "efficientnet_es_pruned",
-             "efficientnet_lite0"}
+    paper = {
+        "densenet121",
+        "densenet161",
+        "densenet169",
+        "densenet201",
+        "googlenet",
+        "mobilenet_v2",
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "wide_resnet50_2",
+        "shufflenet_v2_x0_5",
+        "shufflenet_v2_x1_0",
+        "efficientnet_b0",
+        "efficientnet_b1_pruned",
+        "efficientnet_es",
+        "efficientnet_es_pruned",
+        "efficientnet_lite0",
+    }
     assert set(BACKBONES) == paper
 
 

@@ -7,10 +7,8 @@ import shutil
 
 import numpy as np
 import pandas as pd
-import pytest
 import pydicom
-from pydicom import uid
-
+import pytest
 from dicom_helpers import (
     pydicom_test_file,
     write_dicom,
@@ -19,6 +17,8 @@ from dicom_helpers import (
     write_jpeg_baseline_dicom,
     write_non_image,
 )
+from pydicom import uid
+
 from mdmt.data.cache import load_site
 from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import read_rejected
@@ -84,7 +84,9 @@ def build_odd_site(site):
     ok("implicit_le.dcm")
     write_dicom_as(d / "big_endian.dcm", c16, uid.ExplicitVRBigEndian)
     ok("big_endian.dcm")
-    write_dicom(d / "signed_rescale.dcm", (c16.astype(np.int32) - 2048).astype(np.int16), RescaleSlope=2, RescaleIntercept=-1024)
+    write_dicom(
+        d / "signed_rescale.dcm", (c16.astype(np.int32) - 2048).astype(np.int16), RescaleSlope=2, RescaleIntercept=-1024
+    )
     ok("signed_rescale.dcm")
     write_dicom_as(d / "rle.dcm", c16, uid.RLELossless)
     ok("rle.dcm")
@@ -99,7 +101,9 @@ def build_odd_site(site):
         if _decoder_available(uid.JPEGLSLossless):
             ok("jpeg_ls.dcm")
         else:
-            bad["odd/jpeg_ls.dcm"] = "no decoder installed for transfer syntax JPEG-LS Lossless Image Compression; install the 'jpeg' extra"
+            bad["odd/jpeg_ls.dcm"] = (
+                "no decoder installed for transfer syntax JPEG-LS Lossless Image Compression; install the 'jpeg' extra"
+            )
     write_dicom(d / "dicom_named.png", c16)  # a DICOM file with the wrong extension
     ok("dicom_named.png")
     write_dicom(d / "no_extension", c16)
@@ -147,7 +151,9 @@ def build_odd_site(site):
     for k, image in enumerate(good + list(bad)):
         unl = image == "odd/unlabelled.dcm"
         rows.append((image, f"P{k}", "" if unl else ("MILD", "SEVERE")[k % 2], "" if unl or k % 3 else "012321", ""))
-    pd.DataFrame(rows, columns=["image", "patient_id", "prognosis", "brixia", "split"]).to_csv(site / "manifest.csv", index=False)
+    pd.DataFrame(rows, columns=["image", "patient_id", "prognosis", "brixia", "split"]).to_csv(
+        site / "manifest.csv", index=False
+    )
     return good, bad, rows
 
 

@@ -11,18 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from mdmt.fed.checkpoint import save_checkpoint
-from mdmt.data.ingest import ingest_site
 from mdmt.data.dicom import read_image
+from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import SEVERITY_CLASS_NAMES
 from mdmt.data.preprocess import preprocess_with_info
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.checkpoint import save_checkpoint
 from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD, build_model
 from mdmt.ops.predict import Saliency, csv_columns, predict, saliency_target_layer
 
 SIZE = 64
-CONFIG = {"backbone": "resnet18", "image-size": SIZE, "crop": "lung", "crop-source": "", "voi": "none",
-          "method": "mdmt", "threshold": "val"}
+CONFIG = {
+    "backbone": "resnet18",
+    "image-size": SIZE,
+    "crop": "lung",
+    "crop-source": "",
+    "voi": "none",
+    "method": "mdmt",
+    "threshold": "val",
+}
 SEV_COLS = [f"p_severity_{n}" for n in SEVERITY_CLASS_NAMES]
 
 
@@ -36,8 +43,15 @@ def _model(backbone: str = "resnet18") -> torch.nn.Module:
 
 def _save(path: Path, model: torch.nn.Module, config: dict, **extra) -> Path:
     arrays = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
-    save_checkpoint(path, arrays, round=3, unit_id="mdmt/resnet18/loco/A/seed0", config=config,
-                    manifest_hashes={"B": "0" * 64}, extra=extra or None)
+    save_checkpoint(
+        path,
+        arrays,
+        round=3,
+        unit_id="mdmt/resnet18/loco/A/seed0",
+        config=config,
+        manifest_hashes={"B": "0" * 64},
+        extra=extra or None,
+    )
     return path
 
 
@@ -88,13 +102,19 @@ def world(tmp_path_factory):
 
     model = _model()
     ckpt = _save(root / "best.pt", model, CONFIG)
-    return {"root": root, "inputs": inputs, "cached": cached, "model": model, "ckpt": ckpt,
-            "n_files": len(cached) + 2}
+    return {"root": root, "inputs": inputs, "cached": cached, "model": model, "ckpt": ckpt, "n_files": len(cached) + 2}
 
 
 def test_scores_equal_the_model_on_the_ingested_images(world, tmp_path):
-    text = predict(world["ckpt"], [world["inputs"]], out_dir=tmp_path / "out", saliency=False, device="cpu",
-                   crop_source=None, workers=1)
+    text = predict(
+        world["ckpt"],
+        [world["inputs"]],
+        out_dir=tmp_path / "out",
+        saliency=False,
+        device="cpu",
+        crop_source=None,
+        workers=1,
+    )
     rows = _rows(tmp_path / "out" / "predictions.csv")
     assert len(rows) == world["n_files"]  # every file but the hidden one, folders walked recursively
     ok = [r for r in rows if r["status"] == "ok"]
@@ -130,8 +150,15 @@ def test_threshold_from_the_checkpoint(world, tmp_path):
     ranked = np.sort(p_ref)  # a threshold between two scores: the CSV's 6 decimals cannot move a row across it
     t = float((ranked[len(ranked) // 2 - 1] + ranked[len(ranked) // 2]) / 2)
     ckpt = _save(tmp_path / "t.pt", world["model"], CONFIG, threshold=t)
-    text = predict(ckpt, [world["inputs"] / "scans"], out_dir=tmp_path / "out", saliency=False, device="cpu",
-                   crop_source=None, workers=1)
+    text = predict(
+        ckpt,
+        [world["inputs"] / "scans"],
+        out_dir=tmp_path / "out",
+        saliency=False,
+        device="cpu",
+        crop_source=None,
+        workers=1,
+    )
     rows = _rows(tmp_path / "out" / "predictions.csv")
     labels = {r["prognosis"] for r in rows}
     assert labels == {"SEVERE", "MILD"}
@@ -184,9 +211,15 @@ def _grad_cam_by_hand(model: torch.nn.Module, layer: torch.nn.Module, x: torch.T
     return np.stack(out)
 
 
-@pytest.mark.parametrize("backbone, layer_name", [
-    ("resnet18", "layer4"), ("densenet121", "features"), ("efficientnet_b0", "bn2"), ("mobilenet_v2", "features"),
-])
+@pytest.mark.parametrize(
+    "backbone, layer_name",
+    [
+        ("resnet18", "layer4"),
+        ("densenet121", "features"),
+        ("efficientnet_b0", "bn2"),
+        ("mobilenet_v2", "features"),
+    ],
+)
 def test_grad_cam_at_the_last_convolutional_block(backbone, layer_name):
     model = _model(backbone)
     layer = saliency_target_layer(model.backbone, SIZE)
@@ -274,8 +307,11 @@ def test_one_line_errors(world, tmp_path, capsys, monkeypatch):
     assert _rows(tmp_path / "out" / "predictions.csv")[0]["status"] == "rejected"
     (tmp_path / "empty").mkdir()
     assert "no files found" in err_of(world["ckpt"], tmp_path / "empty")
-    assert "file not found" in _rows(tmp_path / "out" / "predictions.csv")[0]["reason"] if main(
-        ["predict", str(world["ckpt"]), str(tmp_path / "missing.dcm"), "--out", str(tmp_path / "out")]) == 2 else False
+    assert (
+        "file not found" in _rows(tmp_path / "out" / "predictions.csv")[0]["reason"]
+        if main(["predict", str(world["ckpt"]), str(tmp_path / "missing.dcm"), "--out", str(tmp_path / "out")]) == 2
+        else False
+    )
     capsys.readouterr()
 
     monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)
@@ -283,5 +319,11 @@ def test_one_line_errors(world, tmp_path, capsys, monkeypatch):
         predict(world["ckpt"], [world["inputs"]], out_dir=tmp_path / "o", saliency=True, device="cpu", crop_source=None)
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA device"):
-            predict(world["ckpt"], [world["inputs"]], out_dir=tmp_path / "o", saliency=False, device="cuda",
-                    crop_source=None)
+            predict(
+                world["ckpt"],
+                [world["inputs"]],
+                out_dir=tmp_path / "o",
+                saliency=False,
+                device="cuda",
+                crop_source=None,
+            )

@@ -52,8 +52,11 @@ def task_data(n: int, size: int = 32, seed: int = 0, prog: bool = True, sev: boo
 def tiny_model(seed: int = 0) -> MDMTNet:
     torch.manual_seed(seed)
     backbone = nn.Sequential(
-        nn.Conv2d(3, 12, 3, stride=2), nn.BatchNorm2d(12), nn.ReLU(inplace=True),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 12, 3, stride=2),
+        nn.BatchNorm2d(12),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
     )
     return prepare_for_dp(MDMTNet(backbone, 12))
 
@@ -61,14 +64,31 @@ def tiny_model(seed: int = 0) -> MDMTNet:
 def private(model, data: TaskData, settings: DPSettings, batch_size: int = 4, seed: int = 0, tasks=None):
     tasks = tasks or [t for t, c in data.counts().items() if c > 0]
     opt = torch.optim.SGD(trainable_parameters(model, tasks), lr=0.05)
-    return make_private_training(model, opt, n_samples=len(data), batch_size=batch_size, seed=seed,
-                                 settings=settings)
+    return make_private_training(model, opt, n_samples=len(data), batch_size=batch_size, seed=seed, settings=settings)
 
 
-def dp_train(model, data: TaskData, settings: DPSettings, *, steps: int = 0, epochs: int = 1, batch_size: int = 4,
-             seed: int = 0, file=None, meta=None) -> TrainResult:
-    return train_local(model, data, steps=steps, epochs=epochs, batch_size=batch_size, lr=0.05, seed=seed,
-                       dp=DPRound(settings, file, dict(meta or {})))
+def dp_train(
+    model,
+    data: TaskData,
+    settings: DPSettings,
+    *,
+    steps: int = 0,
+    epochs: int = 1,
+    batch_size: int = 4,
+    seed: int = 0,
+    file=None,
+    meta=None,
+) -> TrainResult:
+    return train_local(
+        model,
+        data,
+        steps=steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=0.05,
+        seed=seed,
+        dp=DPRound(settings, file, dict(meta or {})),
+    )
 
 
 def history(path) -> list:
@@ -254,16 +274,19 @@ def test_target_epsilon_sets_the_noise_for_the_planned_epochs():
     assert 1.9 < spent <= 2.0
 
 
-@pytest.mark.parametrize("kwargs, key", [
-    ({}, "dp-noise-multiplier"),
-    ({"noise_multiplier": 1.0, "target_epsilon": 3.0, "epochs": 1}, "dp-target-epsilon"),
-    ({"noise_multiplier": 0.0}, "dp-noise-multiplier"),
-    ({"target_epsilon": 3.0}, "dp-epochs"),
-    ({"noise_multiplier": 1.0, "max_grad_norm": 0}, "dp-max-grad-norm"),
-    ({"noise_multiplier": 1.0, "epsilon_budget": -1}, "dp-epsilon-budget"),
-    ({"noise_multiplier": 1.0, "accountant": "moments"}, "dp-accountant"),
-    ({"noise_multiplier": 1.0, "delta": 1.5}, "dp-delta"),
-])
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({}, "dp-noise-multiplier"),
+        ({"noise_multiplier": 1.0, "target_epsilon": 3.0, "epochs": 1}, "dp-target-epsilon"),
+        ({"noise_multiplier": 0.0}, "dp-noise-multiplier"),
+        ({"target_epsilon": 3.0}, "dp-epochs"),
+        ({"noise_multiplier": 1.0, "max_grad_norm": 0}, "dp-max-grad-norm"),
+        ({"noise_multiplier": 1.0, "epsilon_budget": -1}, "dp-epsilon-budget"),
+        ({"noise_multiplier": 1.0, "accountant": "moments"}, "dp-accountant"),
+        ({"noise_multiplier": 1.0, "delta": 1.5}, "dp-delta"),
+    ],
+)
 def test_bad_settings_are_one_line_errors(kwargs, key):
     with pytest.raises(ConfigError, match=key) as err:
         DPSettings(**kwargs)

@@ -9,9 +9,9 @@ import sys
 import pandas as pd
 import pytest
 
-from mdmt.fed.config import RunConfig
 from mdmt.data.manifest import list_sites, read_manifest
 from mdmt.data.splits import federation_splits
+from mdmt.fed.config import RunConfig
 from mdmt.fed.site import SiteLocation, manifest_splits
 
 PROG = ["A", "B", "C", "D", "E", "F"]
@@ -97,8 +97,11 @@ def test_trainer_uses_the_same_loco_splits(small_federation, splits):
 
 def test_cli_writes_the_split_file(small_federation, tmp_path):
     out = tmp_path / "splits.csv"
-    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "splits", str(small_federation), "--out", str(out)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "mdmt.ops.cli", "splits", str(small_federation), "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     df = pd.read_csv(out, dtype=str)
     assert list(df.columns) == ["site", "image", "protocol", "fold", "role"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
-from mdmt.ml.augment import PaperAugment
 from mdmt.fed.config import RunConfig
 from mdmt.fed.units import ServerLR
+from mdmt.ml.augment import PaperAugment
 from mdmt.ml.loss import mdmt_loss
 from mdmt.ml.model import build_model
 from mdmt.ml.train import TaskData, adapt_bn, balanced_class_weights, is_bn_stat, train_local
@@ -47,11 +47,15 @@ def test_balanced_class_weights_match_scikit_learn_and_the_weighted_loss_matches
     y_sev = np.array([-1, 2, 2, 3, 1, -1], dtype=np.int64)
     data = TaskData(np.zeros((6, 8, 8), np.uint8), y_prog, y_sev)
     w = balanced_class_weights(data)
-    assert np.allclose(w["prognosis"].numpy(), compute_class_weight("balanced", classes=np.array([0, 1]), y=y_prog[y_prog >= 0]))
+    assert np.allclose(
+        w["prognosis"].numpy(), compute_class_weight("balanced", classes=np.array([0, 1]), y=y_prog[y_prog >= 0])
+    )
     sev_present = compute_class_weight("balanced", classes=np.array([1, 2, 3]), y=y_sev[y_sev >= 0])
     assert np.allclose(w["severity"].numpy(), [1.0, *sev_present])
     logits = torch.randn(6, 2, generator=torch.Generator().manual_seed(0))
-    got = mdmt_loss(logits, torch.zeros(6, 4), torch.from_numpy(y_prog), torch.full((6,), -1), class_weights=w).prognosis
+    got = mdmt_loss(
+        logits, torch.zeros(6, 4), torch.from_numpy(y_prog), torch.full((6,), -1), class_weights=w
+    ).prognosis
     keep = y_prog >= 0
     want = torch.nn.CrossEntropyLoss(weight=w["prognosis"])(logits[keep], torch.from_numpy(y_prog[keep]))
     assert torch.allclose(got, want, atol=1e-6)
@@ -70,16 +74,25 @@ def test_fedprox_keeps_the_local_model_near_the_global_one():
         model = build_model("resnet18", seed=0)
         model.load_state_dict(start)
         train_local(model, _site_data(), epochs=2, batch_size=8, lr=1e-2, seed=1, augment=None, prox_mu=mu)
-        moved[mu] = sum(float(((p - start[k]) ** 2).sum()) for k, p in model.state_dict().items()
-                        if k.startswith("backbone") and p.dtype.is_floating_point and not is_bn_stat(k))
+        moved[mu] = sum(
+            float(((p - start[k]) ** 2).sum())
+            for k, p in model.state_dict().items()
+            if k.startswith("backbone") and p.dtype.is_floating_point and not is_bn_stat(k)
+        )
     assert moved[100.0] < 0.5 * moved[0.0]
 
 
 def test_fedbn_never_averages_batchnorm_statistics():
     prev = {"backbone.bn1.running_mean": np.zeros(3, np.float32), "backbone.bn1.weight": np.zeros(3, np.float32)}
-    ups = [SiteUpdate(s, {"backbone.bn1.running_mean": np.full(3, v, np.float32),
-                          "backbone.bn1.weight": np.full(3, v, np.float32)}, 10, {"prognosis": 10, "severity": 0})
-           for s, v in (("A", 1.0), ("B", 3.0))]
+    ups = [
+        SiteUpdate(
+            s,
+            {"backbone.bn1.running_mean": np.full(3, v, np.float32), "backbone.bn1.weight": np.full(3, v, np.float32)},
+            10,
+            {"prognosis": 10, "severity": 0},
+        )
+        for s, v in (("A", 1.0), ("B", 3.0))
+    ]
     out = task_aware_fedavg(prev, ups, keep=is_bn_stat)
     assert np.array_equal(out["backbone.bn1.running_mean"], prev["backbone.bn1.running_mean"])
     assert np.allclose(out["backbone.bn1.weight"], 2.0)
@@ -87,8 +100,11 @@ def test_fedbn_never_averages_batchnorm_statistics():
 
 def test_adapt_bn_re_estimates_statistics_on_the_scored_images():
     model = build_model("resnet18", seed=0)
-    bn = model.backbone.bn1 if hasattr(model.backbone, "bn1") else next(
-        m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn = (
+        model.backbone.bn1
+        if hasattr(model.backbone, "bn1")
+        else next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    )
     before = bn.running_mean.clone()
     adapt_bn(model, _site_data(n=16), batch_size=8)
     assert not torch.allclose(bn.running_mean, before) and not model.training
@@ -126,5 +142,6 @@ def test_separable_blur_equals_torchvision_gaussian_blur(side, sigma):
 
     k = 2 * int(math.ceil(3 * sigma)) + 1
     x = torch.rand(3, 2, side, side, generator=torch.Generator().manual_seed(side)) * 2 - 1
-    np.testing.assert_allclose(separable_gaussian_blur(x, k, sigma).numpy(), gaussian_blur(x, [k, k], [sigma, sigma]).numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        separable_gaussian_blur(x, k, sigma).numpy(), gaussian_blur(x, [k, k], [sigma, sigma]).numpy(), atol=1e-6
+    )

@@ -35,10 +35,22 @@ def test_every_reply_of_the_run_holds_only_allowed_content(sim_run):
 def test_the_check_catches_images_per_sample_values_and_paths():
     shapes = _model_shapes()
     image = {"records": {"arrays": {"kind": "ArrayRecord", "items": {"x": {"shape": [16, 64, 64], "dtype": "uint8"}}}}}
-    per_sample = {"records": {"metrics": {"kind": "MetricRecord", "items": {
-        "val/hist-prognosis": {"type": "list", "len": 37, "items": ["float"]}}}}}
-    path = {"records": {"site": {"kind": "ConfigRecord", "items": {
-        "site": {"type": "str", "value": "/data/hospital/A/images/A_0001.dcm"}}}}}
+    per_sample = {
+        "records": {
+            "metrics": {
+                "kind": "MetricRecord",
+                "items": {"val/hist-prognosis": {"type": "list", "len": 37, "items": ["float"]}},
+            }
+        }
+    }
+    path = {
+        "records": {
+            "site": {
+                "kind": "ConfigRecord",
+                "items": {"site": {"type": "str", "value": "/data/hospital/A/images/A_0001.dcm"}},
+            }
+        }
+    }
     extra_key = {"records": {"metrics": {"kind": "MetricRecord", "items": {"p-severe": {"type": "float"}}}}}
     for bad in (image, per_sample, path, extra_key):
         assert reply_problems(bad, shapes), bad

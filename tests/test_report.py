@@ -15,14 +15,22 @@ from imblearn.metrics import geometric_mean_score
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from mdmt.results import report
 from mdmt.ml.metrics import HIST_BINS, auc_ci
+from mdmt.results import report
 from mdmt.store import RunStore, UnitKey
 
 N_BOOT = 50
 CENTRES = ("A", "B", "C")
 BACKBONES = ("resnet18", "densenet121", "mobilenet_v2")
-SEPARATION = {"stl_prognosis": 12, "ft": 18, "mdmt": 30, "centralised_mdmt": 35, "local:A": 5, "local:B": 8, "local:C": 10}
+SEPARATION = {
+    "stl_prognosis": 12,
+    "ft": 18,
+    "mdmt": 30,
+    "centralised_mdmt": 35,
+    "local:A": 5,
+    "local:B": 8,
+    "local:C": 10,
+}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,13 +48,27 @@ def score_hist(rng: np.random.Generator, n0: int, n1: int, sep: float) -> np.nda
 
 def prog_stat(site: str, split: str, hist: np.ndarray) -> dict:
     cm = [[int(hist[0, :100].sum()), int(hist[0, 100:].sum())], [int(hist[1, :100].sum()), int(hist[1, 100:].sum())]]
-    return {"site": site, "task": "prognosis", "split": split, "n": int(hist.sum()), "loss_sum": 1.0,
-            "cm": cm, "hist": hist.tolist()}
+    return {
+        "site": site,
+        "task": "prognosis",
+        "split": split,
+        "n": int(hist.sum()),
+        "loss_sum": 1.0,
+        "cm": cm,
+        "hist": hist.tolist(),
+    }
 
 
 def sev_stat(site: str, split: str, cm: np.ndarray) -> dict:
-    return {"site": site, "task": "severity", "split": split, "n": int(cm.sum()), "loss_sum": 1.0,
-            "cm": cm.tolist(), "hist": None}
+    return {
+        "site": site,
+        "task": "severity",
+        "split": split,
+        "n": int(cm.sum()),
+        "loss_sum": 1.0,
+        "cm": cm.tolist(),
+        "hist": None,
+    }
 
 
 def severity_cm(rng: np.random.Generator) -> np.ndarray:
@@ -65,9 +87,14 @@ def expected(hist: np.ndarray, k: int) -> dict:
     """The metrics a site would compute from its own samples, calling SEVERE when the score bin >= k."""
     y, b, s = samples(hist)
     p = (b >= k).astype(int)
-    return {"n": len(y), "acc": accuracy_score(y, p), "f1": f1_score(y, p, average="weighted"),
-            "gmean": math.sqrt(recall_score(y, p, pos_label=1) * recall_score(y, p, pos_label=0)),
-            "gmean_weighted": geometric_mean_score(y, p, average="weighted"), "auc": roc_auc_score(y, s)}
+    return {
+        "n": len(y),
+        "acc": accuracy_score(y, p),
+        "f1": f1_score(y, p, average="weighted"),
+        "gmean": math.sqrt(recall_score(y, p, pos_label=1) * recall_score(y, p, pos_label=0)),
+        "gmean_weighted": geometric_mean_score(y, p, average="weighted"),
+        "auc": roc_auc_score(y, s),
+    }
 
 
 def expected_multiclass(cm: np.ndarray) -> tuple[float, float]:
@@ -90,12 +117,20 @@ def build_loco_store(path: Path, backbones=BACKBONES, methods=PROGNOSIS_METHODS)
     def unit(method, backbone, fold, train, evals, stats_at_best, metrics_extra=()):
         key = UnitKey(method, backbone, "loco", fold, 0)
         st.start_unit(key, train, evals, {"threshold": "0.5", "method": method}, {})
-        noise = [prog_stat(r["site"], r["split"], score_hist(rng, 5, 5, 0)) if r["task"] == "prognosis" else r
-                 for r in stats_at_best]
-        st.log_round(key, 1, [("*", "prognosis", "val", "monitored_loss", 0.9), ("B", "all", "train", "loss", 1.0)],
-                     noise, [])
-        st.log_round(key, 2, [("*", "prognosis", "val", "monitored_loss", 0.6), ("B", "all", "train", "loss", 0.7),
-                              *metrics_extra], stats_at_best, [("B", "train", "ok", "")])
+        noise = [
+            prog_stat(r["site"], r["split"], score_hist(rng, 5, 5, 0)) if r["task"] == "prognosis" else r
+            for r in stats_at_best
+        ]
+        st.log_round(
+            key, 1, [("*", "prognosis", "val", "monitored_loss", 0.9), ("B", "all", "train", "loss", 1.0)], noise, []
+        )
+        st.log_round(
+            key,
+            2,
+            [("*", "prognosis", "val", "monitored_loss", 0.6), ("B", "all", "train", "loss", 0.7), *metrics_extra],
+            stats_at_best,
+            [("B", "train", "ok", "")],
+        )
         st.finish_unit(key, "done", 2)
 
     for b_i, backbone in enumerate(backbones):
@@ -109,7 +144,9 @@ def build_loco_store(path: Path, backbones=BACKBONES, methods=PROGNOSIS_METHODS)
                 sep = SEPARATION[method] + 4 * b_i + 3 * CENTRES.index(fold)
                 held = score_hist(rng, 40 + 10 * CENTRES.index(fold), 30, sep)
                 truth["held"][(method, backbone, fold)] = held
-                rows = [prog_stat(fold, "all", held)] + [prog_stat(c, "val", score_hist(rng, 10, 10, sep)) for c in train]
+                rows = [prog_stat(fold, "all", held)] + [
+                    prog_stat(c, "val", score_hist(rng, 10, 10, sep)) for c in train
+                ]
                 if method in ("mdmt", "centralised_mdmt"):
                     val_cm, test_cm = severity_cm(rng), severity_cm(rng)
                     truth["sev"][(method, backbone, fold)] = (val_cm, test_cm)
@@ -118,7 +155,14 @@ def build_loco_store(path: Path, backbones=BACKBONES, methods=PROGNOSIS_METHODS)
                 unit(method, backbone, fold, train, {fold: "all"}, rows)
         val_cm, test_cm = severity_cm(rng), severity_cm(rng)
         truth["sev"][("stl_severity", backbone, "-")] = (val_cm, test_cm)
-        unit("stl_severity", backbone, "-", ["BRIXIA"], {}, [sev_stat("BRIXIA", "val", val_cm), sev_stat("BRIXIA", "test", test_cm)])
+        unit(
+            "stl_severity",
+            backbone,
+            "-",
+            ["BRIXIA"],
+            {},
+            [sev_stat("BRIXIA", "val", val_cm), sev_stat("BRIXIA", "test", test_cm)],
+        )
     # units that must not count: a failed one and one still running
     st.start_unit(UnitKey("mdmt", "resnet18", "loco", "A", 1), ["B"], {}, {}, {})
     st.finish_unit(UnitKey("mdmt", "resnet18", "loco", "A", 1), "failed", None, "boom")
@@ -214,7 +258,9 @@ def test_centre_table_and_loco_outputs(loco_report):
     d, truth, _ = loco_report
     centres = _csv(d, "centres_loco.csv")
     row = centres[(centres.method == "ft") & (centres.centre == "C")].iloc[0]
-    assert row["acc"] == pytest.approx(np.mean([expected(truth["held"][("ft", b, "C")], 100)["acc"] for b in BACKBONES]))
+    assert row["acc"] == pytest.approx(
+        np.mean([expected(truth["held"][("ft", b, "C")], 100)["acc"] for b in BACKBONES])
+    )
     assert row["n_backbones"] == 3
     loco = _csv(d, "loco.csv")
     assert {"mean", "pooled"} <= set(loco["centre"]) and (d / "out" / "loco.md").is_file()
@@ -234,8 +280,9 @@ def test_severity_on_validation_and_consensus_set(loco_report):
     assert row["test_n"] == test_cm.sum()
     summ = _csv(d, "severity_methods.csv")
     stl = summ[summ.method == "stl_severity"].iloc[0]
-    assert stl["test_acc"] == pytest.approx(np.mean([expected_multiclass(truth["sev"][("stl_severity", b, "-")][1])[0]
-                                                     for b in BACKBONES]))
+    assert stl["test_acc"] == pytest.approx(
+        np.mean([expected_multiclass(truth["sev"][("stl_severity", b, "-")][1])[0] for b in BACKBONES])
+    )
 
 
 # ---- paired tests ----------------------------------------------------------------------------------------
@@ -243,7 +290,9 @@ def test_paired_tests_match_scipy(loco_report):
     d, truth, _ = loco_report
     tests = pd.read_csv(d / "out" / "tests.csv", keep_default_na=False, na_values=[""])
     pooled = {m: [_pooled_expected(truth, m, b)["f1"] for b in BACKBONES] for m in ("mdmt", "stl_prognosis")}
-    row = tests[(tests.comparison == "mdmt vs stl_prognosis") & (tests.metric == "f1") & (tests.summary == "pooled")].iloc[0]
+    row = tests[
+        (tests.comparison == "mdmt vs stl_prognosis") & (tests.metric == "f1") & (tests.summary == "pooled")
+    ].iloc[0]
     t = stats.ttest_rel(pooled["mdmt"], pooled["stl_prognosis"], alternative="greater")
     w = stats.wilcoxon(pooled["mdmt"], pooled["stl_prognosis"], alternative="greater")
     assert row["n"] == 3 and row["t"] == pytest.approx(t.statistic) and row["t_p"] == pytest.approx(t.pvalue)
@@ -272,7 +321,9 @@ def test_paired_test_edge_cases_and_stars():
     assert shift["w_p"] == pytest.approx(stats.wilcoxon([0.8, 0.7, 0.6], [0.7, 0.6, 0.5], alternative="greater").pvalue)
     nan_pair = report.paired_test([0.8, np.nan, 0.6, 0.9], [0.7, 0.6, 0.5, 0.75], "greater")
     assert nan_pair["n"] == 3
-    assert nan_pair["t_p"] == pytest.approx(stats.ttest_rel([0.8, 0.6, 0.9], [0.7, 0.5, 0.75], alternative="greater").pvalue)
+    assert nan_pair["t_p"] == pytest.approx(
+        stats.ttest_rel([0.8, 0.6, 0.9], [0.7, 0.5, 0.75], alternative="greater").pvalue
+    )
     assert [report.stars(p) for p in (0.2, 0.04, 0.009, 0.0009, float("nan"))] == ["", "*", "**", "***", ""]
 
 
@@ -322,7 +373,9 @@ def test_cv_pools_test_sites_at_the_validation_threshold(tmp_path):
     assert row["acc"] == pytest.approx(exp["acc"]) and row["n"] == exp["n"]
     centres = pd.read_csv(tmp_path / "out" / "centres_cv.csv")
     a = centres[(centres.method == "stl_prognosis") & (centres.centre == "A")].iloc[0]
-    assert a["acc"] == pytest.approx(expected(tests[("stl_prognosis", "0", "A")] + tests[("stl_prognosis", "1", "A")], 61)["acc"])
+    assert a["acc"] == pytest.approx(
+        expected(tests[("stl_prognosis", "0", "A")] + tests[("stl_prognosis", "1", "A")], 61)["acc"]
+    )
     assert (tmp_path / "out" / "roc_cv.png").is_file() and not (tmp_path / "out" / "folds_loco.csv").exists()
 
 
@@ -365,12 +418,38 @@ def test_cli_report(tmp_path):
     st = RunStore(tmp_path / "store.sqlite", readonly=True)
     report.write_report(st, tmp_path / "out", n_boot=N_BOOT)
     st.close()
-    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "report", "--store", str(tmp_path / "store.sqlite"),
-                        "--out", str(tmp_path / "rep"), "--bootstrap", "20"], capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mdmt.ops.cli",
+            "report",
+            "--store",
+            str(tmp_path / "store.sqlite"),
+            "--out",
+            str(tmp_path / "rep"),
+            "--bootstrap",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stderr
     assert "mean over backbones" in r.stdout and "tests.md" in r.stdout
-    for name in ("methods_loco.csv", "methods_loco.md", "methods_loco.tex", "backbones_loco.csv", "centres_loco.csv",
-                 "folds_loco.csv", "tests.md", "severity.csv", "loco.csv", "loco.md", "report.md"):
+    for name in (
+        "methods_loco.csv",
+        "methods_loco.md",
+        "methods_loco.tex",
+        "backbones_loco.csv",
+        "centres_loco.csv",
+        "folds_loco.csv",
+        "tests.md",
+        "severity.csv",
+        "loco.csv",
+        "loco.md",
+        "report.md",
+    ):
         assert (tmp_path / "rep" / name).is_file(), name
     # same numbers as the in-process report (bootstrap bounds aside)
     a = pd.read_csv(tmp_path / "rep" / "methods_loco.csv").drop(columns=["auc_lo", "auc_hi"])

@@ -11,14 +11,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mdmt.results import runs
-from mdmt.ops.cli import main
 from mdmt.errors import MDMTError
+from mdmt.ops.cli import main
+from mdmt.results import runs
 from mdmt.store import RunStore, UnitKey
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = [UnitKey("mdmt", "resnet18", "loco", "A", 0), UnitKey("mdmt", "resnet18", "loco", "B", 0),
-        UnitKey("stl_prognosis", "resnet18", "loco", "A", 0), UnitKey("mdmt", "densenet121", "cv", "0", 0)]
+KEYS = [
+    UnitKey("mdmt", "resnet18", "loco", "A", 0),
+    UnitKey("mdmt", "resnet18", "loco", "B", 0),
+    UnitKey("stl_prognosis", "resnet18", "loco", "A", 0),
+    UnitKey("mdmt", "densenet121", "cv", "0", 0),
+]
 
 
 @pytest.fixture
@@ -32,11 +36,23 @@ def store_path(tmp_path) -> Path:
             st.finish_unit(key, "failed", None, "round 1: only 0 of 2 sites trained")
             continue
         for rnd in (1, 2):
-            st.log_round(key, rnd, [("*", "prognosis", "val", "monitored_loss", 1.0 / rnd),
-                                    ("B", "all", "train", "loss", 2.0 / rnd)],
-                         [{"site": "A", "task": "prognosis", "split": "all", "n": 4, "loss_sum": 1.0,
-                           "cm": [[1, 1], [1, 1]], "hist": None}],
-                         [("B", "train", "ok", "")])
+            st.log_round(
+                key,
+                rnd,
+                [("*", "prognosis", "val", "monitored_loss", 1.0 / rnd), ("B", "all", "train", "loss", 2.0 / rnd)],
+                [
+                    {
+                        "site": "A",
+                        "task": "prognosis",
+                        "split": "all",
+                        "n": 4,
+                        "loss_sum": 1.0,
+                        "cm": [[1, 1], [1, 1]],
+                        "hist": None,
+                    }
+                ],
+                [("B", "train", "ok", "")],
+            )
         if i != 3:
             st.finish_unit(key, "done", 2)
     st.close()
@@ -126,8 +142,12 @@ def test_delete_needs_yes_then_removes_every_row(store_path, capsys):
 
 def test_cli_list_and_export_in_a_subprocess(store_path, tmp_path):
     def mdmt(*args):
-        return subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "runs", *args, "--store", str(store_path)],
-                              capture_output=True, text=True, cwd=ROOT)
+        return subprocess.run(
+            [sys.executable, "-m", "mdmt.ops.cli", "runs", *args, "--store", str(store_path)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
 
     r = mdmt("list", "*/loco/*")
     assert r.returncode == 0, r.stderr
@@ -135,6 +155,10 @@ def test_cli_list_and_export_in_a_subprocess(store_path, tmp_path):
     r = mdmt("export", "--out", str(tmp_path / "all.parquet"))
     assert r.returncode == 0, r.stderr
     assert len(pd.read_parquet(tmp_path / "all.parquet")) == 4 * 3 + 1
-    r = subprocess.run([sys.executable, "-m", "mdmt.ops.cli", "runs", "list", "--store", str(tmp_path / "missing.sqlite")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "mdmt.ops.cli", "runs", "list", "--store", str(tmp_path / "missing.sqlite")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "run store not found" in r.stderr and "Traceback" not in r.stderr

@@ -19,15 +19,26 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.common.secure_aggregation.secaggplus_constants import Stage
 
 from mdmt.client.secagg import secure_aggregation_mod
-from mdmt.server.secagg import secure_train_round
+from mdmt.errors import ConfigError
 from mdmt.fed import protocol as P
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
-from mdmt.errors import ConfigError
+from mdmt.fed.secagg import (
+    COUNT_KEYS,
+    MODULUS,
+    SecAggBoundError,
+    SecAggSpec,
+    count_key,
+    error_bound,
+    layout,
+    pack_update,
+    quantization_range,
+    skip_for,
+    unpack_sum,
+)
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
 from mdmt.ml.model import head_of
-from mdmt.fed.secagg import (COUNT_KEYS, MODULUS, SecAggBoundError, SecAggSpec, count_key, error_bound, layout,
-                           pack_update, quantization_range, skip_for, unpack_sum)
 from mdmt.ml.train import is_bn_stat
+from mdmt.server.secagg import secure_train_round
 
 APP = Path(__file__).parent / "secagg_app"
 sys.path.insert(0, str(APP))
@@ -43,14 +54,19 @@ def _updates(reference, parts, rnd):
 
 
 def _plain(reference, updates):
-    return task_aware_fedavg(reference, [SiteUpdate(str(p), a, m[P.NUM_EXAMPLES],
-                                                    {PROGNOSIS: m["n-prognosis"], SEVERITY: m["n-severity"]})
-                                         for p, a, m in updates])
+    return task_aware_fedavg(
+        reference,
+        [
+            SiteUpdate(str(p), a, m[P.NUM_EXAMPLES], {PROGNOSIS: m["n-prognosis"], SEVERITY: m["n-severity"]})
+            for p, a, m in updates
+        ],
+    )
 
 
 def _pack(reference, arrays, m, spec=SPEC, skip=None):
-    return pack_update(arrays, reference, m[P.NUM_EXAMPLES], {PROGNOSIS: m["n-prognosis"], SEVERITY: m["n-severity"]},
-                       spec, skip)
+    return pack_update(
+        arrays, reference, m[P.NUM_EXAMPLES], {PROGNOSIS: m["n-prognosis"], SEVERITY: m["n-severity"]}, spec, skip
+    )
 
 
 def _max_err(secure, plain, bound):
@@ -71,6 +87,7 @@ def _max_err(secure, plain, bound):
 
 
 # --- packing, without Flower -------------------------------------------------------------------------------
+
 
 def test_exact_sum_of_packed_updates_unpacks_to_task_aware_fedavg():
     ref = tiny_model()
@@ -105,7 +122,7 @@ def test_head_nobody_trained_keeps_previous_value():
 
 def test_every_packed_entry_is_within_the_unit_interval():
     ref = tiny_model()
-    for p, a, m in _updates(ref, [0, 1, 2], 1):
+    for _, a, m in _updates(ref, [0, 1, 2], 1):
         vec = _pack(ref, a, m)
         assert vec.dtype == np.float64 and np.all(np.abs(vec) <= 1.0)
         assert vec.size == sum(e.size for e in layout(ref)) + len(COUNT_KEYS)
@@ -114,7 +131,9 @@ def test_every_packed_entry_is_within_the_unit_interval():
 def test_site_refuses_update_or_count_outside_the_bounds():
     ref = tiny_model()
     arrays, m = local_update(ref, OVER_BOUND, 1)
-    with pytest.raises(SecAggBoundError, match=r"'backbone.conv1.weight' reaches .* above secagg-clip 0.5; raise secagg-clip"):
+    with pytest.raises(
+        SecAggBoundError, match=r"'backbone.conv1.weight' reaches .* above secagg-clip 0.5; raise secagg-clip"
+    ):
         _pack(ref, arrays, m)
     arrays, m = local_update(ref, 0, 1)
     with pytest.raises(SecAggBoundError, match=r"count 'num-examples' = 40 exceeds secagg-count-scale 10"):
@@ -160,6 +179,7 @@ def test_unpack_refuses_a_vector_of_another_layout():
 
 # --- Flower's SecAgg+ workflow and mod, in this process ------------------------------------------------------
 
+
 @pytest.fixture
 def task_identity():
     from flwr.supercore.task_identity import TaskIdentity
@@ -183,10 +203,15 @@ class LocalGrid:
         self.handled.append((msg.metadata.dst_node_id, msg.metadata.message_type))
         self.configs[msg.metadata.dst_node_id] = dict(msg.content[P.CONFIG])
         reference = {k: v.numpy() for k, v in msg.content[P.ARRAYS].items()}
-        local, metrics = local_update(reference, int(context.node_config["partition-id"]),
-                                      int(msg.content[P.CONFIG][P.CFG_ROUND]))
-        return Message(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in local.items()}),
-                                   P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        local, metrics = local_update(
+            reference, int(context.node_config["partition-id"]), int(msg.content[P.CONFIG][P.CFG_ROUND])
+        )
+        return Message(
+            RecordDict(
+                {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in local.items()}), P.METRICS: MetricRecord(metrics)}
+            ),
+            reply_to=msg,
+        )
 
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
@@ -205,7 +230,9 @@ def test_in_process_secaggplus_with_a_refusing_site_equals_plaintext(task_identi
     grid = LocalGrid(partition_of)
     ref = tiny_model()
     res = secure_train_round(grid, partition_of, ref, {P.CFG_ROUND: 1}, spec=SPEC)
-    assert res.status[104].startswith("error: SecAggBoundError: secure aggregation: |update| of 'backbone.conv1.weight'")
+    assert res.status[104].startswith(
+        "error: SecAggBoundError: secure aggregation: |update| of 'backbone.conv1.weight'"
+    )
     assert res.included == [101, 102, 103]
     assert res.counts == {P.NUM_EXAMPLES: 125, "n-prognosis": 70, "n-severity": 75}
     sent = local_update(ref, 0, 1)[1]
@@ -223,8 +250,15 @@ def test_too_few_sites_left_halts_and_keeps_the_model(task_identity):
     partition_of = {101: 0, 102: 1, 103: OVER_BOUND}
     grid = LocalGrid(partition_of)
     ref = tiny_model()
-    res = secure_train_round(grid, partition_of, ref, {P.CFG_ROUND: 1}, spec=SPEC, reconstruction_threshold=3,
-                             extra={101: {P.CFG_POOL: "A,B"}})
+    res = secure_train_round(
+        grid,
+        partition_of,
+        ref,
+        {P.CFG_ROUND: 1},
+        spec=SPEC,
+        reconstruction_threshold=3,
+        extra={101: {P.CFG_POOL: "A,B"}},
+    )
     assert grid.configs[101][P.CFG_POOL] == "A,B" and P.CFG_POOL not in grid.configs[102]
     assert grid.configs[102]["secagg-clip"] == SPEC.clip
     assert res.status[103].startswith("error: SecAggBoundError")
@@ -236,8 +270,13 @@ def test_too_few_sites_left_halts_and_keeps_the_model(task_identity):
 def test_mod_passes_plain_messages_through(task_identity):
     grid = LocalGrid({101: 0})
     ref = tiny_model()
-    msg = Message(RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in ref.items()}),
-                              P.CONFIG: ConfigRecord({P.CFG_ROUND: 1})}), dst_node_id=101, message_type=MessageType.TRAIN)
+    msg = Message(
+        RecordDict(
+            {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in ref.items()}), P.CONFIG: ConfigRecord({P.CFG_ROUND: 1})}
+        ),
+        dst_node_id=101,
+        message_type=MessageType.TRAIN,
+    )
     reply = grid.send_and_receive([msg])[0]
     assert not reply.has_error() and P.ARRAYS in reply.content.array_records
     assert grid.handled == [(101, MessageType.TRAIN)]
@@ -249,6 +288,7 @@ def test_secure_round_needs_two_sites(task_identity):
 
 
 # --- a real Flower simulation -----------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def sim_out(tmp_path_factory):
@@ -291,7 +331,8 @@ def test_simulation_secure_aggregate_equals_plaintext_task_aware_aggregate(sim_o
         assert ok, f"round {rnd}: error {worst} above the bound {info['bound']}"
     info1 = json.loads((out / "round1.json").read_text())
     assert info1["status"][str(OVER_BOUND)].startswith(
-        "error: secure aggregation: |update| of 'backbone.conv1.weight' reaches")
+        "error: secure aggregation: |update| of 'backbone.conv1.weight' reaches"
+    )
     assert "raise secagg-clip on the server" in info1["status"][str(OVER_BOUND)]
 
 

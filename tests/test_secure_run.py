@@ -17,10 +17,25 @@ UNIT = "mdmt__resnet18__loco__A__seed0"
 def _run(fed, ws, secure: bool):
     from mdmt.ops.loco import loco
 
-    loco({"fed-dir": str(fed), "workspace": str(ws), "method": "mdmt", "backbone": "resnet18", "num-rounds": 1,
-          "image-size": 32, "holdouts": "A", "sites": "A,B,C,BRIXIA", "batch-size": 16, "seed": 0,
-          "select-after": 0, "patience": 0, "secure-aggregation": secure,
-          "update-compression": "none"}, echo=lambda *_: None)  # the plaintext reference: float32 weights
+    loco(
+        {
+            "fed-dir": str(fed),
+            "workspace": str(ws),
+            "method": "mdmt",
+            "backbone": "resnet18",
+            "num-rounds": 1,
+            "image-size": 32,
+            "holdouts": "A",
+            "sites": "A,B,C,BRIXIA",
+            "batch-size": 16,
+            "seed": 0,
+            "select-after": 0,
+            "patience": 0,
+            "secure-aggregation": secure,
+            "update-compression": "none",
+        },
+        echo=lambda *_: None,
+    )  # the plaintext reference: float32 weights
     return torch.load(ws / "checkpoints" / UNIT / "latest.pt", weights_only=True)["state_dict"]
 
 
@@ -41,7 +56,11 @@ def test_secure_aggregate_equals_the_plaintext_one(small_federation, tmp_path):
     assert worst > 0.0  # the values really went through the quantised secure sum
 
     db = sqlite3.connect(tmp_path / "secure" / "store.sqlite")
-    per_site_n = db.execute("SELECT count(*) FROM metrics WHERE split='train' AND name='n' AND site != '*'").fetchone()[0]
-    totals = dict(db.execute("SELECT task, value FROM metrics WHERE split='train' AND name='n' AND site='*'").fetchall())
+    per_site_n = db.execute("SELECT count(*) FROM metrics WHERE split='train' AND name='n' AND site != '*'").fetchone()[
+        0
+    ]
+    totals = dict(
+        db.execute("SELECT task, value FROM metrics WHERE split='train' AND name='n' AND site='*'").fetchall()
+    )
     db.close()
     assert per_site_n == 0 and totals["all"] > 0 and totals["prognosis"] > 0 and totals["severity"] > 0

@@ -39,8 +39,12 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
 
     db = sqlite3.connect(cfg.store_path)
     units = dict(db.execute("SELECT unit_id, status FROM units").fetchall())
-    assert units == {"mdmt/resnet18/loco/A/seed0": "done", "stl_prognosis/resnet18/loco/A/seed0": "done",
-                     "centralised_mdmt/resnet18/loco/A/seed0": "done", "stl_severity/resnet18/loco/-/seed0": "done"}
+    assert units == {
+        "mdmt/resnet18/loco/A/seed0": "done",
+        "stl_prognosis/resnet18/loco/A/seed0": "done",
+        "centralised_mdmt/resnet18/loco/A/seed0": "done",
+        "stl_severity/resnet18/loco/-/seed0": "done",
+    }
     rows = db.execute(
         "SELECT round, site, task, split, name FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0'"
     ).fetchall()
@@ -48,16 +52,17 @@ def test_held_out_site_never_trains_and_metrics_reach_store(sim_run):
     assert (1, "A", "prognosis", "all", "auc") in rows and (2, "A", "prognosis", "all", "acc") in rows
     assert (2, "BRIXIA", "severity", "val", "acc") in rows
     assert (1, "*", "prognosis", "val", "threshold") in rows
-    sizes = dict(db.execute(
-        "SELECT name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND round=1 AND site='B' "
-        "AND name IN ('bytes_down', 'bytes_up')").fetchall())
+    sizes = dict(
+        db.execute(
+            "SELECT name, value FROM metrics WHERE unit_id='mdmt/resnet18/loco/A/seed0' AND round=1 AND site='B' "
+            "AND name IN ('bytes_down', 'bytes_up')"
+        ).fetchall()
+    )
     # the full fp32 model goes out (resnet18 with both heads is ~45 MB); the update comes back as fp16
     # (update-compression's default): half, but for the few integer buffers that travel as they are
     assert 40e6 < sizes["bytes_down"] < 50e6
     assert sizes["bytes_up"] == pytest.approx(sizes["bytes_down"] / 2, rel=0.001)
-    trained = db.execute(
-        "SELECT DISTINCT site FROM participation WHERE kind='train' AND status='ok'"
-    ).fetchall()
+    trained = db.execute("SELECT DISTINCT site FROM participation WHERE kind='train' AND status='ok'").fetchall()
     assert "A" not in {t[0] for t in trained}
 
 
@@ -70,8 +75,11 @@ def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
         a = rows[rows["centre"] == "A"].iloc[0]
         # the held-out centre is scored on all its images
         store = RunStore(cfg.store_path, readonly=True)
-        n_a = [r["n"] for r in store.eval_stats(f"{method}/resnet18/loco/A/seed0", int(a["round"]))
-               if r["site"] == "A" and r["task"] == "prognosis"]
+        n_a = [
+            r["n"]
+            for r in store.eval_stats(f"{method}/resnet18/loco/A/seed0", int(a["round"]))
+            if r["site"] == "A" and r["task"] == "prognosis"
+        ]
         store.close()
         assert int(a["n"]) == n_a[0] > 0
         assert 0.0 <= a["acc"] <= 1.0 and a["auc_lo"] <= a["auc"] <= a["auc_hi"]
@@ -82,8 +90,8 @@ def test_loco_table_has_centre_mean_and_pooled_rows(sim_run):
 
 
 def test_checkpoints_carry_config_and_manifest_hashes(sim_run):
-    from mdmt.fed.checkpoint import load_checkpoint
     from mdmt.data.manifest import manifest_hash
+    from mdmt.fed.checkpoint import load_checkpoint
 
     cfg, _, _ = sim_run
     ck = load_checkpoint(cfg.workspace_path / "checkpoints" / "mdmt__resnet18__loco__A__seed0" / "best.pt")

@@ -22,7 +22,9 @@ def make_site(n_rows=300, seed=0, severity=False, both=False):
                 break
             p = prog if (not severity or both) else ""
             b = brix if (severity or both) else ""
-            rows.append({"image": f"img{len(rows)}.dcm", "patient_id": f"P{pid}", "prognosis": p, "brixia": b, "split": ""})
+            rows.append(
+                {"image": f"img{len(rows)}.dcm", "patient_id": f"P{pid}", "prognosis": p, "brixia": b, "split": ""}
+            )
     return pd.DataFrame(rows)
 
 
@@ -80,7 +82,13 @@ def test_user_override_respected_and_followed_by_patient():
 @pytest.mark.parametrize("n_patients", [0, 1, 2, 3, 5, 9, 12])
 def test_tiny_sites_do_not_crash(n_patients):
     rows = [
-        {"image": f"i{k}.dcm", "patient_id": f"P{k}", "prognosis": "MILD" if k % 3 else "SEVERE", "brixia": "", "split": ""}
+        {
+            "image": f"i{k}.dcm",
+            "patient_id": f"P{k}",
+            "prognosis": "MILD" if k % 3 else "SEVERE",
+            "brixia": "",
+            "split": "",
+        }
         for k in range(n_patients)
     ]
     df = pd.DataFrame(rows, columns=["image", "patient_id", "prognosis", "brixia", "split"])
@@ -94,8 +102,13 @@ def test_tiny_sites_do_not_crash(n_patients):
 
 def test_single_free_patient_becomes_val_beside_train_overrides():
     df = pd.DataFrame(
-        {"image": ["a", "b", "c"], "patient_id": ["P1", "P2", "P3"], "prognosis": ["MILD"] * 3,
-         "brixia": [""] * 3, "split": ["train", "train", ""]}
+        {
+            "image": ["a", "b", "c"],
+            "patient_id": ["P1", "P2", "P3"],
+            "prognosis": ["MILD"] * 3,
+            "brixia": [""] * 3,
+            "split": ["train", "train", ""],
+        }
     )
     assert list(assign_splits(df, "s", 0)) == ["train", "train", "val"]
 

@@ -116,8 +116,10 @@ def test_dicom_tags_and_pixel_ranges(fed):
             ds = pydicom.dcmread(out / site / row["image"])
             assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
             assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
-            cls = {"CR": pydicom.uid.ComputedRadiographyImageStorage,
-                   "DX": pydicom.uid.DigitalXRayImageStorageForPresentation}[ds.Modality]
+            cls = {
+                "CR": pydicom.uid.ComputedRadiographyImageStorage,
+                "DX": pydicom.uid.DigitalXRayImageStorageForPresentation,
+            }[ds.Modality]
             assert ds.SOPClassUID == cls == ds.file_meta.MediaStorageSOPClassUID
             assert ds.PatientID == row["patient_id"]
             assert len({ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID}) == 3
@@ -126,7 +128,7 @@ def test_dicom_tags_and_pixel_ranges(fed):
             assert ds.HighBit == ds.BitsStored - 1
             arr = ds.pixel_array
             assert arr.shape == (ds.Rows, ds.Columns)
-            assert int(arr.max()) < 2 ** ds.BitsStored and int(arr.min()) >= 0
+            assert int(arr.max()) < 2**ds.BitsStored and int(arr.min()) >= 0
             assert len(ds.PixelSpacing) == 2 and float(ds.PixelSpacing[0]) > 0
             assert float(ds.WindowWidth) > 0
             photometric.add((site, ds.PhotometricInterpretation))
@@ -150,12 +152,12 @@ def test_rescale_gives_the_intended_values():
     img = rng.random((20, 30)).astype(np.float32)
     for look in list(synth.SITE_LOOKS.values()) + list(synth.BRIXIA_LOOKS.values()):
         stored, wc, ww = synth.to_stored(img, look)
-        assert stored.max() < 2 ** look.bits
+        assert stored.max() < 2**look.bits
         v = stored * look.slope + look.intercept
         d = (v - (wc - ww / 2)) / ww
         if look.photometric == "MONOCHROME1":
             d = 1 - d
-        assert np.abs(d - img).max() < 2.0 / (2 ** look.bits) / (look.hi - look.lo) + 1e-6
+        assert np.abs(d - img).max() < 2.0 / (2**look.bits) / (look.hi - look.lo) + 1e-6
 
 
 # ---------------------------------------------------------------------------------------------- determinism
@@ -250,8 +252,12 @@ def test_high_burden_images_are_denser_in_the_lungs(fed):
     def lung_mean(rel):
         d = _display(out / "BRIXIA" / rel)
         r, c = d.shape
-        return np.concatenate([d[int(.35 * r):int(.65 * r), int(.18 * c):int(.36 * c)].ravel(),
-                               d[int(.35 * r):int(.65 * r), int(.64 * c):int(.82 * c)].ravel()]).mean()
+        return np.concatenate(
+            [
+                d[int(0.35 * r) : int(0.65 * r), int(0.18 * c) : int(0.36 * c)].ravel(),
+                d[int(0.35 * r) : int(0.65 * r), int(0.64 * c) : int(0.82 * c)].ravel(),
+            ]
+        ).mean()
 
     lo, hi = np.array([lung_mean(i) for i in lows]), np.array([lung_mean(i) for i in highs])
     assert hi.mean() - lo.mean() > 0.06
@@ -264,12 +270,23 @@ def test_aiforcovid_layout_holds_the_federation_images_and_labels(fed, tmp_path)
     out = tmp_path / "aic"
     summary = synth.synthesize(out, scale=SCALE, image_size=SIZE, seed=0, layout="aiforcovid", progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["AIforCOVID.xlsx", "AIforCOVID_r2.xlsx", "AIforCOVID_r3.xlsx", "imgs", "imgs_r2", "imgs_r3",
-         "synth.json", "synth_truth.csv"])
+        [
+            "AIforCOVID.xlsx",
+            "AIforCOVID_r2.xlsx",
+            "AIforCOVID_r3.xlsx",
+            "imgs",
+            "imgs_r2",
+            "imgs_r3",
+            "synth.json",
+            "synth_truth.csv",
+        ]
+    )
     assert json.loads((out / "synth.json").read_text())["parameters"]["layout"] == "aiforcovid"
     truth = pd.read_csv(out / "synth_truth.csv", dtype=str, keep_default_na=False)
-    n = sum(synth.scaled_count(m, SCALE, synth.PROGNOSIS_FLOOR) + synth.scaled_count(s, SCALE, synth.PROGNOSIS_FLOOR)
-            for m, s in PUB_PROGNOSIS.values())
+    n = sum(
+        synth.scaled_count(m, SCALE, synth.PROGNOSIS_FLOOR) + synth.scaled_count(s, SCALE, synth.PROGNOSIS_FLOOR)
+        for m, s in PUB_PROGNOSIS.values()
+    )
     assert len(truth) == n and set(truth["site"]) == set(PUB_PROGNOSIS)
     files = [p for p in out.rglob("*") if p.is_file() and p.parts[len(out.parts)].startswith("imgs")]
     assert sorted(p.relative_to(out).as_posix() for p in files) == sorted(truth["image"])
@@ -311,11 +328,16 @@ def test_brixia_layout_metadata_keeps_scores_as_text(fed, tmp_path):
     out_fed, _ = fed
     out = tmp_path / "bx"
     summary = synth.synthesize(out, scale=SCALE, image_size=SIZE, seed=0, layout="brixia", progress=False)
-    assert sorted(p.name for p in out.iterdir()) == ["dicom_clean", "metadata_global_v2.csv", "synth.json",
-                                                     "synth_truth.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dicom_clean",
+        "metadata_global_v2.csv",
+        "synth.json",
+        "synth_truth.csv",
+    ]
     assert (out / "metadata_global_v2.csv").read_text().splitlines()[0] == (
         "Filename;Subject;StudyId;Sex;AgeAtStudyDateFiveYear;Manufacturer;Modality;PhotometricInterpretation;"
-        "BrixiaScore;BrixiaScoreGlobal;ConsensusTestset;Rows;Columns")
+        "BrixiaScore;BrixiaScoreGlobal;ConsensusTestset;Rows;Columns"
+    )
     meta = pd.read_csv(out / "metadata_global_v2.csv", sep=";", dtype=str, keep_default_na=False)
     assert meta["BrixiaScore"].str.fullmatch(r"[0-3]{6}").all() and meta["BrixiaScore"].str.startswith("0").any()
     assert (meta["BrixiaScore"].map(brixia_global).astype(str) == meta["BrixiaScoreGlobal"]).all()

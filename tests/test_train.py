@@ -75,8 +75,10 @@ def test_same_seed_same_weights():
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
 def test_feeder_take_gathers_the_same_batch_as_a_host_copy(device):
     from mdmt.ml.augment import PaperAugment
     from mdmt.ml.train import Feeder
@@ -96,8 +98,11 @@ def test_feeder_take_gathers_the_same_batch_as_a_host_copy(device):
 
 @pytest.mark.slow
 def test_compiled_training_follows_eager_training():
-    data = TaskData(np.random.default_rng(1).integers(0, 256, (24, 32, 32), dtype=np.uint8),
-                    np.array([0, 1] * 12), np.array([-1] * 24))
+    data = TaskData(
+        np.random.default_rng(1).integers(0, 256, (24, 32, 32), dtype=np.uint8),
+        np.array([0, 1] * 12),
+        np.array([-1] * 24),
+    )
     runs = []
     for compiled in (False, True):
         model = build_model("resnet18", seed=0)
@@ -115,7 +120,9 @@ def test_compiled_training_follows_eager_training():
     assert diffs.max() <= 2 * 3 * 1e-3 and diffs.mean() < 1e-4
 
 
-@pytest.mark.parametrize("n, batch, sizes", [(9, 8, [9]), (17, 8, [8, 9]), (16, 8, [8, 8]), (1, 8, [1]), (10, 8, [8, 2])])
+@pytest.mark.parametrize(
+    "n, batch, sizes", [(9, 8, [9]), (17, 8, [8, 9]), (16, 8, [8, 8]), (1, 8, [1]), (10, 8, [8, 2])]
+)
 def test_a_lone_last_sample_joins_the_previous_batch(n, batch, sizes):
     from mdmt.ml.train import _batches
 

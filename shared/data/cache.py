@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdmt.data.manifest import brixia_global, manifest_hash, read_manifest, severity_class, site_role
 from mdmt.data.dicom import VOI_MODES
+from mdmt.data.manifest import brixia_global, manifest_hash, read_manifest, severity_class, site_role
 from mdmt.data.preprocess import CROP_MODES
 from mdmt.errors import ConfigError, DataError
 
@@ -110,7 +110,9 @@ def open_site(site_dir: Path, cdir: Path) -> SiteData:
     images = np.load(cdir / IMAGES, mmap_mode="r")
     table = pd.read_csv(cdir / INDEX, dtype=str, keep_default_na=False)
     if len(table) != len(images):
-        raise DataError(f"cache {cdir}: index.csv has {len(table)} rows but images.npy {len(images)}; delete it and ingest again")
+        raise DataError(
+            f"cache {cdir}: index.csv has {len(table)} rows but images.npy {len(images)}; delete it and ingest again"
+        )
     if "crop_fallback" in table.columns:
         table["crop_fallback"] = table["crop_fallback"].astype(int)
     table["y_prog"] = table["prognosis"].map(_y_prog).astype(int)

@@ -23,7 +23,9 @@ def crop_source_path(site_dir: str | Path, crop: str, crop_source: str | Path | 
     other crop modes, which take no source (giving one is a ConfigError)."""
     if crop not in USER_CROP_MODES:
         if crop_source not in (None, ""):
-            raise ConfigError(f"crop_source {str(crop_source)!r} is only used with crop 'boxes' or 'masks', not {crop!r}")
+            raise ConfigError(
+                f"crop_source {str(crop_source)!r} is only used with crop 'boxes' or 'masks', not {crop!r}"
+            )
         return None
     src = Path(crop_source) if crop_source not in (None, "") else Path(LUNG_BOXES if crop == "boxes" else LUNG_MASKS)
     return src if src.is_absolute() else Path(site_dir) / src
@@ -65,7 +67,9 @@ def _mask_file(mask_dir: Path, image: str) -> Path | None:
     return None
 
 
-def crop_input(crop: str, image: str, src: Path | None, boxes: dict | None) -> tuple[str, tuple | None, str | None, str]:
+def crop_input(
+    crop: str, image: str, src: Path | None, boxes: dict | None
+) -> tuple[str, tuple | None, str | None, str]:
     """(record key text, box for the worker, mask path for the worker, note when the source has nothing)."""
     if crop == "boxes":
         if boxes is None:
@@ -83,4 +87,3 @@ def crop_input(crop: str, image: str, src: Path | None, boxes: dict | None) -> t
         st = mask.stat()
         return f"mask:{mask.relative_to(src).as_posix()}:{st.st_size}:{st.st_mtime_ns}", None, str(mask), ""
     return "", None, None, ""
-

@@ -94,8 +94,19 @@ def _publish_rejected(site_dir: Path, cdir: Path, rows: list[tuple[str, str]]) -
     return cdir / REJECTED, True
 
 
-def _summary(site: str, meta: dict, cdir: Path, reused: bool, t0: float, rej_file: Path, in_cache: bool,
-             decoded: int, reused_images: int, relabelled: int, notes: list[str]) -> dict:
+def _summary(
+    site: str,
+    meta: dict,
+    cdir: Path,
+    reused: bool,
+    t0: float,
+    rej_file: Path,
+    in_cache: bool,
+    decoded: int,
+    reused_images: int,
+    relabelled: int,
+    notes: list[str],
+) -> dict:
     out = {
         "site": site,
         "cached": int(meta["counts"]["cached"]),
@@ -130,8 +141,9 @@ class _Row:
     task: tuple | None = None
 
 
-def _plan(df: pd.DataFrame, site_dir: Path, image_size: int, crop: str, voi: str, src: Path | None,
-          boxes: dict | None) -> list[_Row]:
+def _plan(
+    df: pd.DataFrame, site_dir: Path, image_size: int, crop: str, voi: str, src: Path | None, boxes: dict | None
+) -> list[_Row]:
     rows = []
     no_label = unlabelled(df).to_numpy()
     for i, image in enumerate(df["image"]):
@@ -193,7 +205,9 @@ def ingest_site(
     try:
         cdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cache folder {cdir} cannot be written ({exc.__class__.__name__}: {exc}); choose another cache root") from None
+        raise DataError(
+            f"cache folder {cdir} cannot be written ({exc.__class__.__name__}: {exc}); choose another cache root"
+        ) from None
 
     plan = _plan(df, site_dir, image_size, crop, voi, src, boxes)
     todo = [r for r in plan if r.key is not None]
@@ -217,7 +231,9 @@ def ingest_site(
         if force:
             (cdir / RECORDS).unlink(missing_ok=True)
     except OSError as exc:
-        raise DataError(f"cache folder {cdir} cannot be written ({exc.__class__.__name__}: {exc}); choose another cache root") from None
+        raise DataError(
+            f"cache folder {cdir} cannot be written ({exc.__class__.__name__}: {exc}); choose another cache root"
+        ) from None
 
     lookup: dict = {}
     if not force:
@@ -227,12 +243,19 @@ def ingest_site(
     state: dict = {}
     try:
         journal, decoded = _decode_missing(todo, lookup, cdir, image_size, n_workers, progress, site, state)
-        return _build(df, site_dir, site, cdir, mhash, image_size, crop, voi, src, plan, lookup, journal,
-                      decoded, t0, notes)
+        return _build(
+            df, site_dir, site, cdir, mhash, image_size, crop, voi, src, plan, lookup, journal, decoded, t0, notes
+        )
     except BaseException:
         if state.get("journal") is not None:
             state["journal"].close()
-        for leftover in (_tmp(cdir / IMAGES), _tmp(cdir / INDEX), _tmp(cdir / RECORDS), _tmp(cdir / META), _tmp(cdir / REJECTED)):
+        for leftover in (
+            _tmp(cdir / IMAGES),
+            _tmp(cdir / INDEX),
+            _tmp(cdir / RECORDS),
+            _tmp(cdir / META),
+            _tmp(cdir / REJECTED),
+        ):
             leftover.unlink(missing_ok=True)
         raise
 
@@ -259,7 +282,9 @@ def _decode_missing(todo, lookup, cdir, image_size, workers, progress, site, sta
     return journal, seen
 
 
-def _build(df, site_dir, site, cdir, mhash, image_size, crop, voi, src, plan, lookup, journal, decoded, t0, notes) -> dict:
+def _build(
+    df, site_dir, site, cdir, mhash, image_size, crop, voi, src, plan, lookup, journal, decoded, t0, notes
+) -> dict:
     kept: list[tuple[_Row, Entry]] = []
     rejected: list[tuple[str, str]] = []
     reused_images = relabelled = 0
@@ -287,7 +312,11 @@ def _build(df, site_dir, site, cdir, mhash, image_size, crop, voi, src, plan, lo
     # images.npy: the journal itself when it holds exactly the kept images in order, else a copy
     n = len(kept)
     (cdir / RECORDS).unlink(missing_ok=True)  # records.csv describes images.npy: never one without the other
-    if journal is not None and len(journal.arr) == n and all(e.array is journal.arr and e.slot == k for k, (_, e) in enumerate(kept)):
+    if (
+        journal is not None
+        and len(journal.arr) == n
+        and all(e.array is journal.arr and e.slot == k for k, (_, e) in enumerate(kept))
+    ):
         os.replace(journal.npy_path, cdir / IMAGES)  # from scratch with nothing rejected: no copy needed
     else:
         tmp_images = _tmp(cdir / IMAGES)
@@ -350,7 +379,9 @@ def ingest_federation(
     ``crop_source`` is looked up in each site folder)."""
     fed = Path(fed_dir)
     return [
-        ingest_site(fed / name, cache_root, image_size, crop, workers, progress, force, voi=voi, crop_source=crop_source)
+        ingest_site(
+            fed / name, cache_root, image_size, crop, workers, progress, force, voi=voi, crop_source=crop_source
+        )
         for name in list_sites(fed)
     ]
 
@@ -372,6 +403,7 @@ def ingest_and_load_site(
     check_options(image_size, crop, voi)
     site_dir = Path(site_dir).resolve()
     cdir = cache_dir_for(site_dir, cache_root, image_size, crop, voi)
-    ingest_site(site_dir, cache_root, image_size, crop, workers=workers, progress=progress, voi=voi,
-                crop_source=crop_source)
+    ingest_site(
+        site_dir, cache_root, image_size, crop, workers=workers, progress=progress, voi=voi, crop_source=crop_source
+    )
     return open_site(site_dir, cdir)

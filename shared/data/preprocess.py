@@ -322,6 +322,8 @@ def preprocess_with_info(
     return np.rint(np.clip(out, 0.0, 1.0) * 255.0).astype(np.uint8), info
 
 
-def preprocess(img: np.ndarray, size: int = 256, crop: str = "lung", box=None, mask: np.ndarray | None = None) -> np.ndarray:
+def preprocess(
+    img: np.ndarray, size: int = 256, crop: str = "lung", box=None, mask: np.ndarray | None = None
+) -> np.ndarray:
     """A decoded X-ray -> uint8 (size, size): percentile clip, lung (or whole-image) square crop, resize."""
     return preprocess_with_info(img, size, crop, box=box, mask=mask)[0]

@@ -59,8 +59,9 @@ def read_entries(csv_path: Path, npy_path: Path, image_size: int, with_labels: b
                 if len(row) != len(header):
                     continue  # a line cut short by an interruption
                 try:
-                    key = record_key(row[col["image"]], row[col["file_size"]], row[col["file_mtime_ns"]],
-                                     row[col["crop_input"]])
+                    key = record_key(
+                        row[col["image"]], row[col["file_size"]], row[col["file_mtime_ns"]], row[col["crop_input"]]
+                    )
                     status, slot = row[col["status"]], int(row[col["slot"]])
                     fallback = int(row[col["crop_fallback"]] or 0)
                 except ValueError:
@@ -86,7 +87,9 @@ class Journal:
     def __init__(self, cdir: Path, n: int, image_size: int):
         token = f"{JOURNAL_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.csv_path, self.npy_path = cdir / f"{token}.csv", cdir / f"{token}.npy"
-        self.arr = np.lib.format.open_memmap(self.npy_path, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size))
+        self.arr = np.lib.format.open_memmap(
+            self.npy_path, mode="w+", dtype=np.uint8, shape=(n, image_size, image_size)
+        )
         self.fh = open(self.csv_path, "w", newline="")
         self.writer = csv.writer(self.fh)
         self.writer.writerow(KEY_COLUMNS + RESULT_COLUMNS)
@@ -107,4 +110,3 @@ class Journal:
         if not self.fh.closed:
             self.arr.flush()
             self.fh.close()
-

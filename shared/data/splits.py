@@ -171,8 +171,9 @@ def consensus_rows(df: pd.DataFrame) -> pd.Series:
     return pid.isin(set(pid[flagged]))
 
 
-def site_splits(df: pd.DataFrame, site: str, seed: int, val_fraction: float = 0.1,
-                exclude_consensus: bool = True) -> pd.Series:
+def site_splits(
+    df: pd.DataFrame, site: str, seed: int, val_fraction: float = 0.1, exclude_consensus: bool = True
+) -> pd.Series:
     """A training site's rows under LOCO: :func:`assign_splits`, and by default the consensus set
     kept out of training as the severity test set."""
     out = assign_splits(df, site, seed, val_fraction)
@@ -212,8 +213,9 @@ def site_cv_folds(df: pd.DataFrame, site: str, seed: int, n_folds: int = 5) -> n
     return fold
 
 
-def cv_roles(df: pd.DataFrame, site: str, seed: int, fold: int, n_folds: int = 5,
-             exclude_consensus: bool = True) -> pd.Series:
+def cv_roles(
+    df: pd.DataFrame, site: str, seed: int, fold: int, n_folds: int = 5, exclude_consensus: bool = True
+) -> pd.Series:
     """A site's rows in CV fold ``fold``: test = fold k, validation = fold k+1, training = the rest; the
     manifest's ``split = test`` rows and (by default) BRIXIA's consensus set are always ``test``."""
     if not 0 <= fold < n_folds:
@@ -227,8 +229,14 @@ def cv_roles(df: pd.DataFrame, site: str, seed: int, fold: int, n_folds: int = 5
     return pd.Series(role, index=df.index, dtype=object)
 
 
-def federation_splits(tables: dict[str, pd.DataFrame], prognosis_sites: list[str], seed: int,
-                      val_fraction: float = 0.1, n_folds: int = 5, exclude_consensus: bool = True) -> pd.DataFrame:
+def federation_splits(
+    tables: dict[str, pd.DataFrame],
+    prognosis_sites: list[str],
+    seed: int,
+    val_fraction: float = 0.1,
+    n_folds: int = 5,
+    exclude_consensus: bool = True,
+) -> pd.DataFrame:
     """Every (site, image, protocol, fold, role) of a federation, reproducible from the seed.
 
     - ``loco``: one fold per prognosis centre; that centre's rows are ``test``; the other sites' rows follow
@@ -242,10 +250,22 @@ def federation_splits(tables: dict[str, pd.DataFrame], prognosis_sites: list[str
     for holdout in prognosis_sites:
         for s, t in sorted(tables.items()):
             role = ["test"] * len(t) if s == holdout else base[s].to_numpy()
-            rows.append(pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "protocol": "loco",
-                                      "fold": holdout, "role": role}))
+            rows.append(
+                pd.DataFrame(
+                    {"site": s, "image": t["image"].to_numpy(), "protocol": "loco", "fold": holdout, "role": role}
+                )
+            )
     for k in range(n_folds):
         for s, t in sorted(tables.items()):
-            rows.append(pd.DataFrame({"site": s, "image": t["image"].to_numpy(), "protocol": "cv", "fold": str(k),
-                                      "role": cv_roles(t, s, seed, k, n_folds, exclude_consensus).to_numpy()}))
+            rows.append(
+                pd.DataFrame(
+                    {
+                        "site": s,
+                        "image": t["image"].to_numpy(),
+                        "protocol": "cv",
+                        "fold": str(k),
+                        "role": cv_roles(t, s, seed, k, n_folds, exclude_consensus).to_numpy(),
+                    }
+                )
+            )
     return pd.concat(rows, ignore_index=True)[list(SPLIT_FILE_COLUMNS)]

@@ -7,8 +7,8 @@ trained this round keeps the previous global value. Integer buffers keep their d
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -32,8 +32,9 @@ def _weighted_mean(values: list[np.ndarray], weights: list[float], dtype: np.dty
     return np.asarray(acc, dtype=dtype)
 
 
-def task_aware_fedavg(previous: dict[str, np.ndarray], updates: list[SiteUpdate],
-                      keep: Callable[[str], bool] | None = None) -> dict[str, np.ndarray]:
+def task_aware_fedavg(
+    previous: dict[str, np.ndarray], updates: list[SiteUpdate], keep: Callable[[str], bool] | None = None
+) -> dict[str, np.ndarray]:
     """The new global state; ``previous`` supplies keys nobody trained and the dtypes. Keys for which
     ``keep`` is true are not averaged (FedBN: the sites keep their own BatchNorm statistics)."""
     if not updates:

@@ -19,8 +19,14 @@ COLUMNS = ("time", "run_id", "message_type", "unit_id", "round", "split")
 def append_message_log(site_workspace: Path, *, run_id: int, message_type: str, config: dict[str, Any]) -> None:
     site_workspace.mkdir(parents=True, exist_ok=True)
     path = site_workspace / MESSAGE_LOG
-    row = [f"{time.time():.3f}", run_id, message_type, config.get(P.CFG_UNIT, ""), config.get(P.CFG_ROUND, ""),
-           config.get(P.CFG_SPLIT, "")]
+    row = [
+        f"{time.time():.3f}",
+        run_id,
+        message_type,
+        config.get(P.CFG_UNIT, ""),
+        config.get(P.CFG_ROUND, ""),
+        config.get(P.CFG_SPLIT, ""),
+    ]
     with open(path, "a", newline="") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         if fh.tell() == 0:
@@ -39,15 +45,24 @@ def read_message_log(site_workspace: Path) -> pd.DataFrame:
 REPLY_LOG = "replies.jsonl"
 
 
-def append_reply_log(site_workspace: Path, *, run_id: int, message_type: str, unit_id: str,
-                     description: dict[str, Any]) -> None:
+def append_reply_log(
+    site_workspace: Path, *, run_id: int, message_type: str, unit_id: str, description: dict[str, Any]
+) -> None:
     """One line per reply the site sent: record names, array names/shapes/dtypes, metric and config keys
     with the kind of each value (never array contents)."""
     import json
 
     site_workspace.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"time": round(time.time(), 3), "run_id": run_id, "message_type": message_type,
-                       "unit_id": unit_id, "records": description}, sort_keys=True)
+    line = json.dumps(
+        {
+            "time": round(time.time(), 3),
+            "run_id": run_id,
+            "message_type": message_type,
+            "unit_id": unit_id,
+            "records": description,
+        },
+        sort_keys=True,
+    )
     with open(site_workspace / REPLY_LOG, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         fh.write(line + "\n")

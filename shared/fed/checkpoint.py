@@ -11,8 +11,16 @@ import numpy as np
 import torch
 
 
-def save_checkpoint(path: Path, arrays: dict[str, np.ndarray], *, round: int, unit_id: str,
-                    config: dict[str, Any], manifest_hashes: dict[str, str], extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: Path,
+    arrays: dict[str, np.ndarray],
+    *,
+    round: int,
+    unit_id: str,
+    config: dict[str, Any],
+    manifest_hashes: dict[str, str],
+    extra: dict[str, Any] | None = None,
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "state_dict": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()},

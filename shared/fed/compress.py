@@ -12,7 +12,8 @@ the global model, adds the decoded update back (:func:`decode_update`) before ag
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +52,9 @@ def encode_update(local: Mapping[str, Any], base: Mapping[str, Any], mode: str) 
     return out
 
 
-def decode_update(received: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], mode: str
-                  ) -> dict[str, np.ndarray]:
+def decode_update(
+    received: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], mode: str
+) -> dict[str, np.ndarray]:
     """A site's weights from what it sent (:func:`encode_update`) and the global weights it was sent."""
     if mode == "none":
         return {k: np.asarray(v) for k, v in received.items()}

@@ -7,9 +7,10 @@ with a one-line :class:`~mdmt.errors.ConfigError` naming the key and what is all
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mdmt.data.cache import cache_root
 from mdmt.errors import ConfigError
@@ -79,7 +80,9 @@ class RunConfig:
     patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 40  # rounds before model selection may pick a round
     val_fraction: float = 0.1
-    threshold: str = "val"  # prognosis decision threshold: "val" (Youden's J on the training sites' validation) or a number
+    threshold: str = (
+        "val"  # prognosis decision threshold: "val" (Youden's J on the training sites' validation) or a number
+    )
     seed: int = 0
     device: str = "auto"
     torch_compile: bool = False  # local training's forward pass through torch.compile (long rounds on a GPU)
@@ -93,7 +96,7 @@ class RunConfig:
         return [f.name.replace("_", "-") for f in fields(cls)]
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> "RunConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "run config") -> RunConfig:
         known = {f.name.replace("_", "-"): f for f in fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in values.items():
@@ -105,7 +108,7 @@ class RunConfig:
         cfg.validate(source)
         return cfg
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         cfg = dataclasses.replace(self, **changes)
         cfg.validate()
         return cfg
@@ -177,8 +180,11 @@ class RunConfig:
         if self.dp:
             self.dp_settings(epochs=1)  # raises with the key name
             if self.aggregation != "fedavg":
-                raise bad("aggregation", f"is '{self.aggregation}'; with dp = true use fedavg (DP-SGD replaces the "
-                          "gradients FedProx adds to, and the DP model has no BatchNorm for FedBN)")
+                raise bad(
+                    "aggregation",
+                    f"is '{self.aggregation}'; with dp = true use fedavg (DP-SGD replaces the "
+                    "gradients FedProx adds to, and the DP model has no BatchNorm for FedBN)",
+                )
         if self.secagg_clip <= 0 or self.secagg_count_scale < 0:
             raise bad("secagg-clip", "must be > 0 and 'secagg-count-scale' >= 0")
         if self.cv_folds < 2:
@@ -192,10 +198,15 @@ class RunConfig:
         run takes at that site, which a target epsilon is spread over."""
         from mdmt.ml.privacy import DPSettings
 
-        return DPSettings(noise_multiplier=self.dp_noise_multiplier or None,
-                          target_epsilon=self.dp_target_epsilon or None, epochs=max(int(epochs), 1),
-                          max_grad_norm=self.dp_max_grad_norm, delta=self.dp_delta or None,
-                          epsilon_budget=self.dp_epsilon_budget, accountant=self.dp_accountant)
+        return DPSettings(
+            noise_multiplier=self.dp_noise_multiplier or None,
+            target_epsilon=self.dp_target_epsilon or None,
+            epochs=max(int(epochs), 1),
+            max_grad_norm=self.dp_max_grad_norm,
+            delta=self.dp_delta or None,
+            epsilon_budget=self.dp_epsilon_budget,
+            accountant=self.dp_accountant,
+        )
 
     def check_server_files(self, source: str = "run config") -> None:
         """Files only the server reads (the sites never need the weights file: they get the model from it)."""

@@ -4,9 +4,10 @@ Flower's ``partition-id`` instead (see :func:`mdmt.fed.site.locate_site`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mdmt.data.cache import cache_root
 
@@ -38,7 +39,7 @@ class NodeConfig:
         return " ".join(f'{k}="{v}"' for k, v in items)
 
     @classmethod
-    def from_flower(cls, values: Mapping[str, Any], fed_path: Path, workspace: Path) -> "NodeConfig":
+    def from_flower(cls, values: Mapping[str, Any], fed_path: Path, workspace: Path) -> NodeConfig:
         """The node config a SuperNode was started with; ``data-dir`` and ``workspace`` fall back to the
         run config's federation folder and workspace."""
         site = str(values[SITE])
@@ -47,5 +48,10 @@ class NodeConfig:
             v = str(values.get(key, "") or "")
             return Path(v).expanduser().resolve() if v else default
 
-        return cls(site, path(DATA_DIR, fed_path / site), path(WORKSPACE, workspace), path(CACHE_DIR, None),
-                   str(values.get(DEVICE, "") or ""))
+        return cls(
+            site,
+            path(DATA_DIR, fed_path / site),
+            path(WORKSPACE, workspace),
+            path(CACHE_DIR, None),
+            str(values.get(DEVICE, "") or ""),
+        )

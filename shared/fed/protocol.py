@@ -36,10 +36,28 @@ CFG_COMPRESSION = "update-compression"  # how the site encodes its update (mdmt.
 CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
 
 NUM_EXAMPLES = "num-examples"
-TRAIN_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "train-loss", "train-loss-prognosis",
-              "train-loss-severity", "steps", "seconds", "epsilon", "dp-refused")
-EVAL_KEYS = (NUM_EXAMPLES, "n-prognosis", "n-severity", "loss-sum-prognosis", "loss-sum-severity",
-             "cm-prognosis", "hist-prognosis", "cm-severity")
+TRAIN_KEYS = (
+    NUM_EXAMPLES,
+    "n-prognosis",
+    "n-severity",
+    "train-loss",
+    "train-loss-prognosis",
+    "train-loss-severity",
+    "steps",
+    "seconds",
+    "epsilon",
+    "dp-refused",
+)
+EVAL_KEYS = (
+    NUM_EXAMPLES,
+    "n-prognosis",
+    "n-severity",
+    "loss-sum-prognosis",
+    "loss-sum-severity",
+    "cm-prognosis",
+    "hist-prognosis",
+    "cm-severity",
+)
 
 
 def train_metrics(res: TrainResult) -> dict[str, Any]:
@@ -80,7 +98,7 @@ def split_eval_metrics(results: dict[str, EvalResult]) -> dict[str, Any]:
     return out
 
 
-def read_split_evals(m: dict[str, Any], splits: list[str]) -> dict[str, "SiteEval"]:
+def read_split_evals(m: dict[str, Any], splits: list[str]) -> dict[str, SiteEval]:
     """The per-split statistics of one evaluate reply."""
     return {sp: read_eval({k.split("/", 1)[1]: v for k, v in m.items() if k.startswith(f"{sp}/")}) for sp in splits}
 

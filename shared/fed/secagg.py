@@ -22,13 +22,14 @@ less than ``2 k B S / (T C)`` (see :func:`error_bound`), before the final cast t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from mdmt.fed import protocol as P
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed import protocol as P
 from mdmt.ml.methods import TASKS
 from mdmt.ml.model import head_of
 from mdmt.ml.train import is_bn_stat
@@ -89,19 +90,23 @@ class SecAggSpec:
         return {CFG_CLIP: float(self.clip), CFG_INT_CLIP: float(self.int_clip), CFG_COUNT_SCALE: int(self.count_scale)}
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "SecAggSpec":
+    def from_config(cls, cfg: Mapping[str, Any]) -> SecAggSpec:
         missing = [k for k in (CFG_CLIP, CFG_INT_CLIP, CFG_COUNT_SCALE) if k not in cfg]
         if missing:
-            raise ConfigError(f"secure aggregation: the train config lacks {', '.join(missing)}; "
-                              "the server must send the packing bounds with every secure round")
+            raise ConfigError(
+                f"secure aggregation: the train config lacks {', '.join(missing)}; "
+                "the server must send the packing bounds with every secure round"
+            )
         return cls(float(cfg[CFG_CLIP]), float(cfg[CFG_INT_CLIP]), int(cfg[CFG_COUNT_SCALE]))
 
     def check_sites(self, n_sites: int, modulus: int = MODULUS) -> int:
         """T for ``n_sites``; refuses a count scale whose summed counts could not be read back exactly."""
         t = quantization_range(n_sites, modulus)
         if 4 * n_sites * self.count_scale >= t:
-            raise ConfigError(f"{CFG_COUNT_SCALE} = {self.count_scale} is too large for {n_sites} sites "
-                              f"(needs 4 * sites * scale < {t}); lower it")
+            raise ConfigError(
+                f"{CFG_COUNT_SCALE} = {self.count_scale} is too large for {n_sites} sites "
+                f"(needs 4 * sites * scale < {t}); lower it"
+            )
         return t
 
 
@@ -134,9 +139,14 @@ def vector_size(reference: Mapping[str, np.ndarray], skip: Callable[[str], bool]
     return sum(e.size for e in layout(reference, skip)) + len(COUNT_KEYS)
 
 
-def pack_update(local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], n_examples: int,
-                n_task: Mapping[str, int], spec: SecAggSpec, skip: Callable[[str], bool] | None = None
-                ) -> np.ndarray:
+def pack_update(
+    local: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    n_examples: int,
+    n_task: Mapping[str, int],
+    spec: SecAggSpec,
+    skip: Callable[[str], bool] | None = None,
+) -> np.ndarray:
     """One site's contribution to the secure sum: float64, every entry in [-1, 1].
 
     ``reference`` is the global model the site received; ``local`` what it trained. Raises
@@ -146,34 +156,43 @@ def pack_update(local: Mapping[str, np.ndarray], reference: Mapping[str, np.ndar
         if int(c) != c or c < 0:
             raise SecAggBoundError(f"secure aggregation: count '{key}' = {c!r} must be a non-negative integer")
         if c > spec.count_scale:
-            raise SecAggBoundError(f"secure aggregation: count '{key}' = {c} exceeds {CFG_COUNT_SCALE} "
-                                   f"{spec.count_scale}; raise {CFG_COUNT_SCALE} on the server")
+            raise SecAggBoundError(
+                f"secure aggregation: count '{key}' = {c} exceeds {CFG_COUNT_SCALE} "
+                f"{spec.count_scale}; raise {CFG_COUNT_SCALE} on the server"
+            )
     parts: list[np.ndarray] = []
     for e in layout(reference, skip):
         if e.key not in local:
-            raise SecAggBoundError(f"secure aggregation: the update lacks key '{e.key}'; return every key of the global model")
+            raise SecAggBoundError(
+                f"secure aggregation: the update lacks key '{e.key}'; return every key of the global model"
+            )
         w = counts[e.weight] / spec.count_scale
         if w == 0:
             parts.append(np.zeros(e.size))
             continue
         arr = np.asarray(local[e.key])
         if arr.size != e.size:  # () and (1,) are the same buffer: state dicts and records disagree on 0-d arrays
-            raise SecAggBoundError(f"secure aggregation: '{e.key}' has shape {tuple(arr.shape)}, the global model {e.shape}")
+            raise SecAggBoundError(
+                f"secure aggregation: '{e.key}' has shape {tuple(arr.shape)}, the global model {e.shape}"
+            )
         d = arr.astype(np.float64).ravel() - np.asarray(reference[e.key], dtype=np.float64).ravel()
         peak = float(np.max(np.abs(d))) if d.size else 0.0
         bound, name = (spec.int_clip, CFG_INT_CLIP) if e.integer else (spec.clip, CFG_CLIP)
         if not math.isfinite(peak):
             raise SecAggBoundError(f"secure aggregation: '{e.key}' holds a non-finite value; the local model diverged")
         if peak > bound:
-            raise SecAggBoundError(f"secure aggregation: |update| of '{e.key}' reaches {peak:.6g}, above {name} "
-                                   f"{bound:g}; raise {name} on the server")
+            raise SecAggBoundError(
+                f"secure aggregation: |update| of '{e.key}' reaches {peak:.6g}, above {name} "
+                f"{bound:g}; raise {name} on the server"
+            )
         parts.append(d * (w / bound))
     parts.append(np.array([counts[k] / spec.count_scale for k in COUNT_KEYS], dtype=np.float64))
     return np.concatenate(parts)
 
 
-def unpack_sum(total: np.ndarray, reference: Mapping[str, np.ndarray], spec: SecAggSpec,
-               skip: Callable[[str], bool] | None = None) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def unpack_sum(
+    total: np.ndarray, reference: Mapping[str, np.ndarray], spec: SecAggSpec, skip: Callable[[str], bool] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """The task-aware average from the sum of the sites' packed vectors, and the summed counts.
 
     Keys whose task no site trained, and skipped keys, keep the reference value; integer keys are
@@ -182,18 +201,22 @@ def unpack_sum(total: np.ndarray, reference: Mapping[str, np.ndarray], spec: Sec
     total = np.asarray(total, dtype=np.float64).ravel()
     expected = sum(e.size for e in entries) + len(COUNT_KEYS)
     if total.size != expected:
-        raise MDMTError(f"secure aggregation: the summed vector has {total.size} entries, the model layout "
-                        f"{expected}; server and sites must pack the same keys")
-    scaled = total[-len(COUNT_KEYS):] * spec.count_scale
+        raise MDMTError(
+            f"secure aggregation: the summed vector has {total.size} entries, the model layout "
+            f"{expected}; server and sites must pack the same keys"
+        )
+    scaled = total[-len(COUNT_KEYS) :] * spec.count_scale
     counts = {k: int(round(v)) for k, v in zip(COUNT_KEYS, scaled)}
     off = float(np.max(np.abs(scaled - np.round(scaled))))
     if off > 0.25:
-        raise MDMTError(f"secure aggregation: the summed counts are {off:.3g} away from integers; the sum is "
-                        f"corrupt or {CFG_COUNT_SCALE} differs between sites")
+        raise MDMTError(
+            f"secure aggregation: the summed counts are {off:.3g} away from integers; the sum is "
+            f"corrupt or {CFG_COUNT_SCALE} differs between sites"
+        )
     out = {k: v for k, v in reference.items()}
     pos = 0
     for e in entries:
-        seg = total[pos:pos + e.size]
+        seg = total[pos : pos + e.size]
         pos += e.size
         c = counts[e.weight]
         if c <= 0:
@@ -204,8 +227,9 @@ def unpack_sum(total: np.ndarray, reference: Mapping[str, np.ndarray], spec: Sec
     return out, counts
 
 
-def error_bound(spec: SecAggSpec, n_sites: int, counts: Mapping[str, int], t: int,
-                integer: bool = False) -> dict[str, float]:
+def error_bound(
+    spec: SecAggSpec, n_sites: int, counts: Mapping[str, int], t: int, integer: bool = False
+) -> dict[str, float]:
     """Per count key: the bound on |secure - plaintext average| of any entry it weights, before the
     cast to the key's dtype (add one unit in the last place of that dtype; integer keys may differ by
     one only where the plaintext mean lies within this bound of a half-integer)."""

@@ -6,24 +6,25 @@ The ClientApp in client/ only translates Flower messages to these calls and back
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
+from mdmt.errors import ConfigError, DataError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
 from mdmt.fed.node import SITE, NodeConfig
-from mdmt.errors import ConfigError, DataError
+from mdmt.ml.augment import get_augment
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
 from mdmt.ml.model import build_model
-from mdmt.seeding import derive_seed
-from mdmt.ml.augment import get_augment
 from mdmt.ml.privacy import DPRound, steps_per_epoch
 from mdmt.ml.train import TaskData, adapt_bn, evaluate, is_bn_stat, resolve_device, train_local
+from mdmt.seeding import derive_seed
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
 
@@ -77,8 +78,14 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
 def _load(cfg: RunConfig, loc: SiteLocation):
     from mdmt.data.ingest import ingest_and_load_site
 
-    return ingest_and_load_site(loc.site_dir, loc.cache_root, image_size=cfg.image_size, crop=cfg.crop, voi=cfg.voi,
-                                crop_source=cfg.crop_source or None)
+    return ingest_and_load_site(
+        loc.site_dir,
+        loc.cache_root,
+        image_size=cfg.image_size,
+        crop=cfg.crop,
+        voi=cfg.voi,
+        crop_source=cfg.crop_source or None,
+    )
 
 
 def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
@@ -107,8 +114,9 @@ def _roles(cfg: RunConfig, loc: SiteLocation, rcfg: Mapping[str, Any]) -> pd.Ser
     return site_roles(cfg, loc, str(rcfg.get(P.CFG_PROTOCOL, "loco")), str(rcfg.get(P.CFG_FOLD, "-")))
 
 
-def load_split(cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None,
-               splits: pd.Series | None = None) -> TaskData:
+def load_split(
+    cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], sd=None, splits: pd.Series | None = None
+) -> TaskData:
     """The site's rows of one split, with targets of tasks outside ``tasks`` masked to -1."""
     if split not in SPLIT_CHOICES:
         raise ConfigError(f"split '{split}' is not one of {', '.join(SPLIT_CHOICES)}")
@@ -168,10 +176,20 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
     model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
     seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
     res = train_local(
-        model, data, epochs=cfg.local_epochs, steps=cfg.local_steps, batch_size=cfg.batch_size,
-        lr=float(rcfg[P.CFG_LR]), weight_decay=cfg.weight_decay, loss_norm=cfg.loss_norm,
-        device=resolve_device(loc.device or cfg.device), seed=seed, augment=get_augment(cfg.augment),
-        class_weight=cfg.class_weight, prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)), compile_model=cfg.torch_compile,
+        model,
+        data,
+        epochs=cfg.local_epochs,
+        steps=cfg.local_steps,
+        batch_size=cfg.batch_size,
+        lr=float(rcfg[P.CFG_LR]),
+        weight_decay=cfg.weight_decay,
+        loss_norm=cfg.loss_norm,
+        device=resolve_device(loc.device or cfg.device),
+        seed=seed,
+        augment=get_augment(cfg.augment),
+        class_weight=cfg.class_weight,
+        prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)),
+        compile_model=cfg.torch_compile,
         dp=dp_round(cfg, loc, data, str(rcfg[P.CFG_UNIT])) if cfg.dp else None,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -200,7 +218,9 @@ def dp_round(cfg: RunConfig, loc: SiteLocation, data: TaskData, unit_id: str) ->
     return DPRound(settings, privacy_file(loc, unit_id), {"site": loc.site, "unit": unit_id})
 
 
-def run_evaluate(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]) -> dict[str, Any]:
+def run_evaluate(
+    cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]
+) -> dict[str, Any]:
     """Score both tasks on each requested split; per-sample predictions are written to the site's own
     workspace. Under FedBN a training site uses its own BatchNorm statistics and any other site (a
     held-out centre) re-estimates them on the rows it evaluates."""

@@ -15,15 +15,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mdmt.errors import ConfigError
 from mdmt.fed import protocol as P
-from mdmt.ml.train import TrainResult, is_bn_stat
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
 from mdmt.fed.checkpoint import arrays_digest, load_checkpoint, save_checkpoint
 from mdmt.fed.config import RunConfig
-from mdmt.errors import ConfigError
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, local_site, role_tasks
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from mdmt.ml.model import build_model
+from mdmt.ml.train import TrainResult, is_bn_stat
 from mdmt.seeding import derive_seed
 from mdmt.store import RunStore, UnitKey
 
@@ -38,7 +38,7 @@ class SiteInfo:
     manifest_hash: str
 
     @classmethod
-    def from_summary(cls, s: dict[str, Any]) -> "SiteInfo":
+    def from_summary(cls, s: dict[str, Any]) -> SiteInfo:
         counts = {k: int(v) for k, v in s.items() if k.endswith(("-prognosis", "-severity"))}
         return cls(str(s["site"]), str(s["role"]), counts, str(s["manifest-hash"]))
 
@@ -100,8 +100,9 @@ def unit_keys(cfg: RunConfig, roles: dict[str, str] | None = None) -> list[UnitK
     return keys
 
 
-def map_sites(found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: int, waited_s: float
-              ) -> tuple[dict[str, SiteInfo], dict[str, int]]:
+def map_sites(
+    found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: int, waited_s: float
+) -> tuple[dict[str, SiteInfo], dict[str, int]]:
     """(site -> info, site -> node id) from the nodes that answered the discovery query. Missing configured
     sites are named: the run goes on without them when at least ``min_sites`` answered, else it fails."""
     sites: dict[str, SiteInfo] = {}
@@ -112,13 +113,21 @@ def map_sites(found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: 
         sites[info.site], node_of[info.site] = info, node
     missing = sorted(expected - set(sites))
     if missing and len(sites) < max(1, min_sites):
-        raise RuntimeError(f"only {len(sites)} of {len(expected)} sites connected within {waited_s:.0f}s "
-                           f"(min-sites {min_sites}); missing: {', '.join(missing)}")
+        raise RuntimeError(
+            f"only {len(sites)} of {len(expected)} sites connected within {waited_s:.0f}s "
+            f"(min-sites {min_sites}); missing: {', '.join(missing)}"
+        )
     if not sites:
         raise RuntimeError(f"no site node connected within {waited_s:.0f}s")
     if missing:
-        log.warning("sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
-                    waited_s, ", ".join(missing), len(sites), len(expected), min_sites)
+        log.warning(
+            "sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
+            waited_s,
+            ", ".join(missing),
+            len(sites),
+            len(expected),
+            min_sites,
+        )
     log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
     return sites, node_of
 
@@ -129,7 +138,9 @@ def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
     holdout = None if (cv or key.fold == "-") else key.fold
     if holdout is not None:
         if holdout not in sites:
-            raise ConfigError(f"held-out centre '{holdout}' is not a site of this federation ({', '.join(sorted(sites))})")
+            raise ConfigError(
+                f"held-out centre '{holdout}' is not a site of this federation ({', '.join(sorted(sites))})"
+            )
         if PROGNOSIS not in role_tasks(sites[holdout].role):
             raise ConfigError(f"held-out centre '{holdout}' has no prognosis labels (role {sites[holdout].role})")
     only = local_site(key.method)
@@ -161,8 +172,9 @@ def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
 def secagg_count_scale(plan: UnitPlan, sites: dict[str, SiteInfo]) -> int:
     """The public count bound of a secure round: the largest training count a site of the unit reported."""
     pool = "all" if plan.protocol == "cv" else "train"
-    return max([sum(sites[s].counts.get(f"{pool}-{t}", 0) for t in TASKS) for s in plan.train_messages if s in sites]
-               + [1])
+    return max(
+        [sum(sites[s].counts.get(f"{pool}-{t}", 0) for t in TASKS) for s in plan.train_messages if s in sites] + [1]
+    )
 
 
 def unit_rounds(cfg: RunConfig, key: UnitKey) -> int:
@@ -181,9 +193,13 @@ class ServerLR:
 
         self._param = torch.nn.Parameter(torch.zeros(1))
         self._opt = torch.optim.SGD([self._param], lr=cfg.lr)
-        self._sched = (torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self._opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr)
-            if cfg.lr_patience > 0 else None)
+        self._sched = (
+            torch.optim.lr_scheduler.ReduceLROnPlateau(
+                self._opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
+            )
+            if cfg.lr_patience > 0
+            else None
+        )
 
     @property
     def lr(self) -> float:
@@ -219,8 +235,9 @@ class Rounds(Protocol):
     def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
         """Send a train message to each of ``plan.train_messages`` and aggregate the replies."""
 
-    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
-                 ) -> tuple[dict[str, dict[str, P.SiteEval]], dict[str, str]]:
+    def evaluate(
+        self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]
+    ) -> tuple[dict[str, dict[str, P.SiteEval]], dict[str, str]]:
         """Send an evaluate message to each of ``plan.eval_splits``; returns site -> split -> statistics,
         and each site's status."""
 
@@ -262,8 +279,13 @@ class Selection:
 
 def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
     """The model every site starts from: seeded from the config, the weights file loaded here only."""
-    model = build_model(backbone, weights=cfg.weights, pretrained=cfg.pretrained, seed=derive_seed(cfg.seed, "init", backbone),
-                        dp=cfg.dp)
+    model = build_model(
+        backbone,
+        weights=cfg.weights,
+        pretrained=cfg.pretrained,
+        seed=derive_seed(cfg.seed, "init", backbone),
+        dp=cfg.dp,
+    )
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
@@ -274,18 +296,24 @@ def starting_arrays(cfg: RunConfig, key: UnitKey, store: RunStore) -> tuple[dict
     if not method.init_from:
         return initial_arrays(cfg, key.backbone), "init"
     first = get_method(method.init_from)
-    src = UnitKey(first.name, key.backbone, key.protocol,
-                  key.fold if (key.protocol == "cv" or first.loco) else "-", key.seed)
+    src = UnitKey(
+        first.name, key.backbone, key.protocol, key.fold if (key.protocol == "cv" or first.loco) else "-", key.seed
+    )
     path = cfg.workspace_path / "checkpoints" / src.slug / "best.pt"
     if store.unit_status(src) != "done" or not path.is_file():
-        raise ConfigError(f"unit {key.unit_id} starts from {src.unit_id}, which has not finished "
-                          f"(status {store.unit_status(src)}, checkpoint {path})")
+        raise ConfigError(
+            f"unit {key.unit_id} starts from {src.unit_id}, which has not finished "
+            f"(status {store.unit_status(src)}, checkpoint {path})"
+        )
     state = load_checkpoint(path)["state_dict"]
     return {k: v.numpy().copy() for k, v in state.items()}, src.unit_id
 
 
-def aggregate_replies(previous: dict[str, np.ndarray], replies: dict[str, tuple[dict[str, np.ndarray], TrainResult]],
-                      aggregation: str = "fedavg") -> dict[str, np.ndarray]:
+def aggregate_replies(
+    previous: dict[str, np.ndarray],
+    replies: dict[str, tuple[dict[str, np.ndarray], TrainResult]],
+    aggregation: str = "fedavg",
+) -> dict[str, np.ndarray]:
     """Task-aware FedAvg of the sites' returned arrays, weighted by their reported counts; under fedbn the
     BatchNorm statistics are not averaged (each site keeps its own)."""
     updates = [SiteUpdate(s, arr, t.n_examples, t.n_task) for s, (arr, t) in sorted(replies.items())]
@@ -326,24 +354,50 @@ def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val") -> tuple[lis
             m["auc"] = auc_from_hist(ev.prog_hist)
             m["loss"] = ev.mean_loss(PROGNOSIS)
             metrics += [(site, PROGNOSIS, split, name, v) for name, v in m.items()]
-            stats.append({"site": site, "task": PROGNOSIS, "split": split, "n": ev.n[PROGNOSIS],
-                          "loss_sum": ev.loss_sum[PROGNOSIS], "cm": ev.prog_cm.tolist(), "hist": ev.prog_hist.tolist()})
+            stats.append(
+                {
+                    "site": site,
+                    "task": PROGNOSIS,
+                    "split": split,
+                    "n": ev.n[PROGNOSIS],
+                    "loss_sum": ev.loss_sum[PROGNOSIS],
+                    "cm": ev.prog_cm.tolist(),
+                    "hist": ev.prog_hist.tolist(),
+                }
+            )
         if ev.n[SEVERITY]:
             m = multiclass_metrics(ev.sev_cm)
             m["loss"] = ev.mean_loss(SEVERITY)
             metrics += [(site, SEVERITY, split, name, v) for name, v in m.items()]
-            stats.append({"site": site, "task": SEVERITY, "split": split, "n": ev.n[SEVERITY],
-                          "loss_sum": ev.loss_sum[SEVERITY], "cm": ev.sev_cm.tolist(), "hist": None})
+            stats.append(
+                {
+                    "site": site,
+                    "task": SEVERITY,
+                    "split": split,
+                    "n": ev.n[SEVERITY],
+                    "loss_sum": ev.loss_sum[SEVERITY],
+                    "cm": ev.sev_cm.tolist(),
+                    "hist": None,
+                }
+            )
     return metrics, stats
 
 
 def round_config(cfg: RunConfig, key: UnitKey, rnd: int, lr: float) -> dict[str, Any]:
     """What every site receives with a round's messages."""
-    return {P.CFG_ROUND: rnd, P.CFG_UNIT: key.unit_id, P.CFG_METHOD: key.method, P.CFG_BACKBONE: key.backbone,
-            P.CFG_PROTOCOL: key.protocol, P.CFG_FOLD: key.fold, P.CFG_LR: lr, P.CFG_AGGREGATION: cfg.aggregation,
-            P.CFG_PROX_MU: cfg.proximal_mu if cfg.aggregation == "fedprox" else 0.0,
-            # SecAgg+ masks the weights themselves, in its own fixed-point encoding
-            P.CFG_COMPRESSION: "none" if cfg.secure_aggregation else cfg.update_compression}
+    return {
+        P.CFG_ROUND: rnd,
+        P.CFG_UNIT: key.unit_id,
+        P.CFG_METHOD: key.method,
+        P.CFG_BACKBONE: key.backbone,
+        P.CFG_PROTOCOL: key.protocol,
+        P.CFG_FOLD: key.fold,
+        P.CFG_LR: lr,
+        P.CFG_AGGREGATION: cfg.aggregation,
+        P.CFG_PROX_MU: cfg.proximal_mu if cfg.aggregation == "fedprox" else 0.0,
+        # SecAgg+ masks the weights themselves, in its own fixed-point encoding
+        P.CFG_COMPRESSION: "none" if cfg.secure_aggregation else cfg.update_compression,
+    }
 
 
 def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
@@ -355,15 +409,19 @@ def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
         rows += [(s, task, "train", "loss", t.loss_task[task]) for task in TASKS if t.n_task[task]]
         if not math.isnan(t.epsilon):
             rows.append((s, "all", "train", "epsilon", t.epsilon))
-    rows += [(s, "all", "train", name, v) for s, (down, up) in tr.bytes.items()
-             for name, v in (("bytes_down", down), ("bytes_up", up))]
+    rows += [
+        (s, "all", "train", name, v)
+        for s, (down, up) in tr.bytes.items()
+        for name, v in (("bytes_down", down), ("bytes_up", up))
+    ]
     names = {P.NUM_EXAMPLES: ("all", "n"), "n-prognosis": (PROGNOSIS, "n"), "n-severity": (SEVERITY, "n")}
     rows += [("*", names[k][0], "train", names[k][1], v) for k, v in tr.totals.items() if k in names]
     return rows
 
 
-def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds: Rounds, store: RunStore,
-             flwr_run_id: str = "") -> int | None:
+def run_unit(
+    cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds: Rounds, store: RunStore, flwr_run_id: str = ""
+) -> int | None:
     """Run one unit to completion; returns the selected round."""
     key = plan.key
     hashes = {s: sites[s].manifest_hash for s in plan.train_sites}
@@ -383,15 +441,25 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         log.info("unit %s: resumed after round %d %s", key.unit_id, done, detail)
     else:
         arrays, start = starting_arrays(cfg, key, store)
-        conf = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "fold": key.fold,
-                                   "num-rounds": n_rounds, "starts-from": start}
-        store.start_unit(key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf,
-                         hashes, flwr_run_id)
+        conf = cfg.to_mapping() | {
+            "method": key.method,
+            "backbone": key.backbone,
+            "fold": key.fold,
+            "num-rounds": n_rounds,
+            "starts-from": start,
+        }
+        store.start_unit(
+            key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf, hashes, flwr_run_id
+        )
         done = 0
     refused: list[str] = list(resumed["refused"]) if resumed is not None else []
     absent: set[str] = set()  # training sites that missed the last round they were asked to train
-    log.info("unit %s: train on %s, evaluate %s", key.unit_id, ",".join(plan.train_sites),
-             ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()))
+    log.info(
+        "unit %s: train on %s, evaluate %s",
+        key.unit_id,
+        ",".join(plan.train_sites),
+        ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()),
+    )
     for rnd in range(done + 1, n_rounds + 1):
         rcfg = round_config(cfg, key, rnd, lr.lr)
         started = time.perf_counter()
@@ -400,8 +468,10 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         arrays, trained, train_status = tr.arrays, tr.trained, tr.status
         missing = {s: st for s, st in train_status.items() if s not in trained}
         if len(trained) < max(1, min(cfg.min_sites, len(plan.train_messages))):
-            msg = (f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained (min-sites "
-                   f"{cfg.min_sites}); missing: {', '.join(f'{s} ({st})' for s, st in missing.items())}")
+            msg = (
+                f"round {rnd}: only {len(trained)} of {len(plan.train_messages)} sites trained (min-sites "
+                f"{cfg.min_sites}); missing: {', '.join(f'{s} ({st})' for s, st in missing.items())}"
+            )
             store.finish_unit(key, "failed", sel.best_round, msg)
             raise RuntimeError(msg)
         _note_absences(store, key, rnd, missing, trained, absent)
@@ -417,8 +487,10 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         val_loss = monitored_val_loss(plan, evals)
         metrics += [("*", plan.method.monitor, "val", "monitored_loss", val_loss), ("*", "all", "train", "lr", lr.lr)]
         # the server's view of the round: wall time of the training round trip and of the whole round
-        metrics += [("*", "all", "round", "train_seconds", train_wall),
-                    ("*", "all", "round", "seconds", time.perf_counter() - started)]
+        metrics += [
+            ("*", "all", "round", "train_seconds", train_wall),
+            ("*", "all", "round", "seconds", time.perf_counter() - started),
+        ]
         improved = sel.update(rnd, val_loss)
         lr.step(val_loss)
         participation = [(s, "train", st, "") for s, st in train_status.items()]
@@ -428,9 +500,15 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
         if improved:
             save_checkpoint(ckpt_dir / "best.pt", arrays, **meta, extra={"threshold": _threshold_value(metrics)})
         # latest.pt last: it is what a resumed run continues from (server state included).
-        save_checkpoint(ckpt_dir / "latest.pt", arrays, **meta,
-                        extra={"selection": sel.state(), "lr": lr.state(), "refused": list(refused)})
-        log.info("unit %s round %d: monitored val loss %.4f%s", key.unit_id, rnd, val_loss, " (best)" if improved else "")
+        save_checkpoint(
+            ckpt_dir / "latest.pt",
+            arrays,
+            **meta,
+            extra={"selection": sel.state(), "lr": lr.state(), "refused": list(refused)},
+        )
+        log.info(
+            "unit %s round %d: monitored val loss %.4f%s", key.unit_id, rnd, val_loss, " (best)" if improved else ""
+        )
         if sel.should_stop(rnd):
             log.info("unit %s: early stop after round %d (best %s)", key.unit_id, rnd, sel.best_round)
             break
@@ -441,13 +519,20 @@ def run_unit(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds:
     return sel.best_round
 
 
-def _note_absences(store: RunStore, key: UnitKey, rnd: int, missing: dict[str, str], trained: dict[str, TrainResult],
-                   absent: set[str]) -> None:
+def _note_absences(
+    store: RunStore, key: UnitKey, rnd: int, missing: dict[str, str], trained: dict[str, TrainResult], absent: set[str]
+) -> None:
     """k-of-n rounds: a round goes on without the sites that did not answer in time; log who left and who
     came back (the participation rows hold every round's status as well)."""
     for s, st in sorted(missing.items()):
-        log.warning("unit %s round %d: site %s missing (%s); the round goes on with %d site(s)",
-                    key.unit_id, rnd, s, st, len(trained))
+        log.warning(
+            "unit %s round %d: site %s missing (%s); the round goes on with %d site(s)",
+            key.unit_id,
+            rnd,
+            s,
+            st,
+            len(trained),
+        )
         if s not in absent:
             store.log_event(key, rnd, "missing", f"{s}: {st}")
         absent.add(s)
@@ -466,14 +551,25 @@ def resume_state(cfg: RunConfig, key: UnitKey, store: RunStore, latest: Path) ->
         return None
     ck = load_checkpoint(latest)
     row = next((u for u in store.units() if u["unit_id"] == key.unit_id), None)
-    if ck.get("unit_id") != key.unit_id or "selection" not in ck or row is None or int(row["rounds_done"]) < int(ck["round"]):
+    if (
+        ck.get("unit_id") != key.unit_id
+        or "selection" not in ck
+        or row is None
+        or int(row["rounds_done"]) < int(ck["round"])
+    ):
         return None
     expected = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "num-rounds": unit_rounds(cfg, key)}
     if {k: ck["config"].get(k) for k in expected} != expected:
         log.info("unit %s: config changed since the interrupted run; starting again", key.unit_id)
         return None
-    return {"arrays": {k: v.numpy().copy() for k, v in ck["state_dict"].items()}, "config": ck["config"],
-            "round": int(ck["round"]), "selection": ck["selection"], "lr": ck["lr"], "refused": ck.get("refused", [])}
+    return {
+        "arrays": {k: v.numpy().copy() for k, v in ck["state_dict"].items()},
+        "config": ck["config"],
+        "round": int(ck["round"]),
+        "selection": ck["selection"],
+        "lr": ck["lr"],
+        "refused": ck.get("refused", []),
+    }
 
 
 def _threshold_value(metrics: list[tuple[str, str, str, str, float]]) -> float:

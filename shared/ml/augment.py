@@ -4,7 +4,8 @@ Each transform is drawn per sample with probability ``p`` (0.5): shift up to +-1
 0.9-1.1, horizontal flip, rotation up to +-10 degrees, and elastic deformation with alpha 20-40 px and
 sigma 7 px at 256 px (alpha and sigma scale with the image side). The affine part becomes one sampling
 grid per sample (``torch.nn.functional.affine_grid``); the elastic part adds a Gaussian-smoothed random
-displacement field (a separable Gaussian blur, equal to torchvision's ``gaussian_blur``) to that grid; ``grid_sample`` resamples once.
+displacement field (a separable Gaussian blur, equal to torchvision's ``gaussian_blur``) to that grid;
+``grid_sample`` resamples once.
 Randomness comes from a ``torch.Generator`` seeded by the caller, so a round is reproducible.
 """
 
@@ -44,8 +45,9 @@ class PaperAugment:
         angle = (draw(n) * 2 - 1) * math.radians(self.rotate_deg) * on()
         flip = 1 - 2 * on() if self.flip else torch.ones(n, device=dev)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-                             torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+        theta = torch.stack(
+            [torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         elastic = on()
         if elastic.any():

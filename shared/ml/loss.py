@@ -21,8 +21,9 @@ class LossTerms:
     severity: torch.Tensor
 
 
-def masked_term(logits: torch.Tensor, target: torch.Tensor, norm: str,
-                class_weight: torch.Tensor | None = None) -> torch.Tensor:
+def masked_term(
+    logits: torch.Tensor, target: torch.Tensor, norm: str, class_weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """One task's term; ``target`` is -1 where the sample has no label for this task. With
     ``class_weight`` each sample's loss is scaled by its class's weight and a ``task`` term is the
     weighted mean (as ``torch.nn.CrossEntropyLoss(weight=...)`` computes it)."""

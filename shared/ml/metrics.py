@@ -37,7 +37,9 @@ def binary_metrics(cm: np.ndarray) -> dict[str, float]:
     cm = np.asarray(cm, dtype=np.int64).reshape(2, 2)
     n = int(cm.sum())
     if n == 0:
-        return {k: float("nan") for k in ("acc", "f1", "gmean", "gmean_weighted", "sensitivity", "specificity")} | {"n": 0}
+        return {k: float("nan") for k in ("acc", "f1", "gmean", "gmean_weighted", "sensitivity", "specificity")} | {
+            "n": 0
+        }
     y, p = _expand_cm(cm)
     tn, fp, fn, tp = cm.ravel()
     sens = tp / (tp + fn) if tp + fn else float("nan")

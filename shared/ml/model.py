@@ -76,7 +76,9 @@ def _load_state_file(path: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"weights file {path}: cannot be loaded as a PyTorch state dict ({exc.__class__.__name__})") from None
+        raise ConfigError(
+            f"weights file {path}: cannot be loaded as a PyTorch state dict ({exc.__class__.__name__})"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -107,7 +109,9 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = False) -> tu
 
         extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
         try:
-            model = torchvision.models.get_model(name, weights="DEFAULT" if pretrained and not weights else None, **extra)
+            model = torchvision.models.get_model(
+                name, weights="DEFAULT" if pretrained and not weights else None, **extra
+            )
         except Exception as exc:
             raise ConfigError(_pretrained_error(name, weights, exc)) from None
         model = _strip_torchvision_head(model)
@@ -129,7 +133,8 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = False) -> tu
 
 def _pretrained_error(name: str, weights: str, exc: Exception) -> str:
     if weights:
-        return f"weights file {weights}: cannot be loaded into {name} ({exc.__class__.__name__}: {str(exc).splitlines()[0][:160]})"
+        first = str(exc).splitlines()[0][:160]
+        return f"weights file {weights}: cannot be loaded into {name} ({exc.__class__.__name__}: {first})"
     return (
         f"pretrained weights for {name} are not available offline; download them once elsewhere and pass "
         f"weights=/path/to/{name}.pth (set MDMT_ALLOW_DOWNLOAD=1 to let timm reach its hub)"
@@ -139,8 +144,12 @@ def _pretrained_error(name: str, weights: str, exc: Exception) -> str:
 def prognosis_head(width: int) -> nn.Sequential:
     """The paper's prognosis head: Linear(d,128)-ReLU-Dropout-Linear(128,32)-ReLU-Dropout-Linear(32,2)."""
     return nn.Sequential(
-        nn.Linear(width, 128), nn.ReLU(), nn.Dropout(0.5),
-        nn.Linear(128, 32), nn.ReLU(), nn.Dropout(0.5),
+        nn.Linear(width, 128),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.Linear(128, 32),
+        nn.ReLU(),
+        nn.Dropout(0.5),
         nn.Linear(32, NUM_CLASSES[PROGNOSIS]),
     )
 
@@ -166,8 +175,9 @@ class MDMTNet(nn.Module):
         return self.heads[PROGNOSIS](feats), self.heads[SEVERITY](feats)
 
 
-def build_model(backbone: str, weights: str = "", pretrained: bool = False, seed: int | None = None,
-                dp: bool = False) -> MDMTNet:
+def build_model(
+    backbone: str, weights: str = "", pretrained: bool = False, seed: int | None = None, dp: bool = False
+) -> MDMTNet:
     """The two-head model; with ``seed`` the random initialisation is reproducible. ``dp`` prepares it for
     DP-SGD (BatchNorm -> GroupNorm, no in-place ops; see mdmt.ml.privacy): server and sites must agree."""
     if seed is not None:

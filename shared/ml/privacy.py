@@ -28,11 +28,11 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -67,8 +67,14 @@ class GroupNormDP(nn.Module):
     """GroupNorm replacing a BatchNorm; its output is copied before the (optional) fused activation so
     that no later in-place operation touches the output of the module Opacus hooks."""
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 act: nn.Module | None = None, drop: nn.Module | None = None):
+    def __init__(
+        self,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        act: nn.Module | None = None,
+        drop: nn.Module | None = None,
+    ):
         super().__init__()
         self.norm = nn.GroupNorm(group_count(num_channels), num_channels, eps=eps, affine=affine)
         self.drop = drop if drop is not None else nn.Identity()
@@ -81,9 +87,13 @@ class GroupNormDP(nn.Module):
 def _group_norm_for(bn: nn.modules.batchnorm._BatchNorm) -> GroupNormDP:
     act = getattr(bn, "act", None)  # timm BatchNormAct2d keeps its activation and dropout
     drop = getattr(bn, "drop", None)
-    gn = GroupNormDP(bn.num_features, eps=bn.eps, affine=bn.affine,
-                     act=act if isinstance(act, nn.Module) else None,
-                     drop=drop if isinstance(drop, nn.Module) else None)
+    gn = GroupNormDP(
+        bn.num_features,
+        eps=bn.eps,
+        affine=bn.affine,
+        act=act if isinstance(act, nn.Module) else None,
+        drop=drop if isinstance(drop, nn.Module) else None,
+    )
     if bn.affine:
         with torch.no_grad():
             gn.norm.weight.copy_(bn.weight)
@@ -114,8 +124,11 @@ def dp_problems(model: nn.Module) -> list[str]:
     from opacus.grad_sample import GradSampleModule
     from opacus.validators import ModuleValidator
 
-    out = [f"{name or type(model).__name__}: {type(m).__name__} is a BatchNorm"
-           for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    out = [
+        f"{name or type(model).__name__}: {type(m).__name__} is a BatchNorm"
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
     out += [str(e).splitlines()[0][:200] for e in ModuleValidator.validate(model, strict=False)]
     out += [str(e).splitlines()[0][:200] for e in GradSampleModule.validate(model, strict=False)]
     return out
@@ -177,16 +190,20 @@ class DPSettings:
     def __post_init__(self) -> None:
         k = KEYS
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ConfigError(f"{k['noise_multiplier']} or {k['target_epsilon']}: set exactly one of the two "
-                              f"(got {self.noise_multiplier} and {self.target_epsilon})")
+            raise ConfigError(
+                f"{k['noise_multiplier']} or {k['target_epsilon']}: set exactly one of the two "
+                f"(got {self.noise_multiplier} and {self.target_epsilon})"
+            )
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
             raise ConfigError(f"{k['noise_multiplier']} must be > 0 (got {self.noise_multiplier})")
         if self.target_epsilon is not None:
             if not self.target_epsilon > 0:
                 raise ConfigError(f"{k['target_epsilon']} must be > 0 (got {self.target_epsilon})")
             if int(self.epochs) < 1:
-                raise ConfigError(f"{k['epochs']} must be >= 1 with {k['target_epsilon']}: the total local epochs "
-                                  f"the noise must cover (got {self.epochs})")
+                raise ConfigError(
+                    f"{k['epochs']} must be >= 1 with {k['target_epsilon']}: the total local epochs "
+                    f"the noise must cover (got {self.epochs})"
+                )
         if not self.max_grad_norm > 0:
             raise ConfigError(f"{k['max_grad_norm']} must be > 0 (got {self.max_grad_norm})")
         if self.delta is not None and not 0 < self.delta < 1:
@@ -196,8 +213,9 @@ class DPSettings:
         if self.accountant not in ACCOUNTANTS:
             raise ConfigError(f"{k['accountant']} '{self.accountant}' is not one of: {', '.join(ACCOUNTANTS)}")
         if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
-            raise ConfigError(f"{k['secure_mode']} = true needs the torchcsprng package; install it or set "
-                              f"{k['secure_mode']} = false")
+            raise ConfigError(
+                f"{k['secure_mode']} = true needs the torchcsprng package; install it or set {k['secure_mode']} = false"
+            )
 
     @property
     def resolved(self) -> bool:
@@ -208,11 +226,13 @@ class DPSettings:
             raise ConfigError("differential privacy needs at least one training sample at the site")
         delta = self.delta if self.delta is not None else 1.0 / (10 * n_samples)
         if delta >= 1.0 / n_samples:
-            raise ConfigError(f"{KEYS['delta']} = {delta:g} must be < 1/N = {1.0 / n_samples:g} for N = {n_samples} "
-                              f"training samples; lower it or leave it empty for 1/(10 N)")
+            raise ConfigError(
+                f"{KEYS['delta']} = {delta:g} must be < 1/N = {1.0 / n_samples:g} for N = {n_samples} "
+                f"training samples; lower it or leave it empty for 1/(10 N)"
+            )
         return delta
 
-    def resolve(self, n_samples: int, batch_size: int) -> "DPSettings":
+    def resolve(self, n_samples: int, batch_size: int) -> DPSettings:
         """These settings for one site: delta filled in and, with a target epsilon, the noise multiplier
         computed by Opacus for ``epochs`` epochs at this site's sampling rate (the target is then dropped:
         the result carries the noise multiplier only)."""
@@ -224,12 +244,18 @@ class DPSettings:
             from opacus.accountants.utils import get_noise_multiplier
 
             try:
-                noise = get_noise_multiplier(target_epsilon=self.target_epsilon, target_delta=delta,
-                                             sample_rate=sample_rate_for(n_samples, batch_size),
-                                             epochs=int(self.epochs), accountant=self.accountant)
+                noise = get_noise_multiplier(
+                    target_epsilon=self.target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate_for(n_samples, batch_size),
+                    epochs=int(self.epochs),
+                    accountant=self.accountant,
+                )
             except ValueError as exc:
-                raise ConfigError(f"{KEYS['target_epsilon']} = {self.target_epsilon} cannot be reached with "
-                                  f"delta {delta:g} ({str(exc).rstrip('.')}); raise it") from None
+                raise ConfigError(
+                    f"{KEYS['target_epsilon']} = {self.target_epsilon} cannot be reached with "
+                    f"delta {delta:g} ({str(exc).rstrip('.')}); raise it"
+                ) from None
         return replace(self, noise_multiplier=float(noise), target_epsilon=None, delta=float(delta))
 
 
@@ -323,8 +349,10 @@ def read_accountant(path: str | os.PathLike) -> dict | None:
         history = [(float(s), float(q), int(n)) for s, q, n in doc["history"]]
         mechanism = str(doc["mechanism"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise DataError(f"privacy accountant file {path} is unreadable ({exc.__class__.__name__}); "
-                        f"restore it from a backup, never delete it to reset epsilon") from None
+        raise DataError(
+            f"privacy accountant file {path} is unreadable ({exc.__class__.__name__}); "
+            f"restore it from a backup, never delete it to reset epsilon"
+        ) from None
     return {"mechanism": mechanism, "history": history, "meta": doc.get("meta", {})}
 
 
@@ -336,8 +364,10 @@ def load_accountant(engine_or_accountant: Any, path: str | os.PathLike):
     if doc is None:
         return acc
     if doc["mechanism"] != acc.mechanism():
-        raise ConfigError(f"{KEYS['accountant']} is '{acc.mechanism()}' but {path} was written by the "
-                          f"'{doc['mechanism']}' accountant; keep {KEYS['accountant']} = {doc['mechanism']} for this run")
+        raise ConfigError(
+            f"{KEYS['accountant']} is '{acc.mechanism()}' but {path} was written by the "
+            f"'{doc['mechanism']}' accountant; keep {KEYS['accountant']} = {doc['mechanism']} for this run"
+        )
     acc.load_state_dict({"history": list(doc["history"]), "mechanism": doc["mechanism"]})
     return acc
 
@@ -387,8 +417,15 @@ class PrivateTraining:
         return module
 
 
-def make_private_training(model: nn.Module, optimizer: torch.optim.Optimizer, *, n_samples: int,
-                          batch_size: int, seed: int, settings: DPSettings) -> PrivateTraining:
+def make_private_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n_samples: int,
+    batch_size: int,
+    seed: int,
+    settings: DPSettings,
+) -> PrivateTraining:
     """Wrap ``model`` (prepared with :func:`prepare_for_dp`) and ``optimizer`` with Opacus' PrivacyEngine:
     per-sample clipping to ``max_grad_norm``, Gaussian noise, Poisson sampling over ``torch.arange(n_samples)``.
 
@@ -420,16 +457,29 @@ def make_private_training(model: nn.Module, optimizer: torch.optim.Optimizer, *,
     engine = PrivacyEngine(accountant=resolved.accountant, secure_mode=resolved.secure_mode)
     try:
         private_model, private_opt, private_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=float(resolved.noise_multiplier), max_grad_norm=float(resolved.max_grad_norm),
-            loss_reduction="mean", poisson_sampling=True, noise_generator=noise_gen,
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=float(resolved.noise_multiplier),
+            max_grad_norm=float(resolved.max_grad_norm),
+            loss_reduction="mean",
+            poisson_sampling=True,
+            noise_generator=noise_gen,
         )
     except BaseException:
         for p in frozen:
             p.requires_grad_(True)
         raise
-    return PrivateTraining(private_model, private_opt, private_loader, engine, resolved,
-                           float(private_loader.sample_rate), n_samples, frozen)
+    return PrivateTraining(
+        private_model,
+        private_opt,
+        private_loader,
+        engine,
+        resolved,
+        float(private_loader.sample_rate),
+        n_samples,
+        frozen,
+    )
 
 
 @dataclass(frozen=True)
@@ -441,11 +491,13 @@ class DPRound:
     accountant_file: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # written beside the history (site, unit)
 
-    def wrap(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, n_samples: int, batch_size: int,
-             seed: int) -> PrivateTraining:
+    def wrap(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, n_samples: int, batch_size: int, seed: int
+    ) -> PrivateTraining:
         """Opacus around ``model`` and ``optimizer``, its accountant continued from the site's history."""
-        private = make_private_training(model, optimizer, n_samples=n_samples, batch_size=batch_size, seed=seed,
-                                        settings=self.settings)
+        private = make_private_training(
+            model, optimizer, n_samples=n_samples, batch_size=batch_size, seed=seed, settings=self.settings
+        )
         if self.accountant_file is not None:
             load_accountant(private.engine, self.accountant_file)
         return private

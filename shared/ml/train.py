@@ -34,13 +34,13 @@ class TaskData:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def subset(self, mask: np.ndarray) -> "TaskData":
+    def subset(self, mask: np.ndarray) -> TaskData:
         idx = np.flatnonzero(mask)
         ids = [self.ids[i] for i in idx] if self.ids else []
         return TaskData(np.asarray(self.images[idx]), self.y_prog[idx], self.y_sev[idx], ids)
 
     @staticmethod
-    def concat(parts: list["TaskData"]) -> "TaskData":
+    def concat(parts: list[TaskData]) -> TaskData:
         return TaskData(
             np.concatenate([p.images for p in parts]),
             np.concatenate([p.y_prog for p in parts]),
@@ -48,7 +48,7 @@ class TaskData:
             [i for p in parts for i in p.ids],
         )
 
-    def labelled(self) -> "TaskData":
+    def labelled(self) -> TaskData:
         """The rows that carry at least one label (the rows a site trains on)."""
         return self.subset((self.y_prog >= 0) | (self.y_sev >= 0))
 
@@ -123,7 +123,7 @@ def autocast(device: torch.device, enabled: bool = True):
     return torch.autocast(device.type, enabled=False)
 
 
-def balanced_class_weights(data: "TaskData") -> dict[str, torch.Tensor]:
+def balanced_class_weights(data: TaskData) -> dict[str, torch.Tensor]:
     """Per task, scikit-learn's 'balanced' weights (n / (k x count)) of the classes present; absent
     classes weigh 1."""
     from sklearn.utils.class_weight import compute_class_weight
@@ -148,7 +148,9 @@ def is_bn_stat(key: str) -> bool:
 
 
 @torch.no_grad()
-def adapt_bn(model: torch.nn.Module, data: "TaskData", *, batch_size: int = 64, device: torch.device | str = "cpu") -> None:
+def adapt_bn(
+    model: torch.nn.Module, data: TaskData, *, batch_size: int = 64, device: torch.device | str = "cpu"
+) -> None:
     """Re-estimate BatchNorm statistics on ``data`` (no labels used): how a site without FedBN statistics
     of its own (a held-out centre) evaluates a FedBN model."""
     device = torch.device(device) if isinstance(device, str) else device
@@ -179,10 +181,18 @@ class TrainResult:
     dp_refused: bool = False  # DP-SGD: the site refused the round (its budget would be exceeded)
 
     @classmethod
-    def untrained(cls, epsilon: float = float("nan"), refused: bool = False) -> "TrainResult":
+    def untrained(cls, epsilon: float = float("nan"), refused: bool = False) -> TrainResult:
         """No step taken: the site has no labelled row, or refused a DP round that would exceed its budget."""
-        return cls(0, {PROGNOSIS: 0, SEVERITY: 0}, 0.0, {PROGNOSIS: 0.0, SEVERITY: 0.0}, 0, 0.0, epsilon=epsilon,
-                   dp_refused=refused)
+        return cls(
+            0,
+            {PROGNOSIS: 0, SEVERITY: 0},
+            0.0,
+            {PROGNOSIS: 0.0, SEVERITY: 0.0},
+            0,
+            0.0,
+            epsilon=epsilon,
+            dp_refused=refused,
+        )
 
 
 def trainable_parameters(model: torch.nn.Module, tasks: Iterable[str]) -> list[torch.nn.Parameter]:
@@ -202,8 +212,9 @@ def _epoch_batches(n: int, batch_size: int, rng: np.random.Generator, private) -
             yield idx.numpy()
 
 
-def _schedule(n: int, batch_size: int, rng: np.random.Generator, private, epochs: int, steps: int
-              ) -> Iterator[np.ndarray]:
+def _schedule(
+    n: int, batch_size: int, rng: np.random.Generator, private, epochs: int, steps: int
+) -> Iterator[np.ndarray]:
     """The batches of one round: ``epochs`` epochs, or exactly ``steps`` steps when ``steps`` > 0."""
     done = epoch = 0
     while True:
@@ -269,7 +280,8 @@ def train_local(
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     gen = torch.Generator(device=device if device.type == "cuda" else "cpu").manual_seed(
-        seed if private is None else derive_seed(seed, "dp", "augment"))
+        seed if private is None else derive_seed(seed, "dp", "augment")
+    )
     feed = Feeder(device, data.images)
     forward = private.model if private is not None else (torch.compile(model) if compile_model else model)
     norm = "batch" if private is not None else loss_norm  # Opacus' per-sample clipping assumes a batch mean

@@ -24,9 +24,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,9 +52,21 @@ class Settings:
     fed_dir: Path | None = None  # an existing synthetic federation instead of making one at ``scale``
 
     @classmethod
-    def for_mode(cls, quick: bool, **over: Any) -> "Settings":
-        s = cls(quick=True, image_size=64, batch_size=32, steps=6, scale=0.04, sim_image_size=32, rounds=2,
-                scaling_rounds=1) if quick else cls()
+    def for_mode(cls, quick: bool, **over: Any) -> Settings:
+        s = (
+            cls(
+                quick=True,
+                image_size=64,
+                batch_size=32,
+                steps=6,
+                scale=0.04,
+                sim_image_size=32,
+                rounds=2,
+                scaling_rounds=1,
+            )
+            if quick
+            else cls()
+        )
         for k, v in over.items():
             if v is not None:
                 setattr(s, k, v)
@@ -79,8 +92,9 @@ class Figure:
             shown = f"{self.value:,.0f} {self.unit}".rstrip()
         else:
             shown = f"{self.value:.3f} {self.unit}".rstrip()
-        return f"{self.section:8} {self.name:44} {shown:>18}   {self.device}; {self.settings}" + \
-            (f" ({self.note})" if self.note else "")
+        return f"{self.section:8} {self.name:44} {shown:>18}   {self.device}; {self.settings}" + (
+            f" ({self.note})" if self.note else ""
+        )
 
 
 @dataclass
@@ -102,8 +116,10 @@ def device_name(device) -> str:
 
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
-    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads {torch.get_num_threads()} " \
-           f"(torch {torch.__version__})"
+    return (
+        f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()} threads {torch.get_num_threads()} "
+        f"(torch {torch.__version__})"
+    )
 
 
 # ---- train -------------------------------------------------------------------------------------
@@ -146,8 +162,11 @@ def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, comp
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     y_prog = torch.randint(0, 2, (batch,), device=device, generator=gen)
-    y_sev = torch.where(torch.rand(batch, device=device, generator=gen) < 0.5,
-                        torch.randint(0, 4, (batch,), device=device, generator=gen), -1)
+    y_sev = torch.where(
+        torch.rand(batch, device=device, generator=gen) < 0.5,
+        torch.randint(0, 4, (batch,), device=device, generator=gen),
+        -1,
+    )
     y_prog = torch.where(y_sev >= 0, -1, y_prog)
 
     def step() -> None:
@@ -168,8 +187,9 @@ def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, comp
     return steps * batch / (time.perf_counter() - t0)
 
 
-def local_train_rate(backbone: str, size: int, batch: int, steps: int, device, compile_model: bool,
-                     augment: str) -> float:
+def local_train_rate(
+    backbone: str, size: int, batch: int, steps: int, device, compile_model: bool, augment: str
+) -> float:
     """img/s of the project's local training call (``train_local``), timed whole: cache upload, feeding,
     on-device augmentation, optimiser, the end-of-round loss read-out."""
     from mdmt.ml.augment import get_augment
@@ -188,12 +208,19 @@ def local_train_rate(backbone: str, size: int, batch: int, steps: int, device, c
 def section_train(b: Bench, device) -> None:
     s = b.settings
     dev = device_name(device)
-    compiles = [False, True] if (s.compile == "auto" and device.type == "cuda") else \
-        [s.compile == "on"] if s.compile != "auto" else [False]
+    compiles = (
+        [False, True]
+        if (s.compile == "auto" and device.type == "cuda")
+        else [s.compile == "on"]
+        if s.compile != "auto"
+        else [False]
+    )
     dtype = "bf16 autocast, channels_last" if device.type == "cuda" else "fp32"
     for comp in compiles:
-        cfg = f"{s.backbone} {s.image_size} px, batch {s.batch_size}, {s.steps} steps, {dtype}, " \
-              f"{'torch.compile' if comp else 'eager'}"
+        cfg = (
+            f"{s.backbone} {s.image_size} px, batch {s.batch_size}, {s.steps} steps, {dtype}, "
+            f"{'torch.compile' if comp else 'eager'}"
+        )
         raw = raw_step_rate(s.backbone, s.image_size, s.batch_size, s.steps, device, comp)
         b.add("train", "raw step (batch on the device)", raw, "img/s", dev, cfg)
         for aug in ("paper", "none"):
@@ -221,8 +248,15 @@ def section_bytes(b: Bench) -> None:
     s = b.settings
     sizes = update_bytes(s.backbone)
     for mode, label in (("none", "fp32 weights"), ("fp16", "fp16 update"), ("int8", "8-bit update")):
-        b.add("bytes", f"per site per round, {label}", sizes[mode] / 2 ** 20, "MiB", "-",
-              f"{s.backbone} arrays, before message framing", note=f"{sizes[mode] / sizes['none']:.3f} of fp32")
+        b.add(
+            "bytes",
+            f"per site per round, {label}",
+            sizes[mode] / 2**20,
+            "MiB",
+            "-",
+            f"{s.backbone} arrays, before message framing",
+            note=f"{sizes[mode] / sizes['none']:.3f} of fp32",
+        )
 
 
 # ---- ingest ------------------------------------------------------------------------------------
@@ -266,8 +300,15 @@ def section_ingest(b: Bench, fed: Path) -> None:
         ours = len(files) / (time.perf_counter() - t0)
         b.add("ingest", f"bare pydicom decode, {label}", bare, "img/s", dev, cfg)
         b.add("ingest", f"mdmt ingest, {label}", ours, "img/s", dev, cfg)
-        b.add("ingest", f"mdmt ingest / bare decode, {label}", ours / bare, "x", dev, cfg,
-              note="ingest also crops, resizes, hashes and writes the cache")
+        b.add(
+            "ingest",
+            f"mdmt ingest / bare decode, {label}",
+            ours / bare,
+            "x",
+            dev,
+            cfg,
+            note="ingest also crops, resizes, hashes and writes the cache",
+        )
     shutil.rmtree(s.workspace / "ingest-cache", ignore_errors=True)
 
 
@@ -338,8 +379,18 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _simulate(s: Settings, fed: Path, tag: str, sites: list[str], holdout: str, backbone: str, image_size: int,
-              rounds: int, batch: int, echo) -> tuple[Path, int, float]:
+def _simulate(
+    s: Settings,
+    fed: Path,
+    tag: str,
+    sites: list[str],
+    holdout: str,
+    backbone: str,
+    image_size: int,
+    rounds: int,
+    batch: int,
+    echo,
+) -> tuple[Path, int, float]:
     """A real Flower simulation of one MDMT unit; returns (store, peak memory bytes, wall seconds)."""
     from mdmt.ops.loco import prepare_config, run_simulation
 
@@ -348,10 +399,24 @@ def _simulate(s: Settings, fed: Path, tag: str, sites: list[str], holdout: str, 
     for p in (ws / "store.sqlite", ws / "store.sqlite-wal", ws / "store.sqlite-shm"):
         p.unlink(missing_ok=True)
     shutil.rmtree(ws / "checkpoints", ignore_errors=True)
-    cfg = prepare_config({"method": "mdmt", "backbone": backbone, "fed-dir": str(fed), "workspace": str(ws),
-                          "cache-dir": str(s.workspace / "cache"), "sites": ",".join(sites), "holdouts": holdout,
-                          "image-size": image_size, "num-rounds": rounds, "local-epochs": 1, "batch-size": batch,
-                          "device": s.device, "seed": 0, "round-timeout": 3600.0})
+    cfg = prepare_config(
+        {
+            "method": "mdmt",
+            "backbone": backbone,
+            "fed-dir": str(fed),
+            "workspace": str(ws),
+            "cache-dir": str(s.workspace / "cache"),
+            "sites": ",".join(sites),
+            "holdouts": holdout,
+            "image-size": image_size,
+            "num-rounds": rounds,
+            "local-epochs": 1,
+            "batch-size": batch,
+            "device": s.device,
+            "seed": 0,
+            "round-timeout": 3600.0,
+        }
+    )
     from mdmt.data.ingest import ingest_site
 
     t0 = time.perf_counter()
@@ -391,21 +456,38 @@ def section_round(b: Bench, fed: Path) -> None:
 
     s = b.settings
     sites = list_sites(fed)
-    store, _, wall = _simulate(s, fed, "round", sites, "A", s.backbone, s.sim_image_size, s.rounds, min(s.batch_size, 32),
-                               b.echo)
+    store, _, wall = _simulate(
+        s, fed, "round", sites, "A", s.backbone, s.sim_image_size, s.rounds, min(s.batch_size, 32), b.echo
+    )
     rows = _round_rows(store)
     steady = [r for rnd, r in sorted(rows.items()) if rnd > 1] or list(rows.values())
-    cfg = (f"{len(sites)}-site simulation of {_fed_label(fed)}, mdmt {s.backbone} {s.sim_image_size} px, 1 local epoch, "
-           f"rounds {'2..' if len(rows) > 1 else ''}{len(rows)}")
+    cfg = (
+        f"{len(sites)}-site simulation of {_fed_label(fed)}, mdmt {s.backbone} {s.sim_image_size} px, 1 local epoch, "
+        f"rounds {'2..' if len(rows) > 1 else ''}{len(rows)}"
+    )
     dev = f"Flower simulation on {_short_device(s)}"
     ratios = [(r["seconds"] - max(r["site_train"])) / r["seconds"] for r in steady]
     b.add("round", "round wall time", statistics.mean(r["seconds"] for r in steady), "s", dev, cfg)
     b.add("round", "slowest site's training", statistics.mean(max(r["site_train"]) for r in steady), "s", dev, cfg)
-    b.add("round", "round overhead ratio", statistics.mean(ratios), "", dev, cfg,
-          note="(round wall - slowest site's training) / round wall; evaluation of every site included")
+    b.add(
+        "round",
+        "round overhead ratio",
+        statistics.mean(ratios),
+        "",
+        dev,
+        cfg,
+        note="(round wall - slowest site's training) / round wall; evaluation of every site included",
+    )
     up = [v for r in steady for v in r["bytes_up"]]
-    b.add("round", "bytes up per site per round (fp16)", statistics.mean(up) / 2 ** 20, "MiB", dev, cfg,
-          note="measured by Flower's ArrayRecord")
+    b.add(
+        "round",
+        "bytes up per site per round (fp16)",
+        statistics.mean(up) / 2**20,
+        "MiB",
+        dev,
+        cfg,
+        note="measured by Flower's ArrayRecord",
+    )
     b.add("round", "simulation wall time", wall, "s", dev, cfg, note="start, ingest and all rounds")
 
 
@@ -433,16 +515,27 @@ def section_scaling(b: Bench, fed: Path) -> None:
         rows = _round_rows(store)
         cfg = f"{n} virtual sites (site 1 held out), {tiny} 32 px, {s.scaling_rounds} round(s)"
         dev = f"Flower simulation on {_short_device(s)}"
-        b.add("scaling", f"{n} sites: round wall time", statistics.mean(r["seconds"] for r in rows.values()), "s", dev, cfg)
-        b.add("scaling", f"{n} sites: peak memory (PSS, all processes)", peak / 2 ** 20, "MiB", dev, cfg)
+        b.add(
+            "scaling",
+            f"{n} sites: round wall time",
+            statistics.mean(r["seconds"] for r in rows.values()),
+            "s",
+            dev,
+            cfg,
+        )
+        b.add("scaling", f"{n} sites: peak memory (PSS, all processes)", peak / 2**20, "MiB", dev, cfg)
         b.add("scaling", f"{n} sites: simulation wall time", wall, "s", dev, cfg, note="start and ingest included")
 
 
 # ---- driver ------------------------------------------------------------------------------------
 
 
-def run_bench(settings: Settings, sections: tuple[str, ...] = SECTIONS, command: str = "mdmt bench",
-              echo: Callable[[str], None] = print) -> Bench:
+def run_bench(
+    settings: Settings,
+    sections: tuple[str, ...] = SECTIONS,
+    command: str = "mdmt bench",
+    echo: Callable[[str], None] = print,
+) -> Bench:
     from mdmt.ml.train import resolve_device
 
     s = settings
@@ -475,8 +568,16 @@ def run_bench(settings: Settings, sections: tuple[str, ...] = SECTIONS, command:
         echo(f"{'':8} ({name}: {time.perf_counter() - start:.0f} s)")
     echo(f"bench wall time {time.perf_counter() - t0:.0f} s")
     out = s.workspace / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"command": command, "settings": {k: str(v) for k, v in asdict(s).items()},
-                               "figures": [asdict(f) for f in b.figures]}, indent=1))
+    out.write_text(
+        json.dumps(
+            {
+                "command": command,
+                "settings": {k: str(v) for k, v in asdict(s).items()},
+                "figures": [asdict(f) for f in b.figures],
+            },
+            indent=1,
+        )
+    )
     echo(f"figures: {out}")
     return b
 
@@ -489,24 +590,40 @@ def cmd_bench(a) -> None:
     if bad:
         raise ConfigError(f"--sections: unknown '{bad[0]}'; choose from {', '.join(SECTIONS)}")
     sites = tuple(int(x) for x in a.scaling_sites.split(",")) if a.scaling_sites else None
-    s = Settings.for_mode(a.quick, device=a.device, backbone=a.backbone, image_size=a.image_size,
-                          batch_size=a.batch_size, steps=a.steps, compile=a.compile, scale=a.scale,
-                          workspace=Path(a.workspace), scaling_sites=sites,
-                          fed_dir=Path(a.fed_dir) if a.fed_dir else None)
+    s = Settings.for_mode(
+        a.quick,
+        device=a.device,
+        backbone=a.backbone,
+        image_size=a.image_size,
+        batch_size=a.batch_size,
+        steps=a.steps,
+        compile=a.compile,
+        scale=a.scale,
+        workspace=Path(a.workspace),
+        scaling_sites=sites,
+        fed_dir=Path(a.fed_dir) if a.fed_dir else None,
+    )
     run_bench(s, sections, command="mdmt " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "mdmt bench")
 
 
 def add_arguments(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="measure training throughput vs the raw step, round overhead, update "
-                                            "bytes, ingestion and simulation scaling")
+    p = subparsers.add_parser(
+        "bench",
+        help="measure training throughput vs the raw step, round overhead, update "
+        "bytes, ingestion and simulation scaling",
+    )
     p.add_argument("--quick", action="store_true", help="small settings that run on a CPU in a few minutes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--backbone", default=None, help="default resnet18")
     p.add_argument("--image-size", type=int, default=None, help="train section image side (default 256; quick 64)")
     p.add_argument("--batch-size", type=int, default=None, help="default 128; quick 32")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 50; quick 6)")
-    p.add_argument("--compile", default=None, choices=("auto", "on", "off"),
-                   help="torch.compile in the train section (auto: eager and compiled on a GPU, eager on a CPU)")
+    p.add_argument(
+        "--compile",
+        default=None,
+        choices=("auto", "on", "off"),
+        help="torch.compile in the train section (auto: eager and compiled on a GPU, eager on a CPU)",
+    )
     p.add_argument("--scale", type=float, default=None, help="synthetic federation scale (default 1.0; quick 0.04)")
     p.add_argument("--fed-dir", default=None, help="use this synthetic federation instead of making one at --scale")
     p.add_argument("--scaling-sites", default="", help="virtual site counts (default 2,7,20,50)")

@@ -23,8 +23,15 @@ def _kv(items: list[str]) -> dict[str, Any]:
 def cmd_synth(a: argparse.Namespace) -> None:
     from mdmt.data.synth import format_summary, synthesize
 
-    summary = synthesize(a.out, scale=a.scale, image_size=a.image_size, seed=a.seed, both_site=a.both_site,
-                         layout=a.layout, progress=not a.quiet)
+    summary = synthesize(
+        a.out,
+        scale=a.scale,
+        image_size=a.image_size,
+        seed=a.seed,
+        both_site=a.both_site,
+        layout=a.layout,
+        progress=not a.quiet,
+    )
     print(format_summary(summary))
 
 
@@ -34,8 +41,15 @@ def cmd_import(a: argparse.Namespace) -> None:
     if a.dataset == "aiforcovid":
         summary = import_aiforcovid(a.src, a.out, link=not a.copy, keep_clinical=a.keep_clinical, progress=not a.quiet)
     else:
-        summary = import_brixia(a.src, a.out, dicom_dir=a.dicom_dir, split_by=a.split_by,
-                                min_site_size=a.min_site_size, link=not a.copy, progress=not a.quiet)
+        summary = import_brixia(
+            a.src,
+            a.out,
+            dicom_dir=a.dicom_dir,
+            split_by=a.split_by,
+            min_site_size=a.min_site_size,
+            link=not a.copy,
+            progress=not a.quiet,
+        )
     print(format_import_summary(summary))
 
 
@@ -46,12 +60,23 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
     target = Path(a.dir)
     cache = cache_root(a.workspace, a.cache_dir or None)
-    kw = dict(image_size=a.image_size, crop=a.crop, workers=a.workers, progress=not a.quiet, force=a.force,
-              voi=a.voi, crop_source=a.crop_source or None)
-    results = [ingest_site(target, cache, **kw)] if (target / MANIFEST).is_file() else ingest_federation(target, cache, **kw)
+    kw = dict(
+        image_size=a.image_size,
+        crop=a.crop,
+        workers=a.workers,
+        progress=not a.quiet,
+        force=a.force,
+        voi=a.voi,
+        crop_source=a.crop_source or None,
+    )
+    results = (
+        [ingest_site(target, cache, **kw)] if (target / MANIFEST).is_file() else ingest_federation(target, cache, **kw)
+    )
     for r in results:
-        print(f"{r['site']}: {r['cached']} cached ({r.get('decoded', 0)} decoded, {r.get('reused_images', 0)} reused), "
-              f"{r['rejected']} rejected, {r.get('crop_fallbacks', 0)} crop fallbacks -> {r['cache_dir']}")
+        print(
+            f"{r['site']}: {r['cached']} cached ({r.get('decoded', 0)} decoded, {r.get('reused_images', 0)} reused), "
+            f"{r['rejected']} rejected, {r.get('crop_fallbacks', 0)} crop fallbacks -> {r['cache_dir']}"
+        )
         if r.get("note"):
             print(f"  note: {r['note']}")
 
@@ -69,7 +94,9 @@ def cmd_splits(a: argparse.Namespace) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out, index=False)
     except OSError as exc:
-        raise MDMTError(f"{out}: cannot write the split file ({exc.strerror}); choose another path with --out") from None
+        raise MDMTError(
+            f"{out}: cannot write the split file ({exc.strerror}); choose another path with --out"
+        ) from None
     counts = df.groupby(["protocol", "fold", "role"]).size().unstack("role", fill_value=0)
     print(counts.to_string())
     print(f"\nsplit file: {out} ({len(df)} rows)")
@@ -82,9 +109,18 @@ def cmd_loco(a: argparse.Namespace) -> None:
     values: dict[str, Any] = {}
     if a.config:
         values.update(load_toml(a.config))
-    flags = {"fed-dir": a.fed, "method": a.method, "backbone": a.backbone, "num-rounds": a.rounds,
-             "image-size": a.image_size, "seed": a.seed, "workspace": a.workspace, "holdouts": a.holdouts,
-             "local-epochs": a.local_epochs, "batch-size": a.batch_size}
+    flags = {
+        "fed-dir": a.fed,
+        "method": a.method,
+        "backbone": a.backbone,
+        "num-rounds": a.rounds,
+        "image-size": a.image_size,
+        "seed": a.seed,
+        "workspace": a.workspace,
+        "holdouts": a.holdouts,
+        "local-epochs": a.local_epochs,
+        "batch-size": a.batch_size,
+    }
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(_kv(a.set or []))
     loco(values, cpus_per_client=a.cpus_per_client)
@@ -136,8 +172,16 @@ def cmd_runs(a: argparse.Namespace) -> None:
 def cmd_predict(a: argparse.Namespace) -> None:
     from mdmt.ops.predict import predict
 
-    print(predict(Path(a.checkpoint), [Path(x) for x in a.inputs], out_dir=Path(a.out), saliency=a.saliency,
-                  device=a.device, crop_source=a.crop_source or None))
+    print(
+        predict(
+            Path(a.checkpoint),
+            [Path(x) for x in a.inputs],
+            out_dir=Path(a.out),
+            saliency=a.saliency,
+            device=a.device,
+            crop_source=a.crop_source or None,
+        )
+    )
 
 
 def cmd_dashboard(a: argparse.Namespace) -> None:
@@ -147,7 +191,9 @@ def cmd_dashboard(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mdmt", description="Federated multi-dataset multi-task learning for COVID-19 CXR prognosis")
+    p = argparse.ArgumentParser(
+        prog="mdmt", description="Federated multi-dataset multi-task learning for COVID-19 CXR prognosis"
+    )
     sub = p.add_subparsers(dest="verb", required=True)
 
     s = sub.add_parser("synth", help="write the synthetic DICOM federation")
@@ -156,15 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=320, help="nominal DICOM size in pixels (default 320)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--both-site", action="store_true", help="add site DUAL, which carries both labels")
-    s.add_argument("--layout", default="federation", choices=("federation", "aiforcovid", "brixia"),
-                   help="the federation format, or a dataset's published layout (default federation)")
+    s.add_argument(
+        "--layout",
+        default="federation",
+        choices=("federation", "aiforcovid", "brixia"),
+        help="the federation format, or a dataset's published layout (default federation)",
+    )
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_synth)
 
     s = sub.add_parser("import", help="turn a published dataset folder into federation sites")
     ds = s.add_subparsers(dest="dataset", required=True)
-    for name, helptext in (("aiforcovid", "AIforCOVID: imgs*/ folders + AIforCOVID*.xlsx; one site per Hospital"),
-                           ("brixia", "BRIXIA: dicom_clean/ + metadata_global_v2.csv")):
+    for name, helptext in (
+        ("aiforcovid", "AIforCOVID: imgs*/ folders + AIforCOVID*.xlsx; one site per Hospital"),
+        ("brixia", "BRIXIA: dicom_clean/ + metadata_global_v2.csv"),
+    ):
         d = ds.add_parser(name, help=helptext)
         d.add_argument("src", help="the dataset folder as published")
         d.add_argument("out", help="the federation folder to write")
@@ -175,16 +227,26 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             d.add_argument("--dicom-dir", default="dicom_clean", help="DICOM folder inside SRC (default dicom_clean)")
             d.add_argument("--split-by", default="none", help="none (one site BRIXIA) or manufacturer (one site each)")
-            d.add_argument("--min-site-size", type=int, default=50,
-                           help="with --split-by manufacturer: smaller manufacturers are merged into OTHER")
+            d.add_argument(
+                "--min-site-size",
+                type=int,
+                default=50,
+                help="with --split-by manufacturer: smaller manufacturers are merged into OTHER",
+            )
         d.set_defaults(fn=cmd_import)
 
     s = sub.add_parser("ingest", help="decode, crop and cache a site or a whole federation")
     s.add_argument("dir", help="a site folder (with manifest.csv) or a federation folder")
     s.add_argument("--image-size", type=int, default=256)
-    s.add_argument("--crop", default="lung", choices=("lung", "boxes", "masks", "none"),
-                   help="lung: built-in heuristic; boxes/masks: your lung boxes or masks (see --crop-source); none")
-    s.add_argument("--crop-source", default="", help="box table or mask folder (default <site>/lung_boxes.csv, <site>/lung_masks/)")
+    s.add_argument(
+        "--crop",
+        default="lung",
+        choices=("lung", "boxes", "masks", "none"),
+        help="lung: built-in heuristic; boxes/masks: your lung boxes or masks (see --crop-source); none",
+    )
+    s.add_argument(
+        "--crop-source", default="", help="box table or mask folder (default <site>/lung_boxes.csv, <site>/lung_masks/)"
+    )
     s.add_argument("--voi", default="none", choices=("none", "auto"), help="auto: apply the file's VOI LUT / window")
     s.add_argument("--workspace", default="runs")
     s.add_argument("--cache-dir", default="", help="default: <workspace>/cache")
@@ -193,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=cmd_ingest)
 
-    s = sub.add_parser("splits", help="write the federation's split file (LOCO and k-fold CV), reproducible from a seed")
+    s = sub.add_parser(
+        "splits", help="write the federation's split file (LOCO and k-fold CV), reproducible from a seed"
+    )
     s.add_argument("fed", help="federation folder")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--folds", type=int, default=5)
@@ -218,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpus-per-client", type=float, default=1.0)
     s.set_defaults(fn=cmd_loco)
 
-    s = sub.add_parser("experiment", help="run a grid of methods x backbones x protocols x folds; resumes where it stopped")
-    s.add_argument("config", help="experiment TOML (run-config keys; protocol may be 'loco,cv'; optional [synth] table)")
+    s = sub.add_parser(
+        "experiment", help="run a grid of methods x backbones x protocols x folds; resumes where it stopped"
+    )
+    s.add_argument(
+        "config", help="experiment TOML (run-config keys; protocol may be 'loco,cv'; optional [synth] table)"
+    )
     s.add_argument("--workers", type=int, default=1, help="simulations side by side (one per backbone x protocol)")
     s.add_argument("--workspace", help="overrides the file's workspace")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
@@ -247,9 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("checkpoint", help="a best.pt / latest.pt written by a run")
     s.add_argument("inputs", nargs="+", metavar="FILE_OR_FOLDER")
     s.add_argument("--out", default="predictions", help="folder for predictions.csv and heatmaps")
-    s.add_argument("--saliency", action="store_true", help="write a Grad-CAM heatmap PNG per image (the 'explain' extra)")
+    s.add_argument(
+        "--saliency", action="store_true", help="write a Grad-CAM heatmap PNG per image (the 'explain' extra)"
+    )
     s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--crop-source", default="", help="box table or mask folder, for checkpoints trained with crop=boxes|masks")
+    s.add_argument(
+        "--crop-source", default="", help="box table or mask folder, for checkpoints trained with crop=boxes|masks"
+    )
     s.set_defaults(fn=cmd_predict)
 
     from mdmt.results.dashboard.cli import add_arguments as dashboard_arguments  # no Dash import until it runs
@@ -281,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "verb", "") != "runs" or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.match = [*args.match, *extra]
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    previous = (
+        signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() else None
+    )
     try:
         args.fn(args)
     except MDMTError as exc:

@@ -15,8 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from mdmt.fed.config import RunConfig, load_toml
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.config import RunConfig, load_toml
 from mdmt.fed.units import unit_keys
 from mdmt.ops.loco import ingest_sites, prepare_config, run_simulation, site_roles
 from mdmt.store import RunStore
@@ -32,7 +32,9 @@ def read_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
         raise ConfigError(f"{path}: 'synth' must be a table ([synth])")
     unknown = set(synth) - SYNTH_KEYS
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) in [synth]: {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SYNTH_KEYS))}")
+        raise ConfigError(
+            f"{path}: unknown key(s) in [synth]: {', '.join(sorted(unknown))}; valid: {', '.join(sorted(SYNTH_KEYS))}"
+        )
     values = dict(raw) | dict(overrides or {})
     return values, synth
 
@@ -49,13 +51,24 @@ def ensure_federation(values: dict[str, Any], synth: dict[str, Any], echo=print)
     if present:
         return
     if not synth:
-        raise ConfigError(f"fed-dir {fed}: no federation there; create one (mdmt synth / mdmt import) or add a [synth] table")
+        raise ConfigError(
+            f"fed-dir {fed}: no federation there; create one (mdmt synth / mdmt import) or add a [synth] table"
+        )
     from mdmt.data.synth import format_summary, synthesize
 
     echo(f"building the synthetic federation in {fed} ({synth})")
-    echo(format_summary(synthesize(fed, scale=float(synth.get("scale", 1.0)), image_size=int(synth.get("image-size", 320)),
-                                   seed=int(synth.get("seed", 0)), both_site=bool(synth.get("both-site", False)),
-                                   progress=False)))
+    echo(
+        format_summary(
+            synthesize(
+                fed,
+                scale=float(synth.get("scale", 1.0)),
+                image_size=int(synth.get("image-size", 320)),
+                seed=int(synth.get("seed", 0)),
+                both_site=bool(synth.get("both-site", False)),
+                progress=False,
+            )
+        )
+    )
 
 
 def plan_groups(values: dict[str, Any], workers: int) -> list[RunConfig]:
@@ -82,8 +95,13 @@ def unit_progress(cfg: RunConfig) -> tuple[int, int]:
         store.close()
 
 
-def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, workers: int = 1,
-                   cpus_per_client: float = 1.0, echo=print) -> str:
+def run_experiment(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    workers: int = 1,
+    cpus_per_client: float = 1.0,
+    echo=print,
+) -> str:
     """Run every missing unit of the experiment, then write the report; returns the report summary."""
     from mdmt.ops.launch import stop_all
     from mdmt.results.report import write_report
@@ -96,8 +114,10 @@ def run_experiment(path: str | Path, overrides: dict[str, Any] | None = None, wo
     progress = [unit_progress(g) for g in groups]
     todo = [(i, g) for i, g in enumerate(groups) if progress[i][1]]
     t0 = time.perf_counter()
-    echo(f"experiment {path}: {sum(t for t, _ in progress)} units in {len(groups)} group(s), "
-         f"{sum(n for _, n in progress)} to run")
+    echo(
+        f"experiment {path}: {sum(t for t, _ in progress)} units in {len(groups)} group(s), "
+        f"{sum(n for _, n in progress)} to run"
+    )
     for _, g in todo:
         ingest_sites(g)  # once: later groups find the cache unless image size or crop differ
     lock = threading.Lock()

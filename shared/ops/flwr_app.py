@@ -33,11 +33,15 @@ def app_manifest() -> dict:
             "license": "Apache-2.0",
             "dependencies": [],  # installed on every machine; Flower never installs anything per run
         },
-        "tool": {"flwr": {"app": {
-            "publisher": PUBLISHER,
-            "components": dict(COMPONENTS),
-            "config": RunConfig().to_mapping(),
-        }}},
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": PUBLISHER,
+                    "components": dict(COMPONENTS),
+                    "config": RunConfig().to_mapping(),
+                }
+            }
+        },
     }
 
 

@@ -16,12 +16,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from mdmt.fed.config import RunConfig, load_toml
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.config import RunConfig, load_toml
 from mdmt.ml.methods import get_method
 from mdmt.ops.deploy.commands import BASE_ENV, DEFAULT_CONNECTION
 from mdmt.ops.flwr_app import flwr_app_dir
@@ -56,7 +57,7 @@ class Job:
         os.replace(tmp, self.path)
 
     @classmethod
-    def load(cls, path: Path) -> "Job":
+    def load(cls, path: Path) -> Job:
         try:
             return cls(**json.loads(path.read_text()))
         except FileNotFoundError:
@@ -75,7 +76,9 @@ def load_job_config(path: str | Path) -> RunConfig:
     cfg = RunConfig.from_mapping(values, source=str(path))
     cfg.check_server_files(str(path))
     if not cfg.site_list:
-        raise ConfigError(f"{path}: 'sites' is empty; name the site daemons of the deployment (e.g. sites = \"A,B,BRIXIA\")")
+        raise ConfigError(
+            f"{path}: 'sites' is empty; name the site daemons of the deployment (e.g. sites = \"A,B,BRIXIA\")"
+        )
     return cfg.replace(workspace=str(cfg.workspace_path), store=str(cfg.store_path))
 
 
@@ -105,14 +108,18 @@ class Flower:
     def call(self, *args: str, timeout: float = 120.0) -> dict[str, Any]:
         argv = [str(Path(sys.executable).parent / "flwr"), *args, "--format", "json"]
         try:
-            res = subprocess.run(argv, env=self.env(), capture_output=True, text=True, timeout=timeout,
-                                 stdin=subprocess.DEVNULL)
+            res = subprocess.run(
+                argv, env=self.env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
         except subprocess.TimeoutExpired:
             return {"success": False, "error-message": f"flwr {args[0]} did not answer within {timeout:.0f}s"}
         start = res.stdout.find("{")
         try:
-            return json.loads(res.stdout[start:]) if start >= 0 else {"success": False, "error-message":
-                                                                       (res.stderr or res.stdout).strip()[-300:]}
+            return (
+                json.loads(res.stdout[start:])
+                if start >= 0
+                else {"success": False, "error-message": (res.stderr or res.stdout).strip()[-300:]}
+            )
         except json.JSONDecodeError:
             return {"success": False, "error-message": res.stdout.strip()[-300:]}
 
@@ -160,8 +167,14 @@ def all_done(job: Job) -> bool:
     return bool(prog) and all(p["status"] == "done" for p in prog.values())
 
 
-def submit(config: str | Path, connection: str, flwr_home: str = "", app: str | Path = "", name: str = "",
-           echo: Callable[[str], None] = print) -> Job:
+def submit(
+    config: str | Path,
+    connection: str,
+    flwr_home: str = "",
+    app: str | Path = "",
+    name: str = "",
+    echo: Callable[[str], None] = print,
+) -> Job:
     """Submit a run config (or resubmit the job of that config when it did not finish)."""
     from mdmt.ops.loco import write_run_config  # deferred: torch (mdmt.ops.loco pulls the simulation stack)
 
@@ -182,8 +195,9 @@ def submit(config: str | Path, connection: str, flwr_home: str = "", app: str | 
                 return job
     else:
         app = Path(app).resolve() if app else flwr_app_dir(cfg.workspace_path / "flwr")
-        job = Job(name, str(Path(config).resolve()), "", connection, flwr_home, str(app),
-                  str(cfg.store_path), unit_ids(cfg))
+        job = Job(
+            name, str(Path(config).resolve()), "", connection, flwr_home, str(app), str(cfg.store_path), unit_ids(cfg)
+        )
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job.run_config = str(write_run_config(cfg, cfg.workspace_path / "configs" / f"deploy-{name}-{stamp}.toml"))
     return _submit_run(job, echo)
@@ -198,8 +212,13 @@ def _submit_run(job: Job, echo: Callable[[str], None]) -> Job:
     return job
 
 
-def watch(job: Job, poll: float = 10.0, max_restarts: int = 5, echo: Callable[[str], None] = print,
-          log_dir: Path | None = None) -> int:
+def watch(
+    job: Job,
+    poll: float = 10.0,
+    max_restarts: int = 5,
+    echo: Callable[[str], None] = print,
+    log_dir: Path | None = None,
+) -> int:
     """Follow the job until every unit is done (0), it was stopped (0) or it failed for good (1)."""
     flower = Flower(job.connection, job.flwr_home)
     lost_link = False
@@ -230,15 +249,20 @@ def watch(job: Job, poll: float = 10.0, max_restarts: int = 5, echo: Callable[[s
             if status.startswith(FINISHED) or lost_link:
                 why = "the SuperLink restarted under it" if lost_link else f"it ended {status}: {details}"
                 if job.restarts >= max_restarts:
-                    job.state, job.message = "failed", f"run {job.run_ids[-1]}: {why}; {max_restarts} resubmissions used"
+                    job.state, job.message = (
+                        "failed",
+                        f"run {job.run_ids[-1]}: {why}; {max_restarts} resubmissions used",
+                    )
                     job.save()
                     echo(f"job {job.name}: failed: {job.message}")
                     return 1
                 if lost_link and not status.startswith(FINISHED):
                     flower.stop(job.run_ids[-1])  # its ServerApp died with the SuperLink; never run two
                 job.restarts += 1
-                echo(f"job {job.name}: Flower run {job.run_ids[-1]} interrupted ({why}); resubmitting "
-                     f"({job.restarts} of {max_restarts}); finished units are skipped, the current one resumes")
+                echo(
+                    f"job {job.name}: Flower run {job.run_ids[-1]} interrupted ({why}); resubmitting "
+                    f"({job.restarts} of {max_restarts}); finished units are skipped, the current one resumes"
+                )
                 _submit_run(job, echo)
                 lost_link = False
                 _end(follower)
@@ -256,9 +280,13 @@ def _follow_logs(flower: Flower, job: Job, log_dir: Path | None) -> subprocess.P
     log_dir.mkdir(parents=True, exist_ok=True)
     run_id = job.run_ids[-1]
     with open(log_dir / f"{job.name}-run{run_id}.log", "ab") as fh:
-        return subprocess.Popen([str(Path(sys.executable).parent / "flwr"), "log", str(run_id), flower.connection,
-                                 "--stream"], env=flower.env(), stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [str(Path(sys.executable).parent / "flwr"), "log", str(run_id), flower.connection, "--stream"],
+            env=flower.env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _end(proc: subprocess.Popen | None) -> None:
@@ -284,9 +312,11 @@ def status_lines(job: Job) -> list[str]:
     lines = [f"job {job.name}: {job.state}{' (' + job.message + ')' if job.message else ''}; config {job.config}"]
     if job.run_ids:
         st, details = Flower(job.connection, job.flwr_home).status(job.run_ids[-1])
-        lines.append(f"Flower runs {', '.join(map(str, job.run_ids))}; current run {job.run_ids[-1]}: "
-                     f"{st or 'SuperLink unreachable'}{' (' + details + ')' if details and st else ''}; "
-                     f"resubmissions {job.restarts}")
+        lines.append(
+            f"Flower runs {', '.join(map(str, job.run_ids))}; current run {job.run_ids[-1]}: "
+            f"{st or 'SuperLink unreachable'}{' (' + details + ')' if details and st else ''}; "
+            f"resubmissions {job.restarts}"
+        )
     prog = unit_progress(job.store, job.units)
     planned = job.units or list(prog)
     done = sum(1 for u in planned if prog.get(u, {}).get("status") == "done")
@@ -296,8 +326,11 @@ def status_lines(job: Job) -> list[str]:
         if p is None:
             lines.append(f"  {u}: not started")
             continue
-        lines.append(f"  {u}: {p['status']}, {p['rounds_done']} rounds" + (f", best round {p['best_round']}"
-                     if p.get("best_round") else "") + (f"; {p['message']}" if p.get("message") else ""))
+        lines.append(
+            f"  {u}: {p['status']}, {p['rounds_done']} rounds"
+            + (f", best round {p['best_round']}" if p.get("best_round") else "")
+            + (f"; {p['message']}" if p.get("message") else "")
+        )
     lines += _recent_events(job.store, planned)
     return lines
 
@@ -335,8 +368,10 @@ def cmd_submit(a: argparse.Namespace) -> None:
         return
     log_dir = Path(job.run_config).parent.parent / "logs"
     print(f"watching (every {a.poll:g}s; server logs in {log_dir})", flush=True)
-    if watch(job, poll=a.poll, max_restarts=a.max_restarts, log_dir=log_dir,
-             echo=lambda line: print(line, flush=True)) != 0:
+    if (
+        watch(job, poll=a.poll, max_restarts=a.max_restarts, log_dir=log_dir, echo=lambda line: print(line, flush=True))
+        != 0
+    ):
         raise SystemExit(1)
 
 
@@ -355,15 +390,24 @@ def add_job_verbs(sub) -> None:
         s.add_argument("config", help="the job's run config (run-config keys of pyproject.toml; coordinator paths)")
         s.add_argument("--name", default="", help="job name (default: the config file's name)")
         if flower:
-            s.add_argument("--connection", default=DEFAULT_CONNECTION,
-                           help=f"SuperLink connection of 'mdmt deploy connection' (default {DEFAULT_CONNECTION})")
+            s.add_argument(
+                "--connection",
+                default=DEFAULT_CONNECTION,
+                help=f"SuperLink connection of 'mdmt deploy connection' (default {DEFAULT_CONNECTION})",
+            )
             s.add_argument("--flwr-home", default="", help="default: $FLWR_HOME or ~/.flwr")
 
-    s = sub.add_parser("submit", help="submit a federated experiment to the SuperLink; --watch resubmits it "
-                                      "after an interruption until every unit is done")
+    s = sub.add_parser(
+        "submit",
+        help="submit a federated experiment to the SuperLink; --watch resubmits it "
+        "after an interruption until every unit is done",
+    )
     common(s, flower=True)
-    s.add_argument("--app", default="", help="a Flower app folder (default: the installed mdmt app, generated "
-                                             "in the workspace's flwr/app)")
+    s.add_argument(
+        "--app",
+        default="",
+        help="a Flower app folder (default: the installed mdmt app, generated in the workspace's flwr/app)",
+    )
     s.add_argument("--watch", action="store_true", help="stay and supervise the run (systemd: mdmt-job@.service)")
     s.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (default 10)")
     s.add_argument("--max-restarts", type=int, default=5, help="resubmissions before giving up (default 5)")

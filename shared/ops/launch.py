@@ -24,7 +24,7 @@ from mdmt.errors import MDMTError
 
 CONNECTION = "mdmt-local"
 TOKEN_VAR = "MDMT_PROCESS_TOKEN"
-_ACTIVE: set["LocalSimulation"] = set()  # started in this process and not yet stopped
+_ACTIVE: set[LocalSimulation] = set()  # started in this process and not yet stopped
 
 
 def free_port() -> int:
@@ -69,22 +69,24 @@ class LocalSimulation:
 
     def env(self) -> dict[str, str]:
         env = os.environ.copy()
-        env.update({
-            "FLWR_HOME": str(self.home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "UV_CACHE_DIR": str(self.home / "uv-cache"),
-            "RAY_TMPDIR": str(self.ray_tmp),
-            "RAY_USAGE_STATS_ENABLED": "0",
-            TOKEN_VAR: self.token,
-        })
+        env.update(
+            {
+                "FLWR_HOME": str(self.home),
+                "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                "UV_CACHE_DIR": str(self.home / "uv-cache"),
+                "RAY_TMPDIR": str(self.ray_tmp),
+                "RAY_USAGE_STATS_ENABLED": "0",
+                TOKEN_VAR: self.token,
+            }
+        )
         # The SuperLink spawns Flower's other executables by name: they must come from this environment.
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
         return env
 
-    def start(self, timeout: float = 60.0) -> "LocalSimulation":
+    def start(self, timeout: float = 60.0) -> LocalSimulation:
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         control = free_port()
@@ -92,12 +94,24 @@ class LocalSimulation:
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
             f'address = "127.0.0.1:{self.port}"\ninsecure = true\n'
         )
-        cmd = [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-               "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(self.port),
-               "--control-api-address", f"127.0.0.1:{control}"]
+        cmd = [
+            _bin("flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-api-address",
+            f"127.0.0.1:{control}",
+        ]
         log = open(self.log_file, "ab")
-        self.proc = subprocess.Popen(cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, env=self.env(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -107,7 +121,9 @@ class LocalSimulation:
                 return self
             time.sleep(0.3)
         self.stop()
-        raise MDMTError(f"flower-superlink did not answer on 127.0.0.1:{self.port} within {timeout:.0f}s; see {self.log_file}")
+        raise MDMTError(
+            f"flower-superlink did not answer on 127.0.0.1:{self.port} within {timeout:.0f}s; see {self.log_file}"
+        )
 
     def _healthy(self) -> bool:
         import httpx
@@ -117,19 +133,35 @@ class LocalSimulation:
         except httpx.HTTPError:
             return False
 
-    def flwr_run_command(self, app_dir: Path, run_config: Path, num_supernodes: int,
-                         cpus_per_client: float = 1.0) -> list[str]:
+    def flwr_run_command(
+        self, app_dir: Path, run_config: Path, num_supernodes: int, cpus_per_client: float = 1.0
+    ) -> list[str]:
         """``flwr run`` of the app against this SuperLink, streaming its logs until the run ends."""
         cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
-        return [_bin("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(run_config), "--stream",
-                "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}"]
+        return [
+            _bin("flwr"),
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            str(run_config),
+            "--stream",
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}",
+        ]
 
-    def run(self, app_dir: Path, run_config: Path, num_supernodes: int, cpus_per_client: float = 1.0,
-            output=None) -> int:
+    def run(
+        self, app_dir: Path, run_config: Path, num_supernodes: int, cpus_per_client: float = 1.0, output=None
+    ) -> int:
         """Run the app to completion; returns flwr's exit code."""
-        return subprocess.run(self.flwr_run_command(app_dir, run_config, num_supernodes, cpus_per_client),
-                              env=self.env(), stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                              cwd=app_dir).returncode
+        return subprocess.run(
+            self.flwr_run_command(app_dir, run_config, num_supernodes, cpus_per_client),
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            cwd=app_dir,
+        ).returncode
 
     def stop(self, grace: float = 10.0) -> None:
         """End every process this simulation started (by PID, found through the token), then clean up."""
@@ -142,7 +174,7 @@ class LocalSimulation:
                 pass
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
 
-    def __enter__(self) -> "LocalSimulation":
+    def __enter__(self) -> LocalSimulation:
         _ACTIVE.add(self)
         return self.start()
 

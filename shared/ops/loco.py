@@ -13,9 +13,9 @@ from typing import Any
 
 import pandas as pd
 
-from mdmt.fed.config import RunConfig
 from mdmt.data.manifest import list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.fed.config import RunConfig
 from mdmt.fed.units import unit_keys
 from mdmt.ops.flwr_app import flwr_app_dir
 from mdmt.ops.launch import LocalSimulation
@@ -48,10 +48,18 @@ def prepare_config(values: dict[str, Any]) -> RunConfig:
         if h not in sites:
             raise ConfigError(f"loco: held-out centre '{h}' is not among the sites ({', '.join(sites)})")
         if h not in prog:
-            raise ConfigError(f"loco: held-out centre '{h}' has no prognosis labels; LOCO holds out prognosis centres "
-                              f"({', '.join(sorted(prog & set(sites)))})")
-    return cfg.replace(fed_dir=str(fed), workspace=str(cfg.workspace_path), sites=",".join(sites),
-                       holdouts=",".join(holdouts), cache_dir=str(cfg.cache_path), store=str(cfg.store_path))
+            raise ConfigError(
+                f"loco: held-out centre '{h}' has no prognosis labels; LOCO holds out prognosis centres "
+                f"({', '.join(sorted(prog & set(sites)))})"
+            )
+    return cfg.replace(
+        fed_dir=str(fed),
+        workspace=str(cfg.workspace_path),
+        sites=",".join(sites),
+        holdouts=",".join(holdouts),
+        cache_dir=str(cfg.cache_path),
+        store=str(cfg.store_path),
+    )
 
 
 def write_run_config(cfg: RunConfig, path: Path) -> Path:
@@ -67,12 +75,20 @@ def ingest_sites(cfg: RunConfig) -> None:
     from mdmt.data.ingest import ingest_site
 
     for site in cfg.site_list:
-        ingest_site(cfg.fed_path / site, cfg.cache_path, image_size=cfg.image_size, crop=cfg.crop, progress=True,
-                    voi=cfg.voi, crop_source=cfg.crop_source or None)
+        ingest_site(
+            cfg.fed_path / site,
+            cfg.cache_path,
+            image_size=cfg.image_size,
+            crop=cfg.crop,
+            progress=True,
+            voi=cfg.voi,
+            crop_source=cfg.crop_source or None,
+        )
 
 
-def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "",
-                   ingest: bool = True, on_start=None) -> Path:
+def run_simulation(
+    cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "", ingest: bool = True, on_start=None
+) -> Path:
     """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure.
 
     ``tag`` names this simulation's Flower home, config and log, so several can run side by side.
@@ -93,7 +109,11 @@ def run_simulation(cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag
             on_start(sim)
         proc = subprocess.Popen(
             [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client)],
-            env=sim.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=app_dir,
+            env=sim.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=app_dir,
         )
         _follow(proc, log_path, echo)
     if proc.returncode != 0:
@@ -138,12 +158,16 @@ def _check_units(cfg: RunConfig, log_path: Path) -> None:
         status = {u["unit_id"]: (u["status"], u["message"]) for u in store.units()}
     finally:
         store.close()
-    bad = [(k.unit_id, status.get(k.unit_id, ("not run", ""))) for k in unit_keys(cfg, site_roles(cfg))
-           if status.get(k.unit_id, ("",))[0] != "done"]
+    bad = [
+        (k.unit_id, status.get(k.unit_id, ("not run", "")))
+        for k in unit_keys(cfg, site_roles(cfg))
+        if status.get(k.unit_id, ("",))[0] != "done"
+    ]
     if bad:
         first = "; ".join(f"{u}: {st}{' (' + msg + ')' if msg else ''}" for u, (st, msg) in bad[:3])
-        raise MDMTError(f"{len(bad)} unit(s) did not finish: {first}; last error: {_last_error(log_path)}; "
-                        f"see {log_path}")
+        raise MDMTError(
+            f"{len(bad)} unit(s) did not finish: {first}; last error: {_last_error(log_path)}; see {log_path}"
+        )
 
 
 def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print) -> pd.DataFrame:

@@ -41,8 +41,11 @@ def _severity_names() -> tuple[str, ...]:
 
 def csv_columns() -> list[str]:
     """The columns of predictions.csv, in order."""
-    return (["file", "status", "reason", "p_severe", "prognosis", "threshold", "severity_class"]
-            + [f"p_severity_{n}" for n in _severity_names()] + ["crop_note", "heatmap"])
+    return (
+        ["file", "status", "reason", "p_severe", "prognosis", "threshold", "severity_class"]
+        + [f"p_severity_{n}" for n in _severity_names()]
+        + ["crop_note", "heatmap"]
+    )
 
 
 # ---- the checkpoint ------------------------------------------------------------------------------------
@@ -84,11 +87,16 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = load_checkpoint(path)
     except Exception as exc:
-        raise MDMTError(f"checkpoint {path}: not a PyTorch checkpoint ({_short(exc)}); "
-                        "give a best.pt or latest.pt written by a run") from None
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and isinstance(ckpt.get("config"), dict)):
-        raise MDMTError(f"checkpoint {path}: not an MDMT checkpoint (no state_dict and run config); "
-                        "give a best.pt or latest.pt written by a run")
+        raise MDMTError(
+            f"checkpoint {path}: not a PyTorch checkpoint ({_short(exc)}); give a best.pt or latest.pt written by a run"
+        ) from None
+    if not (
+        isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and isinstance(ckpt.get("config"), dict)
+    ):
+        raise MDMTError(
+            f"checkpoint {path}: not an MDMT checkpoint (no state_dict and run config); "
+            "give a best.pt or latest.pt written by a run"
+        )
     return ckpt
 
 
@@ -99,8 +107,10 @@ def _preprocessing(cfg: dict, path: Path) -> Preprocessing:
 
     missing = [k for k in ("image-size", "crop") if k not in cfg]
     if missing:
-        raise MDMTError(f"checkpoint {path}: its run config has no {', '.join(repr(k) for k in missing)}; "
-                        "it was not written by an MDMT run")
+        raise MDMTError(
+            f"checkpoint {path}: its run config has no {', '.join(repr(k) for k in missing)}; "
+            "it was not written by an MDMT run"
+        )
     try:
         size = int(cfg["image-size"])
     except (TypeError, ValueError):
@@ -233,12 +243,17 @@ def _crop_source(crop: str, crop_source: str | Path | None, checkpoint: Path) ->
     given = crop_source not in (None, "")
     if crop not in USER_CROP_MODES:
         if given:
-            raise ConfigError(f"crop source {crop_source}: checkpoint {checkpoint} was trained with crop {crop!r}, "
-                              "which takes no box table or mask folder; leave --crop-source out")
+            raise ConfigError(
+                f"crop source {crop_source}: checkpoint {checkpoint} was trained with crop {crop!r}, "
+                "which takes no box table or mask folder; leave --crop-source out"
+            )
         return None, None
-    what = (f"a lung box table (CSV with columns {', '.join(BOX_COLUMNS)}; 'image' = the file's path below the "
-            "folder given, or its name)" if crop == "boxes"
-            else "a lung mask folder (<image>.png per file, 'image' = the file's path below the folder given, or its name)")
+    what = (
+        f"a lung box table (CSV with columns {', '.join(BOX_COLUMNS)}; 'image' = the file's path below the "
+        "folder given, or its name)"
+        if crop == "boxes"
+        else "a lung mask folder (<image>.png per file, 'image' = the file's path below the folder given, or its name)"
+    )
     if not given:
         raise ConfigError(f"checkpoint {checkpoint} was trained with crop {crop!r}: give {what} with --crop-source")
     src = Path(crop_source)
@@ -359,8 +374,16 @@ def _safe_name(text: str) -> str:
     return keep.strip("._")[:120] or "image"
 
 
-def _score(batch: list[_Item], model: nn.Module, feed, device: torch.device, threshold: float,
-           saliency: Saliency | None, heat_dir: Path | None, counter: list[int]) -> None:
+def _score(
+    batch: list[_Item],
+    model: nn.Module,
+    feed,
+    device: torch.device,
+    threshold: float,
+    saliency: Saliency | None,
+    heat_dir: Path | None,
+    counter: list[int],
+) -> None:
     from mdmt.ml.train import autocast
 
     names = _severity_names()
@@ -374,8 +397,11 @@ def _score(batch: list[_Item], model: nn.Module, feed, device: torch.device, thr
     for k, it in enumerate(batch):
         p = float(p_severe[k])
         it.row.update(
-            status="ok", p_severe=f"{p:.6f}", prognosis="SEVERE" if p >= threshold else "MILD",
-            threshold=f"{threshold:g}", severity_class=names[int(p_sev[k].argmax())],
+            status="ok",
+            p_severe=f"{p:.6f}",
+            prognosis="SEVERE" if p >= threshold else "MILD",
+            threshold=f"{threshold:g}",
+            severity_class=names[int(p_sev[k].argmax())],
             **{f"p_severity_{n}": f"{float(v):.6f}" for n, v in zip(names, p_sev[k])},
         )
         if cams is not None and heat_dir is not None:
@@ -399,14 +425,23 @@ def _write_csv(path: Path, items: list[_Item]) -> None:
     os.replace(tmp, path)
 
 
-def _format(pred: Predictor, items: list[_Item], notes: list[str], csv_path: Path, heat_dir: Path | None,
-            device: torch.device, n_ok: int) -> str:
+def _format(
+    pred: Predictor,
+    items: list[_Item],
+    notes: list[str],
+    csv_path: Path,
+    heat_dir: Path | None,
+    device: torch.device,
+    n_ok: int,
+) -> str:
     p = pred.prep
-    head = (f"checkpoint {pred.path}: {pred.backbone}"
-            + (f", unit {pred.info['unit_id']}" if pred.info.get("unit_id") else "")
-            + (f", round {pred.info['round']}" if pred.info.get("round") is not None else "")
-            + f"; preprocessing: image-size {p.image_size}, crop {p.crop}, voi {p.voi}; "
-            f"threshold {pred.threshold:g} ({pred.threshold_source}); device {device.type}")
+    head = (
+        f"checkpoint {pred.path}: {pred.backbone}"
+        + (f", unit {pred.info['unit_id']}" if pred.info.get("unit_id") else "")
+        + (f", round {pred.info['round']}" if pred.info.get("round") is not None else "")
+        + f"; preprocessing: image-size {p.image_size}, crop {p.crop}, voi {p.voi}; "
+        f"threshold {pred.threshold:g} ({pred.threshold_source}); device {device.type}"
+    )
     width = min(60, max([len("file")] + [len(str(it.path)) for it in items]))
     lines = [head] + [f"note: {n}" for n in pred.notes + notes]
     lines.append(f"{'file':<{width}}  {'P(SEVERE)':>9}  {'prognosis':<9}  severity (Brixia global)")
@@ -415,7 +450,8 @@ def _format(pred: Predictor, items: list[_Item], notes: list[str], csv_path: Pat
         name = str(it.path)
         if r.get("status") == "ok":
             p_cls = r[f"p_severity_{r['severity_class']}"]
-            text = f"{name:<{width}}  {r['p_severe']:>9.9}  {r['prognosis']:<9}  {r['severity_class']} (p {float(p_cls):.3f})"
+            cls = f"{r['severity_class']} (p {float(p_cls):.3f})"
+            text = f"{name:<{width}}  {r['p_severe']:>9.9}  {r['prognosis']:<9}  {cls}"
             if r.get("crop_note"):
                 text += f"  [crop fallback: {r['crop_note']}]"
         else:
@@ -429,8 +465,15 @@ def _format(pred: Predictor, items: list[_Item], notes: list[str], csv_path: Pat
     return "\n".join(lines)
 
 
-def predict(checkpoint: Path, inputs: list[Path], out_dir: Path, saliency: bool = False, device: str = "auto",
-            crop_source: str | Path | None = None, workers: int = 0) -> str:
+def predict(
+    checkpoint: Path,
+    inputs: list[Path],
+    out_dir: Path,
+    saliency: bool = False,
+    device: str = "auto",
+    crop_source: str | Path | None = None,
+    workers: int = 0,
+) -> str:
     """Score every file in ``inputs`` (files, or folders walked recursively) with ``checkpoint``.
 
     Writes ``out_dir/predictions.csv`` (one row per file, :func:`csv_columns`) and, with ``saliency``,
@@ -448,14 +491,18 @@ def predict(checkpoint: Path, inputs: list[Path], out_dir: Path, saliency: bool 
     src, boxes = _crop_source(pred.prep.crop, crop_source, checkpoint)
     items, notes = collect_inputs([Path(p) for p in inputs], skip=out_dir)
     if not items:
-        raise DataError(f"no files found in {', '.join(str(p) for p in inputs)}; give DICOM files or folders holding them")
+        raise DataError(
+            f"no files found in {', '.join(str(p) for p in inputs)}; give DICOM files or folders holding them"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         heat_dir = out_dir / HEATMAPS if saliency else None
         if heat_dir is not None:
             heat_dir.mkdir(exist_ok=True)
     except OSError as exc:
-        raise DataError(f"output folder {out_dir} cannot be written ({_short(exc)}); choose another with --out") from None
+        raise DataError(
+            f"output folder {out_dir} cannot be written ({_short(exc)}); choose another with --out"
+        ) from None
 
     tasks = [_task(it, pred.prep, src, boxes) for it in items]
     n_workers = resolve_workers(workers)
@@ -492,6 +539,7 @@ def predict(checkpoint: Path, inputs: list[Path], out_dir: Path, saliency: bool 
         raise DataError(f"{csv_path} cannot be written ({_short(exc)}); choose another folder with --out") from None
     if n_ok == 0:
         first = items[0].row.get("reason", "")
-        raise DataError(f"none of the {len(items)} files could be scored (e.g. {items[0].path}: {first}); "
-                        f"reasons in {csv_path}")
+        raise DataError(
+            f"none of the {len(items)} files could be scored (e.g. {items[0].path}: {first}); reasons in {csv_path}"
+        )
     return _format(pred, items, notes, csv_path, heat_dir, dev, n_ok)

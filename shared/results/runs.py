@@ -11,8 +11,20 @@ import pandas as pd
 from mdmt.errors import MDMTError
 from mdmt.store import RunStore
 
-UNIT_COLUMNS = ["unit_id", "method", "backbone", "protocol", "fold", "seed", "status", "rounds_done", "best_round",
-                "started", "ended", "message"]
+UNIT_COLUMNS = [
+    "unit_id",
+    "method",
+    "backbone",
+    "protocol",
+    "fold",
+    "seed",
+    "status",
+    "rounds_done",
+    "best_round",
+    "started",
+    "ended",
+    "message",
+]
 EXPORT_FORMATS = (".csv", ".parquet")
 
 
@@ -80,8 +92,10 @@ def delete_units(store: RunStore, patterns: list[str], yes: bool) -> str:
         return "no matching units; nothing to delete"
     listing = "\n".join(f"  {u} ({s})" for u, s in zip(units["unit_id"], units["status"]))
     if not yes:
-        return (f"would delete {len(units)} unit(s) with their metrics, eval_stats and participation rows:\n"
-                f"{listing}\nrun again with --yes to delete them")
+        return (
+            f"would delete {len(units)} unit(s) with their metrics, eval_stats and participation rows:\n"
+            f"{listing}\nrun again with --yes to delete them"
+        )
     counts = store.delete_units(units["unit_id"].tolist())
     rows = ", ".join(f"{counts[t]} {t}" for t in ("metrics", "eval_stats", "participation"))
     return f"deleted {counts['units']} unit(s) and their rows ({rows}):\n{listing}"

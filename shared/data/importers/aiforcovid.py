@@ -48,6 +48,7 @@ R_BAD_LABEL = "label not MILD/SEVERE"
 @dataclass
 class _Source:
     """The published layout: workbooks and image folders by release, the sheets read, the folder indexes."""
+
     books: dict[int, Path]
     folders: dict[int, Path]
     sheets: dict[int, tuple] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class _Source:
 @dataclass
 class _Scan:
     """What the spreadsheet rows gave: accepted images, rejections, and what the summary reports."""
+
     rejected: list[Rejection] = field(default_factory=list)
     accepted: list[dict] = field(default_factory=list)  # site, release, id, path, prognosis, source, clinical
     normalised: int = 0
@@ -90,8 +92,10 @@ def _open_source(src: Path, out: Path) -> _Source:
     books, folders = _aiforcovid_releases(src)
     check_out(out, src, {p.name for p in folders.values()})
     if not books:
-        raise DataError(f"{src}: no AIforCOVID spreadsheets (AIforCOVID.xlsx, AIforCOVID_r2.xlsx, "
-                        "AIforCOVID_r3.xlsx); is this the AIforCOVID folder?")
+        raise DataError(
+            f"{src}: no AIforCOVID spreadsheets (AIforCOVID.xlsx, AIforCOVID_r2.xlsx, "
+            "AIforCOVID_r3.xlsx); is this the AIforCOVID folder?"
+        )
     source = _Source(books, folders)
     for release in sorted(books):
         source.sheets[release] = read_workbook(books[release], AIFORCOVID_COLUMNS)
@@ -99,8 +103,16 @@ def _open_source(src: Path, out: Path) -> _Source:
     return source
 
 
-def _check_row(vals: dict[str, str], rnum: int, book: str, folder: str, idx: dict[str, list[Path]] | None,
-               src: Path, referenced: set[str], first_row: dict[str, int]) -> Rejection | dict:
+def _check_row(
+    vals: dict[str, str],
+    rnum: int,
+    book: str,
+    folder: str,
+    idx: dict[str, list[Path]] | None,
+    src: Path,
+    referenced: set[str],
+    first_row: dict[str, int],
+) -> Rejection | dict:
     """One spreadsheet row: its rejection, or the accepted image (site, id, path, prognosis, source)."""
     source = f"{book}:row {rnum}"
     hosp = vals.get("Hospital", "").strip()
@@ -111,8 +123,12 @@ def _check_row(vals: dict[str, str], rnum: int, book: str, folder: str, idx: dic
         return Rejection(source, "ImageFile is empty", R_NO_ID, site)
     referenced.add(key)
     if key in first_row:
-        return Rejection(source, f"ImageFile {key} is listed twice in this sheet "
-                                 f"(first at {book}:row {first_row[key]})", R_DUPLICATE_ROW, site)
+        return Rejection(
+            source,
+            f"ImageFile {key} is listed twice in this sheet (first at {book}:row {first_row[key]})",
+            R_DUPLICATE_ROW,
+            site,
+        )
     first_row[key] = rnum
     if site is None:
         return Rejection(source, f"Hospital is empty (ImageFile {key})", R_NO_HOSPITAL, None)
@@ -120,8 +136,12 @@ def _check_row(vals: dict[str, str], rnum: int, book: str, folder: str, idx: dic
     label = raw_label.strip().upper()
     if label not in PROGNOSIS_LABELS:
         shown = f"{raw_label!r}" if raw_label else "empty"
-        return Rejection(source, f"Prognosis {shown} is not MILD or SEVERE "
-                                 "(after trimming spaces and upper-casing)", R_BAD_LABEL, site)
+        return Rejection(
+            source,
+            f"Prognosis {shown} is not MILD or SEVERE (after trimming spaces and upper-casing)",
+            R_BAD_LABEL,
+            site,
+        )
     if idx is None:
         return Rejection(source, f"DICOM not found: folder {folder}/ does not exist", R_MISSING, site)
     path, rej = lookup(idx, key, folder, src)
@@ -158,8 +178,9 @@ def _scan_release(scan: _Scan, source: _Source, release: int, src: Path, bar) ->
             continue
         if got["prognosis"] != vals.get("Prognosis", ""):
             scan.normalised += 1
-        scan.accepted.append({**got, "release": release,
-                              "clinical": {c: vals.get(c, "") for c in cols if c not in AIFORCOVID_COLUMNS}})
+        scan.accepted.append(
+            {**got, "release": release, "clinical": {c: vals.get(c, "") for c in cols if c not in AIFORCOVID_COLUMNS}}
+        )
 
 
 def _scan_rows(source: _Source, src: Path, progress: bool) -> _Scan:
@@ -174,9 +195,11 @@ def _scan_rows(source: _Source, src: Path, progress: bool) -> _Scan:
             bar.close()
     for release in sorted(source.indexes):
         if release not in source.books:
-            scan.notes.append(f"{_folder_name(release)}/: no "
-                              f"{'AIforCOVID' if release == 1 else f'AIforCOVID_r{release}'}"
-                              ".xlsx; its files are listed as unreferenced")
+            scan.notes.append(
+                f"{_folder_name(release)}/: no "
+                f"{'AIforCOVID' if release == 1 else f'AIforCOVID_r{release}'}"
+                ".xlsx; its files are listed as unreferenced"
+            )
         scan.rejected.extend(unreferenced_files(source.indexes[release], scan.referenced.get(release, set()), src))
     return scan
 
@@ -191,8 +214,15 @@ def _build_manifests(scan: _Scan, src: Path, keep_clinical: bool):
         for a in [a for a in scan.accepted if a["site"] == site]:
             rel = f"images/{_folder_name(a['release'])}/{a['id']}.dcm"
             files.setdefault(site, []).append((a["path"], Path(rel)))
-            row = {"image": rel, "patient_id": a["id"], "prognosis": a["prognosis"], "brixia": "", "split": "",
-                   "source_row": a["source"], "source_file": a["path"].relative_to(src).as_posix()}
+            row = {
+                "image": rel,
+                "patient_id": a["id"],
+                "prognosis": a["prognosis"],
+                "brixia": "",
+                "split": "",
+                "source_row": a["source"],
+                "source_file": a["path"].relative_to(src).as_posix(),
+            }
             if keep_clinical:
                 for c in scan.clinical_cols:
                     row[clin_names[c]] = a["clinical"].get(c, "")

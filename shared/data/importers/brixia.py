@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -74,16 +74,18 @@ def _score_problem(score: str, glob: str) -> tuple[str, str] | None:
         shown = repr(glob) if glob else "empty"
         return R_BAD_GLOBAL, f"BrixiaScoreGlobal {shown} is not a whole number 0-18"
     if brixia_global(score) != int(m.group(1)):
-        return R_SUM_MISMATCH, (f"BrixiaScore {score!r} sums to {brixia_global(score)} but "
-                                f"BrixiaScoreGlobal is {int(m.group(1))}")
+        return R_SUM_MISMATCH, (
+            f"BrixiaScore {score!r} sums to {brixia_global(score)} but BrixiaScoreGlobal is {int(m.group(1))}"
+        )
     return None
 
 
 def _check_params(split_by: str, min_site_size) -> int:
     """``min_site_size`` as an int; a ConfigError for an unknown ``split_by`` or a bad size."""
     if split_by not in SPLIT_BY:
-        raise ConfigError(f"mdmt import brixia: split_by {split_by!r} is not supported; "
-                          f"use one of: {', '.join(SPLIT_BY)}")
+        raise ConfigError(
+            f"mdmt import brixia: split_by {split_by!r} is not supported; use one of: {', '.join(SPLIT_BY)}"
+        )
     try:
         min_site_size = int(min_site_size)
     except (TypeError, ValueError):
@@ -109,8 +111,16 @@ def _open_source(src: Path, out: Path, dicom_dir: str, split_by: str) -> tuple[P
     return ddir, df, notes
 
 
-def _check_row(row: dict[str, str], rnum: int, ddir: Path, dname: str, idx: dict[str, list[Path]], src: Path,
-               referenced: set[str], first_row: dict[str, int]) -> Rejection | Path:
+def _check_row(
+    row: dict[str, str],
+    rnum: int,
+    ddir: Path,
+    dname: str,
+    idx: dict[str, list[Path]],
+    src: Path,
+    referenced: set[str],
+    first_row: dict[str, int],
+) -> Rejection | Path:
     """One metadata row: its rejection (site set later), or the DICOM file it names."""
     source = f"{BRIXIA_METADATA}:row {rnum}"
     fname = row["Filename"]
@@ -120,8 +130,12 @@ def _check_row(row: dict[str, str], rnum: int, ddir: Path, dname: str, idx: dict
     key = strip_dcm(fname)
     referenced.add(key)
     if key in first_row:
-        return Rejection(source, f"Filename {fname} is listed twice (first at {BRIXIA_METADATA}:row {first_row[key]})",
-                         R_DUPLICATE_ROW, None)
+        return Rejection(
+            source,
+            f"Filename {fname} is listed twice (first at {BRIXIA_METADATA}:row {first_row[key]})",
+            R_DUPLICATE_ROW,
+            None,
+        )
     first_row[key] = rnum
     if not row["Subject"]:
         return Rejection(source, f"Subject is empty (Filename {fname})", R_NO_SUBJECT, None)
@@ -143,8 +157,9 @@ def _check_row(row: dict[str, str], rnum: int, ddir: Path, dname: str, idx: dict
     return path
 
 
-def _scan_rows(df: pd.DataFrame, ddir: Path, dname: str, idx: dict[str, list[Path]], src: Path,
-               progress: bool) -> tuple[list[dict], list[tuple[str, Rejection]], set[str]]:
+def _scan_rows(
+    df: pd.DataFrame, ddir: Path, dname: str, idx: dict[str, list[Path]], src: Path, progress: bool
+) -> tuple[list[dict], list[tuple[str, Rejection]], set[str]]:
     """Every metadata row checked (with a progress bar): (accepted, [(raw manufacturer, rejection)], referenced)."""
     rejected: list[tuple[str, Rejection]] = []  # routed to sites once the sites are known
     accepted: list[dict] = []
@@ -163,8 +178,7 @@ def _scan_rows(df: pd.DataFrame, ddir: Path, dname: str, idx: dict[str, list[Pat
             if isinstance(got, Rejection):
                 rejected.append((manu, got))
                 continue
-            accepted.append({"row": row, "path": got, "source": f"{BRIXIA_METADATA}:row {rnum}",
-                             "manufacturer": manu})
+            accepted.append({"row": row, "path": got, "source": f"{BRIXIA_METADATA}:row {rnum}", "manufacturer": manu})
     finally:
         if bar is not None:
             bar.close()
@@ -207,9 +221,17 @@ def _build_manifests(accepted: list[dict], site_of: Callable[[str], str], ddir: 
             r = a["row"]
             rel = "images/" + a["path"].relative_to(ddir).as_posix()
             files.setdefault(site, []).append((a["path"], Path(rel)))
-            rows.append({"image": rel, "patient_id": r["Subject"], "prognosis": "", "brixia": r["BrixiaScore"],
-                         "split": "", **{c: r.get(c, "") for c in BRIXIA_EXTRA},
-                         "source_row": a["source"]})
+            rows.append(
+                {
+                    "image": rel,
+                    "patient_id": r["Subject"],
+                    "prognosis": "",
+                    "brixia": r["BrixiaScore"],
+                    "split": "",
+                    **{c: r.get(c, "") for c in BRIXIA_EXTRA},
+                    "source_row": a["source"],
+                }
+            )
         sites[site] = pd.DataFrame(rows)
     return sites, files
 
@@ -249,8 +271,9 @@ def _site_summaries(sites: dict[str, pd.DataFrame], site_rej: dict[str, list[Rej
     return out
 
 
-def import_brixia(src, out, dicom_dir="dicom_clean", split_by="none", min_site_size=50, link=True,
-                  progress=True) -> dict:
+def import_brixia(
+    src, out, dicom_dir="dicom_clean", split_by="none", min_site_size=50, link=True, progress=True
+) -> dict:
     """Import the published BRIXIA layout at ``src`` into the federation ``out``.
 
     ``split_by="none"``: one site ``BRIXIA``; ``"manufacturer"``: one site per manufacturer (upper case,

@@ -92,8 +92,10 @@ def _load_workbook(path: Path):
     try:
         return openpyxl.load_workbook(path, read_only=False, data_only=True)
     except Exception as exc:
-        raise DataError(f"{path}: cannot be read as an .xlsx workbook ({exc.__class__.__name__}: "
-                        f"{' '.join(str(exc).split())[:120]})") from None
+        raise DataError(
+            f"{path}: cannot be read as an .xlsx workbook ({exc.__class__.__name__}: "
+            f"{' '.join(str(exc).split())[:120]})"
+        ) from None
 
 
 def _find_header(wb, path: Path, columns: tuple[str, ...]):
@@ -121,8 +123,9 @@ def _find_header(wb, path: Path, columns: tuple[str, ...]):
     if chosen is None:
         missing = best[2] if best else list(columns)
         where = f"best sheet {best[1]!r}" if best else "no sheet"
-        raise DataError(f"{path}: no sheet has the column(s) {', '.join(missing)} ({where}); "
-                        f"needed: {', '.join(columns)}")
+        raise DataError(
+            f"{path}: no sheet has the column(s) {', '.join(missing)} ({where}); needed: {', '.join(columns)}"
+        )
     return (*chosen, skipped)
 
 
@@ -161,15 +164,16 @@ def read_csv_table(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         except UnicodeDecodeError:
             df = pd.read_csv(path, encoding="latin-1", **kw)
     except Exception as exc:
-        raise DataError(f"{path}: cannot be read as a ';'-separated CSV ({exc.__class__.__name__}: "
-                        f"{' '.join(str(exc).split())[:120]})") from None
+        raise DataError(
+            f"{path}: cannot be read as a ';'-separated CSV ({exc.__class__.__name__}: "
+            f"{' '.join(str(exc).split())[:120]})"
+        ) from None
     df.columns = [str(c).strip() for c in df.columns]
     df = df.fillna("")
     missing = [c for c in required if c not in df.columns]
     if missing:
         hint = " (the separator must be ';')" if len(df.columns) == 1 else ""
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}{hint}; "
-                        f"needed: {', '.join(required)}")
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}{hint}; needed: {', '.join(required)}")
     for c in df.columns:
         df[c] = df[c].str.strip()
     return df
@@ -233,11 +237,11 @@ def lookup(idx: dict[str, list[Path]], key: str, folder_name: str, src: Path) ->
     if len(hits) == 1:
         return hits[0], None
     if not hits:
-        return None, Rejection("", f"DICOM not found: no file {key} or {key}.dcm below {folder_name}/", R_MISSING,
-                               None)
+        return None, Rejection("", f"DICOM not found: no file {key} or {key}.dcm below {folder_name}/", R_MISSING, None)
     shown = ", ".join(p.relative_to(src).as_posix() for p in hits[:4]) + (", ..." if len(hits) > 4 else "")
-    return None, Rejection("", f"ambiguous: {len(hits)} files below {folder_name}/ match {key} ({shown})",
-                           R_AMBIGUOUS, None)
+    return None, Rejection(
+        "", f"ambiguous: {len(hits)} files below {folder_name}/ match {key} ({shown})", R_AMBIGUOUS, None
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,8 +254,9 @@ def _read_import_json(out: Path) -> dict:
         if data.get("format") != IMPORT_FORMAT or not isinstance(data.get("imports"), dict):
             raise ValueError("not an import record")
     except Exception as exc:
-        raise DataError(f"{path}: unreadable import record ({exc.__class__.__name__}); "
-                        "give a new or empty folder") from None
+        raise DataError(
+            f"{path}: unreadable import record ({exc.__class__.__name__}); give a new or empty folder"
+        ) from None
     return data
 
 
@@ -264,8 +269,9 @@ def check_out(out: Path, src: Path, image_dirs: set[str]) -> None:
         raise DataError(f"{out}: the output folder must not be the source folder or lie inside its image folders")
     if out.is_dir() and any(out.iterdir()):
         if not (out / IMPORT_JSON).is_file():
-            raise DataError(f"{out}: folder is not empty and holds no earlier import ({IMPORT_JSON}); "
-                            "give a new or empty folder")
+            raise DataError(
+                f"{out}: folder is not empty and holds no earlier import ({IMPORT_JSON}); give a new or empty folder"
+            )
         _read_import_json(out)
 
 
@@ -282,11 +288,14 @@ def _check_site_owners(out: Path, importer: str, record: dict, prev_sites: set[s
     others = {s: name for name, rec in record["imports"].items() if name != importer for s in rec.get("sites", [])}
     for s in new_sites:
         if s in others:
-            raise DataError(f"{out / s}: site {s} was written by the {others[s]} import; "
-                            f"import {importer} into another folder")
+            raise DataError(
+                f"{out / s}: site {s} was written by the {others[s]} import; import {importer} into another folder"
+            )
         if (out / s).exists() and s not in prev_sites:
-            raise DataError(f"{out / s}: exists and was not written by an earlier {importer} import; "
-                            "remove it or give another folder")
+            raise DataError(
+                f"{out / s}: exists and was not written by an earlier {importer} import; "
+                "remove it or give another folder"
+            )
 
 
 def _remove_sites(out: Path, names: set[str]) -> None:
@@ -300,8 +309,9 @@ def _remove_sites(out: Path, names: set[str]) -> None:
             shutil.rmtree(d)
 
 
-def _write_site(sdir: Path, files: list[tuple[Path, Path]], manifest: pd.DataFrame | None,
-                rejected: list[Rejection], link: bool) -> None:
+def _write_site(
+    sdir: Path, files: list[tuple[Path, Path]], manifest: pd.DataFrame | None, rejected: list[Rejection], link: bool
+) -> None:
     """A new site folder: its images (symlinks to the resolved source, or copies), manifest and rejected.csv."""
     sdir.mkdir(parents=True)
     for srcfile, rel in files:
@@ -319,25 +329,39 @@ def _write_site(sdir: Path, files: list[tuple[Path, Path]], manifest: pd.DataFra
 
 def _write_federation_rejected(out: Path, importer: str, record: dict, fed_rejected: list[Rejection]) -> None:
     """Federation-level rows: keep the other importers' rows of this stage, replace ours."""
-    other_fed = {src_ for name, rec in record["imports"].items() if name != importer
-                 for src_ in rec.get("federation_rejected", [])}
+    other_fed = {
+        src_
+        for name, rec in record["imports"].items()
+        if name != importer
+        for src_ in rec.get("federation_rejected", [])
+    }
     old = read_rejected(out)
-    keep = [(r.source, r.reason) for r in old.itertuples(index=False)
-            if r.stage == STAGE and r.source in other_fed]
+    keep = [(r.source, r.reason) for r in old.itertuples(index=False) if r.stage == STAGE and r.source in other_fed]
     write_rejected(out, STAGE, keep + [(r.source, r.reason) for r in fed_rejected])
 
 
-def write_output(out: Path, importer: str, src: Path, params: dict, sites: dict[str, pd.DataFrame],
-                 site_rejected: dict[str, list[Rejection]], fed_rejected: list[Rejection],
-                 files: dict[str, list[tuple[Path, Path]]], link: bool) -> None:
+def write_output(
+    out: Path,
+    importer: str,
+    src: Path,
+    params: dict,
+    sites: dict[str, pd.DataFrame],
+    site_rejected: dict[str, list[Rejection]],
+    fed_rejected: list[Rejection],
+    files: dict[str, list[tuple[Path, Path]]],
+    link: bool,
+) -> None:
     """Replace what ``importer`` wrote before and write the new sites.
 
     ``sites``: site -> manifest; ``site_rejected``: site -> rows (a site with rows but no manifest gets
     only its rejected.csv); ``files``: site -> [(source file, destination relative to the site folder)].
     """
     out.mkdir(parents=True, exist_ok=True)
-    record = _read_import_json(out) if (out / IMPORT_JSON).is_file() else {"format": IMPORT_FORMAT, "version": 1,
-                                                                            "imports": {}}
+    record = (
+        _read_import_json(out)
+        if (out / IMPORT_JSON).is_file()
+        else {"format": IMPORT_FORMAT, "version": 1, "imports": {}}
+    )
     prev = record["imports"].get(importer, {})
     prev_sites = set(prev.get("sites", []))
     new_sites = sorted(set(sites) | set(site_rejected))
@@ -385,8 +409,11 @@ def rejected_counts(rejected: list[Rejection]) -> dict[str, int]:
 
 def rejected_only_notes(site_rejected: dict[str, list[Rejection]], sites: dict[str, pd.DataFrame]) -> list[str]:
     """A note for each site whose every row was rejected."""
-    return [f"site {s}: every row was rejected; {s}/ holds only rejected.csv (no manifest, not a site)"
-            for s in site_rejected if s not in sites]
+    return [
+        f"site {s}: every row was rejected; {s}/ holds only rejected.csv (no manifest, not a site)"
+        for s in site_rejected
+        if s not in sites
+    ]
 
 
 def format_import_summary(summary: dict) -> str:
@@ -403,19 +430,27 @@ def format_import_summary(summary: dict) -> str:
             lines.append(f"{s:<10} {d['images']:>6} {d['MILD']:>5} {d['SEVERE']:>6} {d['rejected']:>8}")
         tot = summary.get("sites", {}).values()
         lines.append("-" * len(head))
-        lines.append(f"{'total':<10} {sum(d['images'] for d in tot):>6} {sum(d['MILD'] for d in tot):>5} "
-                     f"{sum(d['SEVERE'] for d in tot):>6} {sum(d['rejected'] for d in tot):>8}")
+        lines.append(
+            f"{'total':<10} {sum(d['images'] for d in tot):>6} {sum(d['MILD'] for d in tot):>5} "
+            f"{sum(d['SEVERE'] for d in tot):>6} {sum(d['rejected'] for d in tot):>8}"
+        )
         lines.append(f"labels normalised (case/spaces): {summary.get('normalised_labels', 0)}")
     else:
         lines.append(f"  split_by {summary.get('split_by')}, min_site_size {summary.get('min_site_size')}")
         names = SEVERITY_CLASS_NAMES
-        head = (f"{'site':<16} {'images':>6} {'patients':>8}  " + " ".join(f"{n:>5}" for n in names)
-                + f" {'consensus':>9} {'rejected':>8}")
+        head = (
+            f"{'site':<16} {'images':>6} {'patients':>8}  "
+            + " ".join(f"{n:>5}" for n in names)
+            + f" {'consensus':>9} {'rejected':>8}"
+        )
         lines += [head, "-" * len(head)]
         for s, d in summary.get("sites", {}).items():
             cls = d["severity_classes"]
-            lines.append(f"{s:<16} {d['images']:>6} {d['patients']:>8}  " + " ".join(f"{cls[n]:>5}" for n in names)
-                         + f" {d['consensus_testset']:>9} {d['rejected']:>8}")
+            lines.append(
+                f"{s:<16} {d['images']:>6} {d['patients']:>8}  "
+                + " ".join(f"{cls[n]:>5}" for n in names)
+                + f" {d['consensus_testset']:>9} {d['rejected']:>8}"
+            )
     lines.append(f"federation-level rejected: {summary.get('federation_rejected', 0)}")
     rej = summary.get("rejected", {})
     lines.append(f"rejected: {summary.get('rejected_total', 0)}" + (" (see rejected.csv files)" if rej else ""))

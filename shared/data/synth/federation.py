@@ -45,8 +45,9 @@ def _clean(out: Path, sites: list[str]) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: exists and is not a folder; give a new or empty folder for the federation")
     if out.is_dir() and any(out.iterdir()) and not (out / "synth.json").is_file():
-        raise ConfigError(f"{out}: folder is not empty and holds no synthetic federation (synth.json); "
-                          "give a new or empty folder")
+        raise ConfigError(
+            f"{out}: folder is not empty and holds no synthetic federation (synth.json); give a new or empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     for s in sorted(set(sites) | set(PROGNOSIS_SITES) | {SEVERITY_SITE, DUAL_SITE}) + list(PUBLISHED_DIRS):
         if (out / s).is_dir():
@@ -126,14 +127,16 @@ def synthesize(out_dir, scale=1.0, image_size=320, seed=0, both_site=False, layo
                     truth_rows.append(write_image(sdir, site, k, rec, seed, image_size))
                     if bar is not None:
                         bar.update(1)
-                man = pd.DataFrame({
-                    "image": [r["image"] for r in plans[site]],
-                    "patient_id": [r["patient_id"] for r in plans[site]],
-                    "prognosis": [r["prognosis"] for r in plans[site]],
-                    "brixia": [r["brixia"] for r in plans[site]],
-                    "split": "",
-                    "manufacturer": [look_for(site, r["manufacturer"]).manufacturer for r in plans[site]],
-                })
+                man = pd.DataFrame(
+                    {
+                        "image": [r["image"] for r in plans[site]],
+                        "patient_id": [r["patient_id"] for r in plans[site]],
+                        "prognosis": [r["prognosis"] for r in plans[site]],
+                        "brixia": [r["brixia"] for r in plans[site]],
+                        "split": "",
+                        "manufacturer": [look_for(site, r["manufacturer"]).manufacturer for r in plans[site]],
+                    }
+                )
                 if site == SEVERITY_SITE:
                     man["ConsensusTestset"] = np.where(consensus_flags(len(man), scale, seed), "1", "0")
                 write_manifest(sdir, man)

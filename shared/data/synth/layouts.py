@@ -31,9 +31,21 @@ AIFORCOVID_WORKBOOKS = ("AIforCOVID.xlsx", "AIforCOVID_r2.xlsx", "AIforCOVID_r3.
 AIFORCOVID_IMG_DIRS = ("imgs", "imgs_r2", "imgs_r3")
 BRIXIA_DICOM_DIR = "dicom_clean"
 BRIXIA_METADATA = "metadata_global_v2.csv"
-BRIXIA_METADATA_COLUMNS = ("Filename", "Subject", "StudyId", "Sex", "AgeAtStudyDateFiveYear", "Manufacturer",
-                           "Modality", "PhotometricInterpretation", "BrixiaScore", "BrixiaScoreGlobal",
-                           "ConsensusTestset", "Rows", "Columns")
+BRIXIA_METADATA_COLUMNS = (
+    "Filename",
+    "Subject",
+    "StudyId",
+    "Sex",
+    "AgeAtStudyDateFiveYear",
+    "Manufacturer",
+    "Modality",
+    "PhotometricInterpretation",
+    "BrixiaScore",
+    "BrixiaScoreGlobal",
+    "ConsensusTestset",
+    "Rows",
+    "Columns",
+)
 AIFORCOVID_SHEET_COLUMNS = ("ImageFile", "Hospital", "Age", "Sex", "Fever", "Cough", "Prognosis")
 PUBLISHED_DIRS = AIFORCOVID_IMG_DIRS + (BRIXIA_DICOM_DIR,)
 PUBLISHED_FILES = AIFORCOVID_WORKBOOKS + (BRIXIA_METADATA,)
@@ -52,8 +64,9 @@ def need_openpyxl() -> None:
     try:
         import openpyxl  # noqa: F401  # deferred: openpyxl (optional; checked before anything is written)
     except ImportError:
-        raise ConfigError("synth layout 'aiforcovid' writes .xlsx workbooks and needs openpyxl "
-                          "(pip install openpyxl)") from None
+        raise ConfigError(
+            "synth layout 'aiforcovid' writes .xlsx workbooks and needs openpyxl (pip install openpyxl)"
+        ) from None
 
 
 def _round_half_up(x: float) -> int:
@@ -71,7 +84,7 @@ def _aiforcovid_files(plans: dict, seed: int) -> list[dict]:
     n2 = _round_half_up(n * AIFORCOVID_RELEASE_SHARES[1])
     release = np.full(n, 3)
     release[order[:n1]] = 1
-    release[order[n1:n1 + n2]] = 2
+    release[order[n1 : n1 + n2]] = 2
     rank = np.empty(n, int)
     rank[order] = np.arange(n)  # row order in the workbooks (shuffled)
     no_suffix = rng.random(n) < AIFORCOVID_NO_SUFFIX_SHARE
@@ -97,13 +110,26 @@ def _aiforcovid_files(plans: dict, seed: int) -> list[dict]:
             else:
                 folder = f"{AIFORCOVID_IMG_DIRS[2]}/part_2/{site}" if nested[i] else AIFORCOVID_IMG_DIRS[2]
         fname = image_id if no_suffix[i] else f"{image_id}.dcm"
-        out.append({
-            "site": site, "k": k, "rec": rec, "release": r, "rank": int(rank[i]), "image_id": image_id,
-            "path": f"{folder}/{fname}",
-            "cells": {"ImageFile": f"{image_id}.dcm" if with_dcm[i] else image_id, "Hospital": site,
-                      "Age": int(age[i]), "Sex": patient(seed, site, rec["patient_id"])[1],
-                      "Fever": int(fever[i]), "Cough": int(cough[i]), "Prognosis": rec["prognosis"]},
-        })
+        out.append(
+            {
+                "site": site,
+                "k": k,
+                "rec": rec,
+                "release": r,
+                "rank": int(rank[i]),
+                "image_id": image_id,
+                "path": f"{folder}/{fname}",
+                "cells": {
+                    "ImageFile": f"{image_id}.dcm" if with_dcm[i] else image_id,
+                    "Hospital": site,
+                    "Age": int(age[i]),
+                    "Sex": patient(seed, site, rec["patient_id"])[1],
+                    "Fever": int(fever[i]),
+                    "Cough": int(cough[i]),
+                    "Prognosis": rec["prognosis"],
+                },
+            }
+        )
     return out
 
 
@@ -136,8 +162,14 @@ def _write_workbooks(out: Path, files: list[dict]) -> dict[str, int]:
 def _published_truth(row: dict, image: str, patient_id: str, image_id: str) -> dict:
     """A truth row of a published layout: ``image`` and ``patient_id`` as the importer will see them."""
     fed_image, fed_pid = row["image"], row["patient_id"]
-    return {**row, "image": image, "patient_id": patient_id, "image_id": image_id,
-            "federation_image": fed_image, "federation_patient_id": fed_pid}
+    return {
+        **row,
+        "image": image,
+        "patient_id": patient_id,
+        "image_id": image_id,
+        "federation_image": fed_image,
+        "federation_patient_id": fed_pid,
+    }
 
 
 def write_published(out: Path, layout: str, plans: dict, seed: int, scale: float, image_size: int, bar) -> dict:
@@ -156,7 +188,8 @@ def write_published(out: Path, layout: str, plans: dict, seed: int, scale: float
             (out / d).mkdir(exist_ok=True)
         books = _write_workbooks(out, files)
         return {
-            "layout": "aiforcovid", "workbooks": books,
+            "layout": "aiforcovid",
+            "workbooks": books,
             "releases": {d: sum(f["release"] == r for f in files) for r, d in enumerate(AIFORCOVID_IMG_DIRS, 1)},
             "files_without_dcm_suffix": sum(not f["path"].endswith(".dcm") for f in files),
             "nested_files": sum(f["path"].count("/") > 1 for f in files),
@@ -177,20 +210,35 @@ def write_published(out: Path, layout: str, plans: dict, seed: int, scale: float
         look = look_for(SEVERITY_SITE, rec["manufacturer"])
         arng = np.random.default_rng(derive_seed(seed, "synth", SEVERITY_SITE, "age", rec["patient_id"]))
         age5 = int(np.clip(5 * np.rint(arng.normal(65, 14) / 5), 20, 95))
-        meta_rows.append({
-            "Filename": fname, "Subject": rec["patient_id"], "StudyId": str(k + 1),
-            "Sex": patient(seed, SEVERITY_SITE, rec["patient_id"])[1], "AgeAtStudyDateFiveYear": str(age5),
-            "Manufacturer": rec["manufacturer"], "Modality": look.modality,
-            "PhotometricInterpretation": look.photometric, "BrixiaScore": rec["brixia"],
-            "BrixiaScoreGlobal": str(rec["g"]), "ConsensusTestset": "1" if consensus[k] else "0",
-            "Rows": str(row["rows"]), "Columns": str(row["columns"]),
-        })
+        meta_rows.append(
+            {
+                "Filename": fname,
+                "Subject": rec["patient_id"],
+                "StudyId": str(k + 1),
+                "Sex": patient(seed, SEVERITY_SITE, rec["patient_id"])[1],
+                "AgeAtStudyDateFiveYear": str(age5),
+                "Manufacturer": rec["manufacturer"],
+                "Modality": look.modality,
+                "PhotometricInterpretation": look.photometric,
+                "BrixiaScore": rec["brixia"],
+                "BrixiaScoreGlobal": str(rec["g"]),
+                "ConsensusTestset": "1" if consensus[k] else "0",
+                "Rows": str(row["rows"]),
+                "Columns": str(row["columns"]),
+            }
+        )
         if bar is not None:
             bar.update(1)
     meta = pd.DataFrame(meta_rows, columns=list(BRIXIA_METADATA_COLUMNS), dtype=str)
     meta.to_csv(out / BRIXIA_METADATA, sep=";", index=False)
-    return {"layout": "brixia", "dicom_dir": BRIXIA_DICOM_DIR, "metadata": BRIXIA_METADATA, "images": n,
-            "consensus_testset": int(consensus.sum()), "truth": truth}
+    return {
+        "layout": "brixia",
+        "dicom_dir": BRIXIA_DICOM_DIR,
+        "metadata": BRIXIA_METADATA,
+        "images": n,
+        "consensus_testset": int(consensus.sum()),
+        "truth": truth,
+    }
 
 
 def consensus_flags(n: int, scale: float, seed: int) -> np.ndarray:

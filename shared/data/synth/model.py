@@ -31,7 +31,25 @@ PROGNOSIS_COUNTS: dict[str, tuple[int, int]] = {
 }
 #: BRIXIA images per global score 0..18 (sum 4,695).
 BRIXIA_GLOBAL_COUNTS: tuple[int, ...] = (
-    51, 165, 299, 251, 269, 277, 370, 351, 387, 353, 391, 356, 318, 261, 233, 164, 116, 60, 23,
+    51,
+    165,
+    299,
+    251,
+    269,
+    277,
+    370,
+    351,
+    387,
+    353,
+    391,
+    356,
+    318,
+    261,
+    233,
+    164,
+    116,
+    60,
+    23,
 )
 #: Published mean zone scores A..F.
 BRIXIA_ZONE_MEANS: tuple[float, ...] = (0.85, 1.55, 1.85, 0.65, 1.53, 1.87)
@@ -83,12 +101,16 @@ def targets(scale: float = 1.0, both_site: bool = False) -> dict:
     out: dict = {}
     for site in PROGNOSIS_SITES:
         mild, severe = PROGNOSIS_COUNTS[site]
-        out[site] = {"MILD": scaled_count(mild, scale, PROGNOSIS_FLOOR),
-                     "SEVERE": scaled_count(severe, scale, PROGNOSIS_FLOOR)}
+        out[site] = {
+            "MILD": scaled_count(mild, scale, PROGNOSIS_FLOOR),
+            "SEVERE": scaled_count(severe, scale, PROGNOSIS_FLOOR),
+        }
     out[SEVERITY_SITE] = {"global_score_counts": [scaled_count(n, scale, BRIXIA_FLOOR) for n in BRIXIA_GLOBAL_COUNTS]}
     if both_site:
-        out[DUAL_SITE] = {"MILD": scaled_count(DUAL_COUNTS[0], scale, DUAL_FLOOR),
-                          "SEVERE": scaled_count(DUAL_COUNTS[1], scale, DUAL_FLOOR)}
+        out[DUAL_SITE] = {
+            "MILD": scaled_count(DUAL_COUNTS[0], scale, DUAL_FLOOR),
+            "SEVERE": scaled_count(DUAL_COUNTS[1], scale, DUAL_FLOOR),
+        }
     return out
 
 

@@ -53,14 +53,21 @@ def oracle_ceiling(seed: int = 0, n_mc: int = CEILING_MC_SAMPLES) -> dict:
     bayes = pg[g] > 0.5
     return {
         "exact": {"acc": round(acc, 4), "auc": round(auc, 4), "severe_share": round(float(ps.sum()), 4)},
-        "mc": {"n": int(n_mc), "acc_bayes": round(float((bayes == y).mean()), 4), "auc": round(_auc(g, y), 4),
-               "severe_share": round(float(y.mean()), 4)},
+        "mc": {
+            "n": int(n_mc),
+            "acc_bayes": round(float((bayes == y).mean()), 4),
+            "auc": round(_auc(g, y), 4),
+            "severe_share": round(float(y.mean()), 4),
+        },
         "hidden_known": {"auc": round(_auc(SEVERE_SLOPE * g + HIDDEN_WEIGHT * h, y), 4)},
     }
 
 
 def generated_ceiling(g: np.ndarray, y: np.ndarray) -> dict:
     pg = p_severe_given_g()
-    return {"n": int(len(y)), "auc": round(_auc(g, y), 4),
-            "acc_bayes": round(float(((pg[g] > 0.5) == y).mean()), 4) if len(y) else float("nan"),
-            "acc_best_threshold": round(_best_threshold_acc(g, y), 4) if len(y) else float("nan")}
+    return {
+        "n": int(len(y)),
+        "auc": round(_auc(g, y), 4),
+        "acc_bayes": round(float(((pg[g] > 0.5) == y).mean()), 4) if len(y) else float("nan"),
+        "acc_best_threshold": round(_best_threshold_acc(g, y), 4) if len(y) else float("nan"),
+    }

@@ -63,12 +63,20 @@ def plan_prognosis(site: str, seed: int, n_mild: int, n_severe: int, both: bool)
     rows = []
     for i, rec in enumerate(pats, start=1):
         brixia = "".join(str(int(v)) for v in rec["zones"])
-        rows.append({
-            "site": site, "image": f"images/{_name(site, i, n)}.dcm", "patient_id": _name(f"{site}_P", i, n, sep=""),
-            "prognosis": "SEVERE" if rec["severe"] else "MILD", "brixia": brixia if both else "",
-            "zones": rec["zones"], "g": rec["g"], "hidden": rec["hidden"], "p": rec["p"],
-            "manufacturer": SITE_LOOKS[site].manufacturer,
-        })
+        rows.append(
+            {
+                "site": site,
+                "image": f"images/{_name(site, i, n)}.dcm",
+                "patient_id": _name(f"{site}_P", i, n, sep=""),
+                "prognosis": "SEVERE" if rec["severe"] else "MILD",
+                "brixia": brixia if both else "",
+                "zones": rec["zones"],
+                "g": rec["g"],
+                "hidden": rec["hidden"],
+                "p": rec["p"],
+                "manufacturer": SITE_LOOKS[site].manufacturer,
+            }
+        )
     return rows
 
 
@@ -97,10 +105,18 @@ def plan_brixia(seed: int, counts: list[int]) -> list[dict]:
             i += 1
             gi = int(g[idx])
             zones = sample_zones(rng, gi)
-            rows.append({
-                "site": SEVERITY_SITE, "image": f"images/{_name(SEVERITY_SITE, i, n)}.dcm", "patient_id": pid,
-                "prognosis": "", "brixia": "".join(str(int(v)) for v in zones), "zones": zones, "g": gi,
-                "hidden": float(hidden[pi - 1]), "p": float(p_severe(gi, hidden[pi - 1])),
-                "manufacturer": str(manus[i - 1]),
-            })
+            rows.append(
+                {
+                    "site": SEVERITY_SITE,
+                    "image": f"images/{_name(SEVERITY_SITE, i, n)}.dcm",
+                    "patient_id": pid,
+                    "prognosis": "",
+                    "brixia": "".join(str(int(v)) for v in zones),
+                    "zones": zones,
+                    "g": gi,
+                    "hidden": float(hidden[pi - 1]),
+                    "p": float(p_severe(gi, hidden[pi - 1])),
+                    "manufacturer": str(manus[i - 1]),
+                }
+            )
     return rows

@@ -186,13 +186,13 @@ def render(anat: dict, zones, look: Look, rows: int, cols: int, rng: np.random.G
         img = gaussian_filter(img, sigma, mode="nearest", truncate=3.0)
     if look.collimation > 0:
         b_r, b_c = int(round(rows * look.collimation)), int(round(cols * look.collimation))
-        img[:b_r], img[rows - b_r:], img[:, :b_c], img[:, cols - b_c:] = 1.0, 1.0, 1.0, 1.0
+        img[:b_r], img[rows - b_r :], img[:, :b_c], img[:, cols - b_c :] = 1.0, 1.0, 1.0, 1.0
     if look.marker:
         m = max(3, min(rows, cols) // 16)
         r0 = 2 * m // 3 if look.marker[0] == "t" else rows - 2 * m // 3 - m
         c0 = 2 * m // 3 if look.marker[1] == "l" else cols - 2 * m // 3 - m
-        img[r0:r0 + m, c0:c0 + m] = 1.0
-        img[r0 + m // 4:r0 + m - m // 4, c0 + m // 3:c0 + m - m // 4] = 0.75
+        img[r0 : r0 + m, c0 : c0 + m] = 1.0
+        img[r0 + m // 4 : r0 + m - m // 4, c0 + m // 3 : c0 + m - m // 4] = 0.75
     img += rng.standard_normal(img.shape, dtype=f32) * f32(look.noise)
     return img, px * _MM_PER_UNIT
 

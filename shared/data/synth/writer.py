@@ -82,8 +82,7 @@ def patient(seed: int, site: str, patient_id: str) -> tuple[dict, str]:
     return anat, ("M" if pat_rng.random() < 0.6 else "F")
 
 
-def write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size: int,
-                dest: Path | None = None) -> dict:
+def write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size: int, dest: Path | None = None) -> dict:
     """Render and write one planned image (to ``sdir / rec["image"]``, or ``dest``); return its truth row.
 
     Pixels, tags and UIDs depend only on (seed, site, rec), never on ``dest``: every layout writes the
@@ -96,18 +95,38 @@ def write_image(sdir: Path, site: str, k: int, rec: dict, seed: int, image_size:
     view = "AP" if img_rng.random() < (0.7 if site == SEVERITY_SITE else 0.4) else "PA"
     img, spacing = render(anat, rec["zones"], look, rows, cols, img_rng)
     stored, wc, ww = to_stored(img, look)
-    write_dicom(dest if dest is not None else sdir / rec["image"], stored, look, {
-        "seed": seed, "site": site, "image": rec["image"], "patient_id": rec["patient_id"],
-        "date": f"2020{3 + k % 3:02d}{1 + k % 28:02d}", "study_id": str(k + 1), "sex": sex, "view": view,
-        "spacing": spacing, "wc": wc, "ww": ww,
-    })
+    write_dicom(
+        dest if dest is not None else sdir / rec["image"],
+        stored,
+        look,
+        {
+            "seed": seed,
+            "site": site,
+            "image": rec["image"],
+            "patient_id": rec["patient_id"],
+            "date": f"2020{3 + k % 3:02d}{1 + k % 28:02d}",
+            "study_id": str(k + 1),
+            "sex": sex,
+            "view": view,
+            "spacing": spacing,
+            "wc": wc,
+            "ww": ww,
+        },
+    )
     return {
-        "site": site, "image": rec["image"], "patient_id": rec["patient_id"],
+        "site": site,
+        "image": rec["image"],
+        "patient_id": rec["patient_id"],
         **{f"zone_{zn}": int(v) for zn, v in zip(BRIXIA_ZONES, rec["zones"])},
         "brixia_latent": "".join(str(int(v)) for v in rec["zones"]),
-        "global_score": rec["g"], "severity_class": severity_class(rec["g"]),
-        "hidden": round(rec["hidden"], 6), "p_severe": round(rec["p"], 6),
-        "prognosis": rec["prognosis"], "brixia": rec["brixia"],
-        "manufacturer": look.manufacturer, "photometric": look.photometric,
-        "rows": rows, "columns": cols,
+        "global_score": rec["g"],
+        "severity_class": severity_class(rec["g"]),
+        "hidden": round(rec["hidden"], 6),
+        "p_severe": round(rec["p"], 6),
+        "prognosis": rec["prognosis"],
+        "brixia": rec["brixia"],
+        "manufacturer": look.manufacturer,
+        "photometric": look.photometric,
+        "rows": rows,
+        "columns": cols,
     }

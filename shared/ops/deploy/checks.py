@@ -15,8 +15,16 @@ import numpy as np
 
 from mdmt.data.cache import META, cache_dir_for
 from mdmt.data.dicom import read_image
-from mdmt.data.manifest import (MANIFEST, SEVERITY_CLASS_NAMES, brixia_global, manifest_hash, read_manifest,
-                                read_rejected, severity_class, site_role)
+from mdmt.data.manifest import (
+    MANIFEST,
+    SEVERITY_CLASS_NAMES,
+    brixia_global,
+    manifest_hash,
+    read_manifest,
+    read_rejected,
+    severity_class,
+    site_role,
+)
 from mdmt.errors import DataError, DicomRejected, MDMTError
 from mdmt.ops.deploy.siteconfig import SiteConfig, format_address, parse_address
 
@@ -56,8 +64,12 @@ def check_coordinator(cfg: SiteConfig, report: CheckReport, timeout: float = 5.0
         report.add(FAIL, "coordinator", f"cannot resolve {host} ({exc.strerror or exc})")
         return
     except OSError as exc:
-        report.add(FAIL, "coordinator", f"cannot reach {where} ({exc.strerror or exc.__class__.__name__}); "
-                   "check the address, the SuperLink and the firewalls between")
+        report.add(
+            FAIL,
+            "coordinator",
+            f"cannot reach {where} ({exc.strerror or exc.__class__.__name__}); "
+            "check the address, the SuperLink and the firewalls between",
+        )
         return
     if not cfg.ca.is_file():
         sock.close()
@@ -73,12 +85,20 @@ def check_coordinator(cfg: SiteConfig, report: CheckReport, timeout: float = 5.0
         with ctx.wrap_socket(sock, server_hostname=host) as tls:
             version = tls.version()
     except ssl.SSLCertVerificationError as exc:
-        report.add(FAIL, "coordinator", f"{where}: the TLS certificate does not verify against {cfg.ca} "
-                   f"({exc.verify_message or exc.reason}); get the federation's current ca.pem")
+        report.add(
+            FAIL,
+            "coordinator",
+            f"{where}: the TLS certificate does not verify against {cfg.ca} "
+            f"({exc.verify_message or exc.reason}); get the federation's current ca.pem",
+        )
         return
     except (ssl.SSLError, OSError) as exc:
-        report.add(FAIL, "coordinator", f"{where}: TLS handshake failed ({exc.__class__.__name__}: "
-                   f"{getattr(exc, 'reason', None) or exc}); is this a TLS SuperLink?")
+        report.add(
+            FAIL,
+            "coordinator",
+            f"{where}: TLS handshake failed ({exc.__class__.__name__}: "
+            f"{getattr(exc, 'reason', None) or exc}); is this a TLS SuperLink?",
+        )
         return
     detail = f"{where} reachable; {version} certificate verified against {cfg.ca} for {host}"
     try:
@@ -104,24 +124,33 @@ def check_key(cfg: SiteConfig, report: CheckReport) -> None:
     except OSError:
         mode = 0
     if mode:
-        report.add(WARN, "site key", f"{cfg.key} is readable by other users (mode {oct(cfg.key.stat().st_mode & 0o777)}); "
-                   f"chmod 600 {cfg.key}")
+        report.add(
+            WARN,
+            "site key",
+            f"{cfg.key} is readable by other users (mode {oct(cfg.key.stat().st_mode & 0o777)}); chmod 600 {cfg.key}",
+        )
 
 
 def _label_counts(df) -> tuple[str, str]:
     prog = df["prognosis"][df["prognosis"] != ""].value_counts()
     prog_txt = ", ".join(f"{int(prog.get(k, 0))} {k}" for k in ("MILD", "SEVERE")) if len(prog) else "none"
     sev = df["brixia"][df["brixia"] != ""].map(lambda s: severity_class(brixia_global(s))).value_counts()
-    sev_txt = (", ".join(f"{int(sev.get(k, 0))} in {name}" for k, name in enumerate(SEVERITY_CLASS_NAMES))
-               if len(sev) else "none")
+    sev_txt = (
+        ", ".join(f"{int(sev.get(k, 0))} in {name}" for k, name in enumerate(SEVERITY_CLASS_NAMES))
+        if len(sev)
+        else "none"
+    )
     return prog_txt, sev_txt
 
 
 def check_data(cfg: SiteConfig, report: CheckReport, sample: int = 5) -> None:
     d = cfg.data_dir
     if not d.is_dir():
-        report.add(FAIL, "data-dir", f"{d} not found (or not a folder); set 'data-dir' in {cfg.source} "
-                   "to the site folder holding manifest.csv")
+        report.add(
+            FAIL,
+            "data-dir",
+            f"{d} not found (or not a folder); set 'data-dir' in {cfg.source} to the site folder holding manifest.csv",
+        )
         return
     try:
         df = read_manifest(d)
@@ -139,19 +168,28 @@ def check_data(cfg: SiteConfig, report: CheckReport, sample: int = 5) -> None:
     except DataError:
         report.add(FAIL, "labels", f"{d / MANIFEST}: no row has a prognosis or brixia label")
         return
-    report.add(OK, "manifest", f"{d / MANIFEST}: {len(df)} images of {df['patient_id'].nunique()} patients, "
-               f"role {role}")
+    report.add(
+        OK, "manifest", f"{d / MANIFEST}: {len(df)} images of {df['patient_id'].nunique()} patients, role {role}"
+    )
     prog_txt, sev_txt = _label_counts(df)
     report.add(INFO, "labels", f"prognosis: {prog_txt}; severity (brixia global): {sev_txt}")
     paths = [d / img for img in df["image"]]
     missing = [p for p in paths if not p.is_file()]
     if len(missing) == len(paths):
-        report.add(FAIL, "images", f"none of the {len(paths)} image files exists (first: {missing[0]}); "
-                   "'image' paths are relative to data-dir")
+        report.add(
+            FAIL,
+            "images",
+            f"none of the {len(paths)} image files exists (first: {missing[0]}); "
+            "'image' paths are relative to data-dir",
+        )
         return
     if missing:
-        report.add(WARN, "images", f"{len(missing)} of {len(paths)} image files missing (first: {missing[0]}); "
-                   "ingestion will list them in rejected.csv")
+        report.add(
+            WARN,
+            "images",
+            f"{len(missing)} of {len(paths)} image files missing (first: {missing[0]}); "
+            "ingestion will list them in rejected.csv",
+        )
     rejected = read_rejected(d)
     if len(rejected):
         report.add(INFO, "rejected", f"{len(rejected)} rows in {d / 'rejected.csv'} from earlier imports/ingests")
@@ -170,16 +208,27 @@ def _check_images(report: CheckReport, files: list[Path], sample: int) -> None:
         except DicomRejected as exc:
             failed.append(f"{f.name}: {exc}")
             continue
-        stats.append((arr.shape, float(arr.min()), float(arr.max()), float(arr.mean()), float(arr.std()),
-                      str(meta.get("photometric", "?"))))
+        stats.append(
+            (
+                arr.shape,
+                float(arr.min()),
+                float(arr.max()),
+                float(arr.mean()),
+                float(arr.std()),
+                str(meta.get("photometric", "?")),
+            )
+        )
     if stats:
         shapes = sorted({f"{s[0][1]}x{s[0][0]}" for s in stats})
         flat = sum(1 for s in stats if s[4] == 0.0)
-        report.add(OK if not flat else WARN, "images",
-                   f"{len(stats)} of {len(picks)} sampled decoded: sizes {', '.join(shapes)}; "
-                   f"value range {min(s[1] for s in stats):.0f}..{max(s[2] for s in stats):.0f}, "
-                   f"mean {sum(s[3] for s in stats) / len(stats):.1f}; photometric "
-                   f"{', '.join(sorted({s[5] for s in stats}))}" + (f"; {flat} constant (blank) image(s)" if flat else ""))
+        report.add(
+            OK if not flat else WARN,
+            "images",
+            f"{len(stats)} of {len(picks)} sampled decoded: sizes {', '.join(shapes)}; "
+            f"value range {min(s[1] for s in stats):.0f}..{max(s[2] for s in stats):.0f}, "
+            f"mean {sum(s[3] for s in stats) / len(stats):.1f}; photometric "
+            f"{', '.join(sorted({s[5] for s in stats}))}" + (f"; {flat} constant (blank) image(s)" if flat else ""),
+        )
     if failed and not stats:
         report.add(FAIL, "images", f"none of {len(picks)} sampled images decodes ({failed[0]})")
     elif failed:
@@ -190,9 +239,13 @@ def _check_cache(cfg: SiteConfig, report: CheckReport, mhash: str) -> None:
     site_root = cache_dir_for(cfg.data_dir, cfg.cache_root, 32, "none").parent
     metas = sorted(site_root.glob(f"*/{META}")) if site_root.is_dir() else []
     if not metas:
-        report.add(INFO, "cache", f"none yet under {cfg.cache_root}; the first run ingests the images "
-                   f"('mdmt ingest {cfg.data_dir} --cache-dir {cfg.cache_root} --image-size N', N = the runs' "
-                   "image-size, prepares it ahead)")
+        report.add(
+            INFO,
+            "cache",
+            f"none yet under {cfg.cache_root}; the first run ingests the images "
+            f"('mdmt ingest {cfg.data_dir} --cache-dir {cfg.cache_root} --image-size N', N = the runs' "
+            "image-size, prepares it ahead)",
+        )
         return
     for m in metas:
         try:
@@ -203,7 +256,9 @@ def _check_cache(cfg: SiteConfig, report: CheckReport, mhash: str) -> None:
             report.add(WARN, "cache", f"{m}: unreadable ({exc.__class__.__name__}); delete {m.parent} and ingest again")
             continue
         state = "up to date" if fresh else "stale (the manifest changed; the next run re-ingests what changed)"
-        report.add(OK if fresh else INFO, "cache", f"{m.parent.name}: {cached} images cached, {rejected} rejected, {state}")
+        report.add(
+            OK if fresh else INFO, "cache", f"{m.parent.name}: {cached} images cached, {rejected} rejected, {state}"
+        )
 
 
 def check_workspace(cfg: SiteConfig, report: CheckReport) -> None:
@@ -229,16 +284,25 @@ def check_compute(cfg: SiteConfig, report: CheckReport) -> None:
     elif cfg.device == "auto":
         report.add(OK, "device", f"auto: {'cuda (' + str(n) + ' GPU(s))' if n else 'cpu (no GPU visible)'}")
     elif n == 0:
-        report.add(FAIL, "device", f"{cfg.device} requested but no CUDA GPU is visible; set device = \"cpu\" or "
-                   "\"auto\" in the site config, or install the GPU driver")
+        report.add(
+            FAIL,
+            "device",
+            f'{cfg.device} requested but no CUDA GPU is visible; set device = "cpu" or '
+            '"auto" in the site config, or install the GPU driver',
+        )
     elif cfg.device.startswith("cuda:") and int(cfg.device.split(":")[1]) >= n:
         report.add(FAIL, "device", f"{cfg.device} requested but only {n} GPU(s) are visible (0..{n - 1})")
     else:
-        report.add(OK, "device", f"{cfg.device} ({torch.cuda.get_device_name(int(cfg.device.split(':')[1]) if ':' in cfg.device else 0)})")
+        report.add(
+            OK,
+            "device",
+            f"{cfg.device} ({torch.cuda.get_device_name(int(cfg.device.split(':')[1]) if ':' in cfg.device else 0)})",
+        )
 
 
-def check_site(cfg: SiteConfig, network: bool = True, timeout: float = 5.0, sample: int = 5,
-               compute: bool = True) -> CheckReport:
+def check_site(
+    cfg: SiteConfig, network: bool = True, timeout: float = 5.0, sample: int = 5, compute: bool = True
+) -> CheckReport:
     """Everything a site can check before joining; the report's verdict is READY or NOT READY: reasons."""
     report = CheckReport(cfg.site)
     if network:

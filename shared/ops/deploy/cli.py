@@ -17,15 +17,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mdmt.ops.deploy.checks import check_site
-from mdmt.ops.deploy.commands import (DEFAULT_CONNECTION, command_text, exec_command, superlink_command,
-                                      supernode_command, write_connection)
+from mdmt.ops.deploy.commands import (
+    DEFAULT_CONNECTION,
+    command_text,
+    exec_command,
+    superlink_command,
+    supernode_command,
+    write_connection,
+)
 from mdmt.ops.deploy.files import CA_BUNDLE, CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, site_key_paths
-from mdmt.ops.deploy.siteconfig import (DEFAULT_SUPERLINK_PORT, DEFAULT_SUPERNODE_PORT, DEVICES_HELP, SiteConfig,
-                                        check_device, load_site_config, write_site_config)
+from mdmt.ops.deploy.siteconfig import (
+    DEFAULT_SUPERLINK_PORT,
+    DEFAULT_SUPERNODE_PORT,
+    DEVICES_HELP,
+    SiteConfig,
+    check_device,
+    load_site_config,
+    write_site_config,
+)
 from mdmt.ops.jobs import add_job_verbs
 
 
@@ -41,8 +54,10 @@ def cmd_certs(a: argparse.Namespace) -> None:
         print(f"replaced files moved to {w['archived']}")
     if w.get("bundle"):
         print(f"CA bundle (new + previous CA) for sites during the switch: {w['bundle']}")
-    print(f"sites need only {out / (CA_BUNDLE if w.get('bundle') else CA_CERT)}; keep {out / CA_KEY} offline "
-          "when not issuing certificates")
+    print(
+        f"sites need only {out / (CA_BUNDLE if w.get('bundle') else CA_CERT)}; keep {out / CA_KEY} offline "
+        "when not issuing certificates"
+    )
 
 
 def cmd_site_key(a: argparse.Namespace) -> None:
@@ -62,10 +77,18 @@ def cmd_site_config(a: argparse.Namespace) -> None:
     def absolute(p: str | Path) -> Path:
         return Path(p).expanduser().resolve()
 
-    cfg = SiteConfig(site=a.site, data_dir=absolute(a.data_dir), coordinator=a.coordinator, ca=absolute(a.ca),
-                     key=absolute(key), workspace=absolute(a.workspace or out.parent / "workspace"),
-                     cache_dir=absolute(a.cache_dir) if a.cache_dir else None, device=a.device,
-                     supernode_port=a.supernode_port, source="mdmt deploy site-config")
+    cfg = SiteConfig(
+        site=a.site,
+        data_dir=absolute(a.data_dir),
+        coordinator=a.coordinator,
+        ca=absolute(a.ca),
+        key=absolute(key),
+        workspace=absolute(a.workspace or out.parent / "workspace"),
+        cache_dir=absolute(a.cache_dir) if a.cache_dir else None,
+        device=a.device,
+        supernode_port=a.supernode_port,
+        source="mdmt deploy site-config",
+    )
     check_device(cfg.device)
     write_site_config(cfg, out, force=a.force)
     print(f"wrote {out}")
@@ -107,9 +130,13 @@ def cmd_check(a: argparse.Namespace, echo: Callable[[str], None] = print) -> Non
 def _add_verbs(sub) -> None:
     s = sub.add_parser("certs", help="create the CA and the SuperLink's TLS certificate, or rotate them")
     s.add_argument("--out", required=True, help="certificate folder (ca.pem, ca.key, server.pem, server.key)")
-    s.add_argument("--san", action="append", metavar="DNS:NAME|IP:ADDR",
-                   help="a name sites use to reach the SuperLink (repeatable); localhost and 127.0.0.1 are always "
-                        "added; on --rotate the current certificate's names are kept when none is given")
+    s.add_argument(
+        "--san",
+        action="append",
+        metavar="DNS:NAME|IP:ADDR",
+        help="a name sites use to reach the SuperLink (repeatable); localhost and 127.0.0.1 are always "
+        "added; on --rotate the current certificate's names are kept when none is given",
+    )
     s.add_argument("--days", type=int, default=397, help="server certificate lifetime in days (default 397)")
     s.add_argument("--ca-days", type=int, default=3650, help="CA lifetime in days (default 3650)")
     s.add_argument("--rotate", action="store_true", help="new server key and certificate from the same CA")
@@ -131,8 +158,12 @@ def _add_verbs(sub) -> None:
     s.add_argument("--workspace", default="", help="the site's own output folder (default: workspace/ next to --out)")
     s.add_argument("--cache-dir", default="", help="image cache folder (default: <workspace>/cache)")
     s.add_argument("--device", default="auto", help=f"{DEVICES_HELP} (default auto)")
-    s.add_argument("--supernode-port", type=int, default=DEFAULT_SUPERNODE_PORT,
-                   help=f"the SuperNode's local API port (default {DEFAULT_SUPERNODE_PORT}; unique per host)")
+    s.add_argument(
+        "--supernode-port",
+        type=int,
+        default=DEFAULT_SUPERNODE_PORT,
+        help=f"the SuperNode's local API port (default {DEFAULT_SUPERNODE_PORT}; unique per host)",
+    )
     s.add_argument("--out", required=True, help="the config file to write, e.g. /etc/mdmt/site-A.toml")
     s.add_argument("--force", action="store_true", help="replace an existing file")
     s.set_defaults(fn=cmd_site_config)

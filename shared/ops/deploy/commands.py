@@ -52,30 +52,64 @@ def supernode_command(cfg: SiteConfig) -> tuple[list[str], dict[str, str]]:
     """(argv, environment additions) of the site's ``flower-supernode``. Runtime dependency installation
     stays off (the SuperNode's default; ``--allow-runtime-dependency-installation`` is never passed)."""
     host, port = parse_address(cfg.coordinator)
-    argv = [_bin("flower-supernode"), "--superlink", format_address(host, port), "--root-certificates", str(cfg.ca),
-            "--auth-supernode-private-key", str(cfg.key), "--node-config", node_config_string(cfg),
-            "--isolation", "subprocess", "--host", "127.0.0.1", "--port", str(cfg.supernode_port)]
+    argv = [
+        _bin("flower-supernode"),
+        "--superlink",
+        format_address(host, port),
+        "--root-certificates",
+        str(cfg.ca),
+        "--auth-supernode-private-key",
+        str(cfg.key),
+        "--node-config",
+        node_config_string(cfg),
+        "--isolation",
+        "subprocess",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.supernode_port),
+    ]
     env = dict(BASE_ENV)
     env.update({"FLWR_HOME": str(cfg.workspace / "flwr-home"), "UV_CACHE_DIR": str(cfg.workspace / "uv-cache")})
     env.update(device_env(cfg.device))
     return argv, env
 
 
-def superlink_command(certs: str | Path, state_dir: str | Path, host: str = "0.0.0.0",
-                      port: int = DEFAULT_SUPERLINK_PORT, database: bool = True) -> tuple[list[str], dict[str, str]]:
+def superlink_command(
+    certs: str | Path,
+    state_dir: str | Path,
+    host: str = "0.0.0.0",
+    port: int = DEFAULT_SUPERLINK_PORT,
+    database: bool = True,
+) -> tuple[list[str], dict[str, str]]:
     """(argv, environment additions) of the coordinator's ``flower-superlink``: TLS with the CA folder of
     ``mdmt deploy certs``, SuperNode authentication on, runtime dependency installation off, state in
     ``state_dir`` (its SQLite database, FLWR_HOME and uv cache)."""
     certs, state_dir = Path(certs).expanduser().resolve(), Path(state_dir).expanduser().resolve()
     for name in (CA_CERT, SERVER_CERT, SERVER_KEY):
         if not (certs / name).is_file():
-            raise ConfigError(f"{certs / name}: not found; create the certificates with 'mdmt deploy certs --out {certs}'")
+            raise ConfigError(
+                f"{certs / name}: not found; create the certificates with 'mdmt deploy certs --out {certs}'"
+            )
     if not 0 < int(port) < 65536:
         raise ConfigError(f"--port {port}: must be 1-65535")
-    argv = [_bin("flower-superlink"), "--ssl-ca-certfile", str(certs / CA_CERT),
-            "--ssl-certfile", str(certs / SERVER_CERT), "--ssl-keyfile", str(certs / SERVER_KEY),
-            "--enable-supernode-auth", "--disable-runtime-dependency-installation", "--isolation", "subprocess",
-            "--host", host, "--port", str(int(port))]
+    argv = [
+        _bin("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(certs / CA_CERT),
+        "--ssl-certfile",
+        str(certs / SERVER_CERT),
+        "--ssl-keyfile",
+        str(certs / SERVER_KEY),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--isolation",
+        "subprocess",
+        "--host",
+        host,
+        "--port",
+        str(int(port)),
+    ]
     if database:
         argv += ["--database", str(state_dir / "state.db")]
     env = dict(BASE_ENV)
@@ -105,7 +139,9 @@ def exec_command(argv: list[str], env: dict[str, str], dirs: list[Path]) -> None
         else:
             os.execvpe(argv[0], argv, full)
     except OSError as exc:
-        raise MDMTError(f"cannot start {argv[0]} ({exc.strerror or exc}); install this project in the environment") from None
+        raise MDMTError(
+            f"cannot start {argv[0]} ({exc.strerror or exc}); install this project in the environment"
+        ) from None
 
 
 def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | Path, default: bool = True) -> Path:

@@ -22,8 +22,19 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from mdmt.errors import ConfigError, MDMTError
-from mdmt.ops.deploy.files import (CA_BUNDLE, CA_CERT, CA_KEY, CA_PREVIOUS, PREVIOUS_DIR, SERVER_CERT, SERVER_KEY,
-                                   make_dir, site_key_paths, write_private, write_public)
+from mdmt.ops.deploy.files import (
+    CA_BUNDLE,
+    CA_CERT,
+    CA_KEY,
+    CA_PREVIOUS,
+    PREVIOUS_DIR,
+    SERVER_CERT,
+    SERVER_KEY,
+    make_dir,
+    site_key_paths,
+    write_private,
+    write_public,
+)
 from mdmt.ops.deploy.siteconfig import check_site_name
 
 NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
@@ -99,8 +110,9 @@ def _now() -> _dt.datetime:
 
 
 def _pem_key(key) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def _pem_cert(cert) -> bytes:
@@ -109,18 +121,36 @@ def _pem_cert(cert) -> bytes:
 
 def _new_ca(name: str, days: int):
     key = ec.generate_private_key(ec.SECP384R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MDMT federation"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MDMT federation"),
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+        ]
+    )
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _dt.timedelta(minutes=5)).not_valid_after(now + _dt.timedelta(days=days))
+        .not_valid_before(now - _dt.timedelta(minutes=5))
+        .not_valid_after(now + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
@@ -134,17 +164,35 @@ def _new_server_cert(ca_key, ca_cert, sans: list, days: int):
     ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MDMT federation"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, cn[:64])]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "MDMT federation"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, cn[:64]),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _dt.timedelta(minutes=5))
         .not_valid_after(min(now + _dt.timedelta(days=days), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=True, key_cert_sign=False, crl_sign=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=True,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
@@ -180,8 +228,15 @@ def _archive(out: Path, names: list[str]) -> Path | None:
     return dest
 
 
-def make_certs(out: str | Path, sans: list[str], days: int = 397, ca_days: int = 3650, rotate: bool = False,
-               new_ca: bool = False, ca_name: str = "MDMT federation CA") -> dict[str, Any]:
+def make_certs(
+    out: str | Path,
+    sans: list[str],
+    days: int = 397,
+    ca_days: int = 3650,
+    rotate: bool = False,
+    new_ca: bool = False,
+    ca_name: str = "MDMT federation CA",
+) -> dict[str, Any]:
     """Create (or rotate) the CA and the SuperLink certificate in ``out``; returns what was written.
 
     - empty folder: a new CA (``ca.pem``, ``ca.key``) and a server certificate (``server.pem``, ``server.key``);
@@ -199,19 +254,25 @@ def make_certs(out: str | Path, sans: list[str], days: int = 397, ca_days: int =
     have_ca = (out / CA_KEY).is_file() and (out / CA_CERT).is_file()
     have_server = (out / SERVER_CERT).exists() or (out / SERVER_KEY).exists()
     if (out / CA_CERT).is_file() and not (out / CA_KEY).is_file() and not new_ca:
-        raise ConfigError(f"{out / CA_CERT} exists without {CA_KEY}: put the CA key back (it signs server "
-                          "certificates) or pass --new-ca to start a new CA")
+        raise ConfigError(
+            f"{out / CA_CERT} exists without {CA_KEY}: put the CA key back (it signs server "
+            "certificates) or pass --new-ca to start a new CA"
+        )
     if have_server and not (rotate or new_ca):
-        raise ConfigError(f"{out / SERVER_CERT} already exists; pass --rotate to issue a new server certificate "
-                          "from the same CA (sites keep their ca.pem), or --new-ca to replace the CA too")
+        raise ConfigError(
+            f"{out / SERVER_CERT} already exists; pass --rotate to issue a new server certificate "
+            "from the same CA (sites keep their ca.pem), or --new-ca to replace the CA too"
+        )
     if rotate and not have_ca:
         raise ConfigError(f"--rotate: no CA in {out} ({CA_CERT} and {CA_KEY}); run without --rotate to create one")
     names = [parse_san(s) for s in sans]
     if not names and (out / SERVER_CERT).is_file():
         names = [parse_san(s) for s in cert_sans(out / SERVER_CERT)]
     if not names:
-        raise ConfigError("give at least one --san: the DNS name or IP address sites use to reach the SuperLink, "
-                          "e.g. --san DNS:coord.example.org --san IP:10.0.0.5")
+        raise ConfigError(
+            "give at least one --san: the DNS name or IP address sites use to reach the SuperLink, "
+            "e.g. --san DNS:coord.example.org --san IP:10.0.0.5"
+        )
     names = _dedupe_sans(names + [parse_san(s) for s in LOOPBACK_SANS])
     make_dir(out, "certificate")
 
@@ -268,12 +329,18 @@ def make_site_key(site: str, out: str | Path, force: bool = False) -> tuple[Path
     check_site_name(site)
     private, public = site_key_paths(out, site)
     if (private.exists() or public.exists()) and not force:
-        raise ConfigError(f"{private} already exists; a registered key must not be replaced by accident "
-                          "(pass --force, then register the new .pub and unregister the old node)")
+        raise ConfigError(
+            f"{private} already exists; a registered key must not be replaced by accident "
+            "(pass --force, then register the new .pub and unregister the old node)"
+        )
     make_dir(private.parent, "key")
     key = ec.generate_private_key(ec.SECP384R1())
-    write_private(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                             serialization.NoEncryption()))
+    write_private(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        ),
+    )
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     write_public(public, pub + f" mdmt-site-{site}\n".encode())
     return private, public
@@ -305,8 +372,10 @@ def check_key_pair(private: str | Path) -> str:
     except (ValueError, UnsupportedAlgorithm) as exc:
         raise MDMTError(f"{public}: not an OpenSSH public key ({exc})") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name not in NIST_CURVES:
-        raise MDMTError(f"{private}: Flower needs an ECDSA key on a NIST curve (P-384 recommended), "
-                        f"got {type(key).__name__.replace('_', '')}")
+        raise MDMTError(
+            f"{private}: Flower needs an ECDSA key on a NIST curve (P-384 recommended), "
+            f"got {type(key).__name__.replace('_', '')}"
+        )
     if not isinstance(pub, ec.EllipticCurvePublicKey) or pub.public_numbers() != key.public_key().public_numbers():
         raise MDMTError(f"{public} does not belong to {private}; regenerate the pair with 'mdmt deploy site-key'")
     bits = {"secp256r1": 256, "secp384r1": 384, "secp521r1": 521}[key.curve.name]

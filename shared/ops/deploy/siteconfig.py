@@ -22,8 +22,10 @@ DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 def check_site_name(site: str, source: str = "--site") -> str:
     if not SITE_NAME_RE.match(site or ""):
-        raise ConfigError(f"{source} {site!r}: a site name is 1-64 letters, digits, '_' or '-', starting with a "
-                          "letter or digit (it names the node in every table)")
+        raise ConfigError(
+            f"{source} {site!r}: a site name is 1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit (it names the node in every table)"
+        )
     return site
 
 
@@ -74,14 +76,19 @@ class SiteConfig:
     def node(self) -> NodeConfig:
         """What the SuperNode's ``--node-config`` tells the site. The site's own device wins over the run
         config's (``cuda:N`` is narrowed by CUDA_VISIBLE_DEVICES, so the node sees plain ``cuda``)."""
-        return NodeConfig(self.site, self.data_dir, self.workspace, self.cache_dir,
-                          "cuda" if self.device.startswith("cuda") else self.device)
+        return NodeConfig(
+            self.site,
+            self.data_dir,
+            self.workspace,
+            self.cache_dir,
+            "cuda" if self.device.startswith("cuda") else self.device,
+        )
 
     @property
     def cache_root(self) -> Path:
         return self.node.cache_path
 
-    def validate(self) -> "SiteConfig":
+    def validate(self) -> SiteConfig:
         check_site_name(self.site, f"{self.source}: 'site'")
         parse_address(self.coordinator, f"{self.source}: 'coordinator'")
         check_device(self.device, f"{self.source}: 'device'")
@@ -90,13 +97,24 @@ class SiteConfig:
         for key in ("data-dir", "ca", "key", "workspace", "cache-dir"):
             value = getattr(self, key.replace("-", "_"))
             if value is not None and any(c in str(value) for c in '"\\\n'):
-                raise ConfigError(f"{self.source}: '{key}' {str(value)!r} contains a double quote, a backslash or "
-                                  "a line break; use a path without them")
+                raise ConfigError(
+                    f"{self.source}: '{key}' {str(value)!r} contains a double quote, a backslash or "
+                    "a line break; use a path without them"
+                )
         return self
 
 
-SITE_CONFIG_KEYS = ("site", "data-dir", "coordinator", "ca", "key", "workspace", "cache-dir", "device",
-                    "supernode-port")
+SITE_CONFIG_KEYS = (
+    "site",
+    "data-dir",
+    "coordinator",
+    "ca",
+    "key",
+    "workspace",
+    "cache-dir",
+    "device",
+    "supernode-port",
+)
 _REQUIRED_KEYS = ("site", "data-dir", "coordinator", "ca", "key", "workspace")
 
 
@@ -163,8 +181,16 @@ def load_site_config(path: str | Path) -> SiteConfig:
         v = str(values.get(key, "") or "").strip()
         return (base / Path(v).expanduser()).resolve() if v else None
 
-    cfg = SiteConfig(site=values["site"], data_dir=p("data-dir"), coordinator=values["coordinator"].strip(),
-                     ca=p("ca"), key=p("key"), workspace=p("workspace"), cache_dir=p("cache-dir"),
-                     device=str(values.get("device", "auto") or "auto"),
-                     supernode_port=int(values.get("supernode-port", DEFAULT_SUPERNODE_PORT)), source=str(path))
+    cfg = SiteConfig(
+        site=values["site"],
+        data_dir=p("data-dir"),
+        coordinator=values["coordinator"].strip(),
+        ca=p("ca"),
+        key=p("key"),
+        workspace=p("workspace"),
+        cache_dir=p("cache-dir"),
+        device=str(values.get("device", "auto") or "auto"),
+        supernode_port=int(values.get("supernode-port", DEFAULT_SUPERNODE_PORT)),
+        source=str(path),
+    )
     return cfg.validate()

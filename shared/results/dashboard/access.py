@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import Callable, Iterable
 from http.cookies import SimpleCookie
-from typing import Callable, Iterable
 from urllib.parse import parse_qsl, urlencode
 
 from mdmt.errors import MDMTError
@@ -29,12 +29,16 @@ MIN_TOKEN_LENGTH = 16
 def check_bind(host: str, token: str | None) -> None:
     """Refuse, in one line, a bind beyond the loopback defaults without a token (and a token too short)."""
     if token is not None and token != "" and len(token) < MIN_TOKEN_LENGTH:
-        raise MDMTError(f"the access token is {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
-                        "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')")
+        raise MDMTError(
+            f"the access token is {len(token)} characters; use at least {MIN_TOKEN_LENGTH} "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))')"
+        )
     if host not in LOOPBACK_NAMES and not token:
-        raise MDMTError(f"--host {host} serves beyond this machine's loopback; give an access token (--token or "
-                        f"{TOKEN_ENV}), or keep the default {DEFAULT_HOST} behind a reverse proxy with its own "
-                        "authentication (nginx with basic auth: docs/dashboard.md)")
+        raise MDMTError(
+            f"--host {host} serves beyond this machine's loopback; give an access token (--token or "
+            f"{TOKEN_ENV}), or keep the default {DEFAULT_HOST} behind a reverse proxy with its own "
+            "authentication (nginx with basic auth: docs/dashboard.md)"
+        )
 
 
 def _cookie_value(token: str) -> str:
@@ -44,7 +48,7 @@ def _cookie_value(token: str) -> str:
 def _host_name(host_header: str) -> str:
     host = host_header.strip()
     if host.startswith("["):  # [::1]:8050
-        return host[1:host.find("]")] if "]" in host else host
+        return host[1 : host.find("]")] if "]" in host else host
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
@@ -77,8 +81,15 @@ class AccessGate:
                 return _deny(start_response, "403 Forbidden", "wrong access token")
             rest = urlencode([(k, v) for k, v in query if k != "token"])
             location = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "/") + (f"?{rest}" if rest else "")
-            start_response("302 Found", [("Location", location), ("Content-Length", "0"), ("Cache-Control", "no-store"),
-                                         ("Set-Cookie", f"{COOKIE}={self.cookie}; Path=/; HttpOnly; SameSite=Strict")])
+            start_response(
+                "302 Found",
+                [
+                    ("Location", location),
+                    ("Content-Length", "0"),
+                    ("Cache-Control", "no-store"),
+                    ("Set-Cookie", f"{COOKIE}={self.cookie}; Path=/; HttpOnly; SameSite=Strict"),
+                ],
+            )
             return [b""]
         auth = environ.get("HTTP_AUTHORIZATION", "")
         header = auth[7:].strip() if auth.lower().startswith("bearer ") else environ.get("HTTP_X_MDMT_TOKEN", "")
@@ -93,15 +104,21 @@ class AccessGate:
             jar = SimpleCookie()
         if COOKIE in jar and hmac.compare_digest(jar[COOKIE].value.encode(), self.cookie.encode()):
             return self.app(environ, start_response)
-        return _deny(start_response, "401 Unauthorized",
-                     "access token required: open this address once with ?token=<token> "
-                     "(or send 'Authorization: Bearer <token>')")
+        return _deny(
+            start_response,
+            "401 Unauthorized",
+            "access token required: open this address once with ?token=<token> "
+            "(or send 'Authorization: Bearer <token>')",
+        )
 
 
 def _deny(start_response: Callable, status: str, message: str) -> list[bytes]:
     body = f"mdmt dashboard: {message}\n".encode()
-    headers = [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))),
-               ("Cache-Control", "no-store")]
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+    ]
     if status.startswith("401"):
         headers.append(("WWW-Authenticate", 'Bearer realm="mdmt dashboard"'))
     start_response(status, headers)

@@ -54,11 +54,15 @@ td.wrap { white-space: normal; min-width: 160px; }
 details summary { cursor: pointer; color: #2a5db0; margin: 4px 0; }
 """
 
-INDEX = """<!DOCTYPE html>
+INDEX = (
+    """<!DOCTYPE html>
 <html lang="en">
-<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>""" + CSS + """</style></head>
+<head>{%metas%}<title>{%title%}</title>{%favicon%}{%css%}<style>"""
+    + CSS
+    + """</style></head>
 <body>{%app_entry%}<footer>{%config%}{%scripts%}{%renderer%}</footer></body>
 </html>"""
+)
 
 
 # ---- formatting ----------------------------------------------------------------------------------------
@@ -97,12 +101,19 @@ def _numeric_text(s: str) -> bool:
         return s == "-"
 
 
-def grid(header: list[str], rows: list[list], table_id: str | None = None, row_ids: list[str] | None = None,
-         row_classes: list[str | None] | None = None) -> html.Table:
+def grid(
+    header: list[str],
+    rows: list[list],
+    table_id: str | None = None,
+    row_ids: list[str] | None = None,
+    row_classes: list[str | None] | None = None,
+) -> html.Table:
     cells = [[_cell(c) for c in r] for r in rows]
     first = cells[0] if cells else []
-    align = [("text" if i >= len(first) or "text" in (getattr(first[i], "className", None) or "") else None)
-             for i in range(len(header))]
+    align = [
+        ("text" if i >= len(first) or "text" in (getattr(first[i], "className", None) or "") else None)
+        for i in range(len(header))
+    ]
     head = html.Thead(html.Tr([html.Th(h, className=align[i]) for i, h in enumerate(header)]))
     body = []
     for i, r in enumerate(cells):
@@ -144,31 +155,68 @@ def page_runs(sources: list[D.Source]) -> list:
     out: list = [html.H2("Runs")]
     out += [note(p, "error") for p in problems]
     if not runs:
-        out.append(html.Div(["No runs yet. ", html.Br(),
-                             "Start one (for example ", html.Code("mdmt loco --fed FED --method mdmt"),
-                             "); this page shows it as soon as its first unit starts."], className="empty",
-                            id="no-runs"))
+        out.append(
+            html.Div(
+                [
+                    "No runs yet. ",
+                    html.Br(),
+                    "Start one (for example ",
+                    html.Code("mdmt loco --fed FED --method mdmt"),
+                    "); this page shows it as soon as its first unit starts.",
+                ],
+                className="empty",
+                id="no-runs",
+            )
+        )
         return out
     multi = len(sources) > 1
-    header = (["store"] if multi else []) + ["run (unit)", "method", "backbone", "protocol", "fold", "seed", "status",
-                                             "rounds done", "selected round", "started", "ended", "train sites",
-                                             "evaluated sites", "message"]
+    header = (["store"] if multi else []) + [
+        "run (unit)",
+        "method",
+        "backbone",
+        "protocol",
+        "fold",
+        "seed",
+        "status",
+        "rounds done",
+        "selected round",
+        "started",
+        "ended",
+        "train sites",
+        "evaluated sites",
+        "message",
+    ]
     rows = []
     for u in runs:
         rounds = f"{u['rounds_done']}" + (f" of {u['num_rounds']}" if u.get("num_rounds") else "")
         evals = ", ".join(f"{s} ({sp})" for s, sp in u["eval_sites"].items())
-        rows.append(([u["store"]] if multi else []) + [
-            html.Td(dcc.Link(u["unit_id"], href=run_href(u["store_index"], u["unit_id"])), className="text"),
-            u["method"], u["backbone"], u["protocol"], u["fold"], str(u["seed"]),
-            html.Td(status_badge(u["status"]), className="text"), rounds,
-            "-" if u["best_round"] is None else str(u["best_round"]), D.fmt_time(u["started"]),
-            D.fmt_time(u["ended"]), html.Td(", ".join(u["train_sites"]), className="text wrap"),
-            html.Td(evals, className="text wrap"), html.Td(u.get("message") or "", className="text wrap")])
-    out.append(grid(header, rows, "runs-table",
-                    row_ids=[_slug("run", u["store_index"], u["unit_id"]) for u in runs]))
+        rows.append(
+            ([u["store"]] if multi else [])
+            + [
+                html.Td(dcc.Link(u["unit_id"], href=run_href(u["store_index"], u["unit_id"])), className="text"),
+                u["method"],
+                u["backbone"],
+                u["protocol"],
+                u["fold"],
+                str(u["seed"]),
+                html.Td(status_badge(u["status"]), className="text"),
+                rounds,
+                "-" if u["best_round"] is None else str(u["best_round"]),
+                D.fmt_time(u["started"]),
+                D.fmt_time(u["ended"]),
+                html.Td(", ".join(u["train_sites"]), className="text wrap"),
+                html.Td(evals, className="text wrap"),
+                html.Td(u.get("message") or "", className="text wrap"),
+            ]
+        )
+    out.append(grid(header, rows, "runs-table", row_ids=[_slug("run", u["store_index"], u["unit_id"]) for u in runs]))
     n = {s: sum(u["status"] == s for u in runs) for s in ("running", "done", "failed")}
-    out.append(html.P(f"{len(runs)} units: {n['done']} done, {n['running']} running, {n['failed']} failed. "
-                      f"Stores: {', '.join(str(s.path) for s in sources)}"))
+    out.append(
+        html.P(
+            f"{len(runs)} units: {n['done']} done, {n['running']} running, {n['failed']} failed. "
+            f"Stores: {', '.join(str(s.path) for s in sources)}"
+        )
+    )
     return out
 
 
@@ -196,18 +244,35 @@ def page_run(sources: list[D.Source], search: str) -> list:
         store_index = -1
     ud = D.load_unit(sources, store_index, unit_id) if unit_id else None
     if ud is None:
-        return [html.H2("Run not found"),
-                html.Div(["No unit ", html.Code(unit_id or "(none given)"), " in this store. ",
-                          dcc.Link("Back to the runs", href="/")], className="empty")]
+        return [
+            html.H2("Run not found"),
+            html.Div(
+                [
+                    "No unit ",
+                    html.Code(unit_id or "(none given)"),
+                    " in this store. ",
+                    dcc.Link("Back to the runs", href="/"),
+                ],
+                className="empty",
+            ),
+        ]
     u = ud.info
     out: list = [html.H2(u["unit_id"], id="run-title")]
-    facts = [("status", status_badge(u["status"])), ("store", u["store"]),
-             ("rounds done", html.Span(f"{u['rounds_done']}" + (f" of {u['num_rounds']}" if u.get("num_rounds") else ""),
-                                       id="run-rounds")),
-             ("selected round", "-" if u["best_round"] is None else str(u["best_round"])),
-             ("started", D.fmt_time(u["started"])), ("ended", D.fmt_time(u["ended"]) or "-"),
-             ("train sites", ", ".join(u["train_sites"]) or "-"),
-             ("evaluated", ", ".join(f"{s} ({sp})" for s, sp in u["eval_sites"].items()) or "-")]
+    facts = [
+        ("status", status_badge(u["status"])),
+        ("store", u["store"]),
+        (
+            "rounds done",
+            html.Span(
+                f"{u['rounds_done']}" + (f" of {u['num_rounds']}" if u.get("num_rounds") else ""), id="run-rounds"
+            ),
+        ),
+        ("selected round", "-" if u["best_round"] is None else str(u["best_round"])),
+        ("started", D.fmt_time(u["started"])),
+        ("ended", D.fmt_time(u["ended"]) or "-"),
+        ("train sites", ", ".join(u["train_sites"]) or "-"),
+        ("evaluated", ", ".join(f"{s} ({sp})" for s, sp in u["eval_sites"].items()) or "-"),
+    ]
     out.append(html.Div([html.Span([html.B(k), v]) for k, v in facts], className="facts"))
     if u["status"] == "running":
         out.append(note("In progress: this page updates by itself as rounds arrive.", "warn"))
@@ -220,14 +285,50 @@ def page_run(sources: list[D.Source], search: str) -> list:
     colours = F.site_colours([*u["train_sites"], *u["eval_sites"], *ud.participation.get("site", [])])
     gm = D.global_metrics(ud)
     out.append(html.H3("Global metrics per round"))
-    out.append(html.P("Prognosis pooled over the sites evaluated on each split (summed score histograms cut at the "
-                      "round's decision threshold), severity on the summed confusion matrices. % except AUC."))
-    rows = [[str(int(r["round"])), r["split"], r["sites"], num3(r["threshold"]), count(r["prog_n"]), pct(r["prog_acc"]),
-             pct(r["prog_f1"]), pct(r["prog_gmean"]), num3(r["prog_auc"]), count(r["sev_n"]), pct(r["sev_acc"]),
-             pct(r["sev_f1"])] for _, r in gm.iterrows()]
-    out.append(grid(["round", "split", "sites", "threshold", "prognosis n", "ACC", "F1", "G-mean", "AUC", "severity n",
-                     "sev. accuracy", "sev. F1"], rows, "global-table",
-                    row_ids=[_slug("global", int(r["round"]), r["split"]) for _, r in gm.iterrows()]))
+    out.append(
+        html.P(
+            "Prognosis pooled over the sites evaluated on each split (summed score histograms cut at the "
+            "round's decision threshold), severity on the summed confusion matrices. % except AUC."
+        )
+    )
+    rows = [
+        [
+            str(int(r["round"])),
+            r["split"],
+            r["sites"],
+            num3(r["threshold"]),
+            count(r["prog_n"]),
+            pct(r["prog_acc"]),
+            pct(r["prog_f1"]),
+            pct(r["prog_gmean"]),
+            num3(r["prog_auc"]),
+            count(r["sev_n"]),
+            pct(r["sev_acc"]),
+            pct(r["sev_f1"]),
+        ]
+        for _, r in gm.iterrows()
+    ]
+    out.append(
+        grid(
+            [
+                "round",
+                "split",
+                "sites",
+                "threshold",
+                "prognosis n",
+                "ACC",
+                "F1",
+                "G-mean",
+                "AUC",
+                "severity n",
+                "sev. accuracy",
+                "sev. F1",
+            ],
+            rows,
+            "global-table",
+            row_ids=[_slug("global", int(r["round"]), r["split"]) for _, r in gm.iterrows()],
+        )
+    )
     out.append(graph(F.global_figure(gm), "global-graph"))
 
     sm = D.site_metrics(ud)
@@ -236,15 +337,23 @@ def page_run(sources: list[D.Source], search: str) -> list:
     fmt = {"n": count, "auc": num3, "loss": num4}
 
     def site_rows(df: pd.DataFrame) -> list[list]:
-        return [[str(int(r["round"])), r["site"], r["task"], r["split"], *[fmt.get(c, pct)(r[c]) for c in names]]
-                for _, r in df.iterrows()]
+        return [
+            [str(int(r["round"])), r["site"], r["task"], r["split"], *[fmt.get(c, pct)(r[c]) for c in names]]
+            for _, r in df.iterrows()
+        ]
 
     head = ["round", "site", "task", "split", *names]
     last = max(ud.rounds)
     show = {last} | ({u["best_round"]} if u["best_round"] else set())
     out.append(grid(head, site_rows(sm[sm["round"].isin(show)].sort_values(["round", "site", "task"])), "site-table"))
-    out.append(html.Details([html.Summary(f"every round ({len(sm)} rows)"),
-                             grid(head, site_rows(sm.sort_values(["site", "task", "round"])))]))
+    out.append(
+        html.Details(
+            [
+                html.Summary(f"every round ({len(sm)} rows)"),
+                grid(head, site_rows(sm.sort_values(["site", "task", "round"]))),
+            ]
+        )
+    )
     out.append(graph(F.site_metrics_figure(sm, colours), "site-graph"))
 
     out.append(html.H3("Losses"))
@@ -253,9 +362,14 @@ def page_run(sources: list[D.Source], search: str) -> list:
     out.append(html.H3("Participation"))
     sites, prow = D.participation_grid(ud)
     if prow:
-        out.append(grid(["round", *sites], [[str(r["round"]), *[_participation_cell(r["cells"][s]) for s in sites]]
-                                            for r in prow], "participation",
-                        row_ids=[f"participation-{r['round']}" for r in prow]))
+        out.append(
+            grid(
+                ["round", *sites],
+                [[str(r["round"]), *[_participation_cell(r["cells"][s]) for s in sites]] for r in prow],
+                "participation",
+                row_ids=[f"participation-{r['round']}" for r in prow],
+            )
+        )
     else:
         out.append(note("No participation recorded yet."))
 
@@ -265,9 +379,20 @@ def page_run(sources: list[D.Source], search: str) -> list:
         out.append(note("Bytes not recorded for this run (the store has no bytes_down/bytes_up rows).", ""))
     else:
         tot = b.pivot_table(index="round", columns="name", values="value", aggfunc="sum").reset_index()
-        out.append(grid(["round", "sent to sites (MB)", "returned by sites (MB)"],
-                        [[str(int(r["round"])), f"{r.get('bytes_down', float('nan')) / 1e6:.1f}",
-                          f"{r.get('bytes_up', float('nan')) / 1e6:.1f}"] for _, r in tot.iterrows()], "bytes-table"))
+        out.append(
+            grid(
+                ["round", "sent to sites (MB)", "returned by sites (MB)"],
+                [
+                    [
+                        str(int(r["round"])),
+                        f"{r.get('bytes_down', float('nan')) / 1e6:.1f}",
+                        f"{r.get('bytes_up', float('nan')) / 1e6:.1f}",
+                    ]
+                    for _, r in tot.iterrows()
+                ],
+                "bytes-table",
+            )
+        )
         out.append(graph(F.bytes_figure(b, colours), "bytes-graph"))
 
     out.append(html.H3("Differential privacy"))
@@ -277,15 +402,33 @@ def page_run(sources: list[D.Source], search: str) -> list:
     else:
         wide = e.pivot_table(index="round", columns="site", values="value", aggfunc="first").reset_index()
         cols = [c for c in wide.columns if c != "round"]
-        out.append(grid(["round", *[f"epsilon {c}" for c in cols]],
-                        [[str(int(r["round"])), *[num3(r[c]) for c in cols]] for _, r in wide.iterrows()],
-                        "epsilon-table"))
+        out.append(
+            grid(
+                ["round", *[f"epsilon {c}" for c in cols]],
+                [[str(int(r["round"])), *[num3(r[c]) for c in cols]] for _, r in wide.iterrows()],
+                "epsilon-table",
+            )
+        )
         out.append(graph(F.epsilon_figure(e, colours), "epsilon-graph"))
     return out
 
 
-LOCO_HEAD = ["method", "backbone", "seed", "centre", "round", "threshold", "n", "ACC", "F1 (weighted)", "G-mean",
-             "G-mean (weighted)", "AUC [95% CI]", "sens", "spec"]
+LOCO_HEAD = [
+    "method",
+    "backbone",
+    "seed",
+    "centre",
+    "round",
+    "threshold",
+    "n",
+    "ACC",
+    "F1 (weighted)",
+    "G-mean",
+    "G-mean (weighted)",
+    "AUC [95% CI]",
+    "sens",
+    "spec",
+]
 
 
 def _auc_ci(r) -> str:
@@ -299,9 +442,18 @@ def _pending_notes(runs: list[dict]) -> list:
     pend = D.loco_pending(runs)
     if not pend:
         return []
-    items = [html.Li([dcc.Link(u["unit_id"], href=run_href(u["store_index"], u["unit_id"])), " ",
-                      status_badge(u["status"]), f" round {u['rounds_done']}",
-                      f": {u['message']}" if u.get("message") else ""]) for u in pend]
+    items = [
+        html.Li(
+            [
+                dcc.Link(u["unit_id"], href=run_href(u["store_index"], u["unit_id"])),
+                " ",
+                status_badge(u["status"]),
+                f" round {u['rounds_done']}",
+                f": {u['message']}" if u.get("message") else "",
+            ]
+        )
+        for u in pend
+    ]
     return [note([f"{len(pend)} LOCO unit(s) not in the table yet (running, or failed):", html.Ul(items)], "warn")]
 
 
@@ -312,18 +464,42 @@ def page_loco(sources: list[D.Source], version: str) -> list:
     out += [note(p, "error") for p in problems + p2]
     out += _pending_notes(runs)
     if table.empty:
-        out.append(html.Div("No finished LOCO unit yet: the table appears when the first held-out centre is done.",
-                            className="empty", id="no-loco"))
+        out.append(
+            html.Div(
+                "No finished LOCO unit yet: the table appears when the first held-out centre is done.",
+                className="empty",
+                id="no-loco",
+            )
+        )
         return out
     multi = len(sources) > 1
-    out.append(html.P("Prognosis on each held-out centre at its unit's selected round; 'mean' averages the centres, "
-                      "'pooled' scores the held-out centres together. % except AUC and threshold."))
+    out.append(
+        html.P(
+            "Prognosis on each held-out centre at its unit's selected round; 'mean' averages the centres, "
+            "'pooled' scores the held-out centres together. % except AUC and threshold."
+        )
+    )
     rows, ids, classes = [], [], []
     for _, r in table.iterrows():
-        rows.append(([r["store"]] if multi else []) + [
-            r["method"], r["backbone"], str(int(r["seed"])), r["centre"], "" if _nan(r["round"]) else str(int(r["round"])),
-            num3(r.get("threshold")), count(r["n"]), pct(r["acc"]), pct(r["f1"]), pct(r["gmean"]),
-            pct(r.get("gmean_weighted")), _auc_ci(r), pct(r.get("sensitivity")), pct(r.get("specificity"))])
+        rows.append(
+            ([r["store"]] if multi else [])
+            + [
+                r["method"],
+                r["backbone"],
+                str(int(r["seed"])),
+                r["centre"],
+                "" if _nan(r["round"]) else str(int(r["round"])),
+                num3(r.get("threshold")),
+                count(r["n"]),
+                pct(r["acc"]),
+                pct(r["f1"]),
+                pct(r["gmean"]),
+                pct(r.get("gmean_weighted")),
+                _auc_ci(r),
+                pct(r.get("sensitivity")),
+                pct(r.get("specificity")),
+            ]
+        )
         ids.append(_slug("loco", r["store"], r["method"], r["backbone"], int(r["seed"]), r["centre"]))
         classes.append("summary" if r["centre"] in ("mean", "pooled") else None)
     out.append(grid((["store"] if multi else []) + LOCO_HEAD, rows, "loco-table", ids, classes))
@@ -337,24 +513,41 @@ def page_loco(sources: list[D.Source], version: str) -> list:
     figs = []
     for (store, backbone, seed, method), cs in sorted(groups.items()):
         title = f"{method} · {backbone} · seed {seed}" + (f" ({store})" if multi else "")
-        figs.append(html.Div(graph(F.roc_figure(cs, title, colours), _slug("roc", store, method, backbone, seed)),
-                             className="roc"))
+        figs.append(
+            html.Div(
+                graph(F.roc_figure(cs, title, colours), _slug("roc", store, method, backbone, seed)), className="roc"
+            )
+        )
     out.append(html.Div(figs, className="rocs"))
     out.append(html.H3("Confusion matrices at the decision threshold"))
     cms = []
     for c in curves:
         cm = c["cm"]
         cap = f"{c['method']} / {c['backbone']} / {c['centre']}" + (
-            f" (round {c['round']}, threshold {c['threshold']:.3f})" if c["round"] is not None else " (pooled)")
-        cms.append(html.Table([html.Caption(cap),
-                               html.Thead(html.Tr([html.Th("true \\ predicted", className="text"), html.Th("MILD"),
-                                                   html.Th("SEVERE")])),
-                               html.Tbody([html.Tr([html.Th("MILD", className="text"), html.Td(str(cm[0][0])),
-                                                    html.Td(str(cm[0][1]))]),
-                                           html.Tr([html.Th("SEVERE", className="text"), html.Td(str(cm[1][0])),
-                                                    html.Td(str(cm[1][1]))])])],
-                              className="grid cm", id=_slug("cm", c["store"], c["method"], c["backbone"], c["seed"],
-                                                            c["centre"])))
+            f" (round {c['round']}, threshold {c['threshold']:.3f})" if c["round"] is not None else " (pooled)"
+        )
+        cms.append(
+            html.Table(
+                [
+                    html.Caption(cap),
+                    html.Thead(
+                        html.Tr([html.Th("true \\ predicted", className="text"), html.Th("MILD"), html.Th("SEVERE")])
+                    ),
+                    html.Tbody(
+                        [
+                            html.Tr(
+                                [html.Th("MILD", className="text"), html.Td(str(cm[0][0])), html.Td(str(cm[0][1]))]
+                            ),
+                            html.Tr(
+                                [html.Th("SEVERE", className="text"), html.Td(str(cm[1][0])), html.Td(str(cm[1][1]))]
+                            ),
+                        ]
+                    ),
+                ],
+                className="grid cm",
+                id=_slug("cm", c["store"], c["method"], c["backbone"], c["seed"], c["centre"]),
+            )
+        )
     out.append(html.Div(cms, className="cms"))
     return out
 
@@ -390,16 +583,42 @@ def page_compare(sources: list[D.Source], version: str) -> list:
     out.append(grid([*keys, *backbones], rows, "compare-table"))
     out.append(graph(F.comparison_figure(cmp), "compare-graph"))
     out.append(html.H3("Mean of centres and pooled, per method and backbone"))
-    head = (["store"] if multi else []) + ["method", "backbone", "seed", "centres", "mean ACC", "mean F1", "mean G-mean",
-                                           "mean AUC", "pooled n", "pooled ACC", "pooled F1", "pooled G-mean",
-                                           "pooled AUC [95% CI]"]
+    head = (["store"] if multi else []) + [
+        "method",
+        "backbone",
+        "seed",
+        "centres",
+        "mean ACC",
+        "mean F1",
+        "mean G-mean",
+        "mean AUC",
+        "pooled n",
+        "pooled ACC",
+        "pooled F1",
+        "pooled G-mean",
+        "pooled AUC [95% CI]",
+    ]
     rows = []
     for _, r in cmp.iterrows():
         ci = "" if _nan(r["pooled_auc_lo"]) else f" [{num3(r['pooled_auc_lo'])}, {num3(r['pooled_auc_hi'])}]"
-        rows.append(([r["store"]] if multi else []) + [
-            r["method"], r["backbone"], str(int(r["seed"])), r["centres"], pct(r["mean_acc"]), pct(r["mean_f1"]),
-            pct(r["mean_gmean"]), num3(r["mean_auc"]), count(r["pooled_n"]), pct(r["pooled_acc"]), pct(r["pooled_f1"]),
-            pct(r["pooled_gmean"]), num3(r["pooled_auc"]) + ci])
+        rows.append(
+            ([r["store"]] if multi else [])
+            + [
+                r["method"],
+                r["backbone"],
+                str(int(r["seed"])),
+                r["centres"],
+                pct(r["mean_acc"]),
+                pct(r["mean_f1"]),
+                pct(r["mean_gmean"]),
+                num3(r["mean_auc"]),
+                count(r["pooled_n"]),
+                pct(r["pooled_acc"]),
+                pct(r["pooled_f1"]),
+                pct(r["pooled_gmean"]),
+                num3(r["pooled_auc"]) + ci,
+            ]
+        )
     out.append(grid(head, rows, "compare-long"))
     return out
 
@@ -413,25 +632,66 @@ def paper_section(sources: list[D.Source], version: str) -> list:
         return out
     multi = len(sources) > 1
     out.append(html.H3("Mean over backbones (pooled fold predictions), as in mdmt report"))
-    head = (["store"] if multi else []) + ["protocol", "method", "backbones", "n", "ACC", "F1 (weighted)",
-                                           "G-mean", "G-mean (weighted)", "AUC [95% CI]"]
+    head = (["store"] if multi else []) + [
+        "protocol",
+        "method",
+        "backbones",
+        "n",
+        "ACC",
+        "F1 (weighted)",
+        "G-mean",
+        "G-mean (weighted)",
+        "AUC [95% CI]",
+    ]
     rows = []
     for _, r in methods.iterrows():
         ci = "" if _nan(r["auc_lo"]) else f" [{num3(r['auc_lo'])}, {num3(r['auc_hi'])}]"
-        rows.append(([r["store"]] if multi else []) + [
-            r["protocol"], r["method"], str(int(r["n_backbones"])), count(r["n"]), pct(r["acc"]), pct(r["f1"]),
-            pct(r["gmean"]), pct(r["gmean_weighted"]), num3(r["auc"]) + ci])
+        rows.append(
+            ([r["store"]] if multi else [])
+            + [
+                r["protocol"],
+                r["method"],
+                str(int(r["n_backbones"])),
+                count(r["n"]),
+                pct(r["acc"]),
+                pct(r["f1"]),
+                pct(r["gmean"]),
+                pct(r["gmean_weighted"]),
+                num3(r["auc"]) + ci,
+            ]
+        )
     out.append(grid(head, rows, "paper-table"))
     out.append(html.H3("Paired tests across backbones (one-tailed t-test and Wilcoxon)"))
-    head = (["store"] if multi else []) + ["protocol", "comparison", "metric", "on", "H1", "n", "t-test p",
-                                           "Wilcoxon p", "note"]
+    head = (["store"] if multi else []) + [
+        "protocol",
+        "comparison",
+        "metric",
+        "on",
+        "H1",
+        "n",
+        "t-test p",
+        "Wilcoxon p",
+        "note",
+    ]
     rows = []
     for _, r in tests.iterrows():
         h1 = {"greater": "A > B", "less": "A < B"}.get(r["alternative"], "-")
         tp = "-" if _nan(r["t_p"]) else f"{r['t_p']:.3f}{r['t_stars']}"
         wp = "-" if _nan(r["w_p"]) else f"{r['w_p']:.3f}{r['w_stars']}"
-        rows.append(([r["store"]] if multi else []) + [r["protocol"], r["comparison"], str(r["metric"]),
-                                                       str(r["summary"]), h1, str(int(r["n"])), tp, wp, r["note"] or ""])
+        rows.append(
+            ([r["store"]] if multi else [])
+            + [
+                r["protocol"],
+                r["comparison"],
+                str(r["metric"]),
+                str(r["summary"]),
+                h1,
+                str(int(r["n"])),
+                tp,
+                wp,
+                r["note"] or "",
+            ]
+        )
     out.append(grid(head, rows, "tests-table"))
     return out
 
@@ -445,27 +705,45 @@ def render(sources: list[D.Source], pathname: str, search: str, version: str) ->
         return page_loco(sources, version)
     if pathname in ("/compare", "/comparison"):
         return page_compare(sources, version)
-    return [html.H2("Page not found"), html.Div(["No page ", html.Code(pathname), ". ", dcc.Link("Runs", href="/")],
-                                                className="empty")]
+    return [
+        html.H2("Page not found"),
+        html.Div(["No page ", html.Code(pathname), ". ", dcc.Link("Runs", href="/")], className="empty"),
+    ]
 
 
 # ---- the app -------------------------------------------------------------------------------------------
 def create_app(sources: list[D.Source], refresh_s: float = 2.0) -> dash.Dash:
-    app = dash.Dash(__name__, serve_locally=True, external_stylesheets=[], external_scripts=[],
-                    include_assets_files=False, title="MDMT dashboard", update_title=None,
-                    suppress_callback_exceptions=True, compress=False)
+    app = dash.Dash(
+        __name__,
+        serve_locally=True,
+        external_stylesheets=[],
+        external_scripts=[],
+        include_assets_files=False,
+        title="MDMT dashboard",
+        update_title=None,
+        suppress_callback_exceptions=True,
+        compress=False,
+    )
     app.index_string = INDEX
 
     def layout():
-        return html.Div([
-            dcc.Location(id="url", refresh=False),
-            dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
-            dcc.Store(id="version", data=D.data_version(sources)),
-            html.Header([html.Span("MDMT dashboard", className="brand"), dcc.Link("Runs", href="/"),
-                         dcc.Link("LOCO", href="/loco"), dcc.Link("Comparison", href="/compare"),
-                         html.Span(id="live", className="live")]),
-            html.Main(id="page"),
-        ])
+        return html.Div(
+            [
+                dcc.Location(id="url", refresh=False),
+                dcc.Interval(id="tick", interval=int(refresh_s * 1000)),
+                dcc.Store(id="version", data=D.data_version(sources)),
+                html.Header(
+                    [
+                        html.Span("MDMT dashboard", className="brand"),
+                        dcc.Link("Runs", href="/"),
+                        dcc.Link("LOCO", href="/loco"),
+                        dcc.Link("Comparison", href="/compare"),
+                        html.Span(id="live", className="live"),
+                    ]
+                ),
+                html.Main(id="page"),
+            ]
+        )
 
     app.layout = layout
 
@@ -476,8 +754,13 @@ def create_app(sources: list[D.Source], refresh_s: float = 2.0) -> dash.Dash:
             raise PreventUpdate
         return v
 
-    @app.callback(Output("page", "children"), Output("live", "children"),
-                  Input("url", "pathname"), Input("url", "search"), Input("version", "data"))
+    @app.callback(
+        Output("page", "children"),
+        Output("live", "children"),
+        Input("url", "pathname"),
+        Input("url", "search"),
+        Input("version", "data"),
+    )
     def show(pathname, search, version):
         stamp = f"data as of {time.strftime('%H:%M:%S')} · checks every {refresh_s:g} s"
         try:

@@ -10,32 +10,48 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from mdmt.results.dashboard.access import DEFAULT_HOST, TOKEN_ENV, AccessGate, check_bind
 from mdmt.errors import DataError, MDMTError
+from mdmt.results.dashboard.access import DEFAULT_HOST, TOKEN_ENV, AccessGate, check_bind
 
 DEFAULT_PORT = 8050
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--store", action="append", metavar="PATH",
-                   help="a run store file, or a workspace folder holding store.sqlite; repeat for several "
-                        "(default: <workspace>/store.sqlite)")
+    p.add_argument(
+        "--store",
+        action="append",
+        metavar="PATH",
+        help="a run store file, or a workspace folder holding store.sqlite; repeat for several "
+        "(default: <workspace>/store.sqlite)",
+    )
     p.add_argument("--workspace", default="runs", help="used when --store is not given (default runs)")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to bind (default {DEFAULT_HOST}); any other needs an access token")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}); any other needs an access token",
+    )
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}; 0 picks a free port")
-    p.add_argument("--token", default=None,
-                   help=f"access token required on every request (default: ${TOKEN_ENV}; prefer the variable, "
-                        "a command line is visible to other users)")
+    p.add_argument(
+        "--token",
+        default=None,
+        help=f"access token required on every request (default: ${TOKEN_ENV}; prefer the variable, "
+        "a command line is visible to other users)",
+    )
     p.add_argument("--refresh", type=float, default=2.0, help="seconds between checks for new data (default 2)")
     return p
 
 
-def serve(stores: list[str | Path], host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, token: str | None = None,
-          refresh_s: float = 2.0, echo: Callable[[str], None] = print) -> None:
+def serve(
+    stores: list[str | Path],
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    token: str | None = None,
+    refresh_s: float = 2.0,
+    echo: Callable[[str], None] = print,
+) -> None:
     """Check the bind and the stores, then serve until interrupted (SIGINT or SIGTERM).
 
     Raises MDMTError (one line) for a non-loopback bind without a token, a missing store, a missing Dash
@@ -47,8 +63,10 @@ def serve(stores: list[str | Path], host: str = DEFAULT_HOST, port: int = DEFAUL
     for s in stores:  # before the slow imports: a missing store is a quick one-line error
         path = Path(s).expanduser()
         if not (path / "store.sqlite" if path.is_dir() else path).is_file():
-            raise DataError(f"{path / 'store.sqlite' if path.is_dir() else path}: run store not found; "
-                            "run an experiment first or pass --store PATH")
+            raise DataError(
+                f"{path / 'store.sqlite' if path.is_dir() else path}: run store not found; "
+                "run an experiment first or pass --store PATH"
+            )
     from mdmt.results.dashboard.data import resolve_sources
 
     sources = resolve_sources([str(s) for s in stores])
@@ -57,8 +75,7 @@ def serve(stores: list[str | Path], host: str = DEFAULT_HOST, port: int = DEFAUL
 
         from mdmt.results.dashboard.app import create_app
     except ImportError as exc:
-        raise MDMTError(f"the dashboard needs Dash ({exc.name} is missing): "
-                        "pip install -e '.[dashboard]'") from None
+        raise MDMTError(f"the dashboard needs Dash ({exc.name} is missing): pip install -e '.[dashboard]'") from None
     app = create_app(sources, refresh_s)
     app.server.wsgi_app = AccessGate(app.server.wsgi_app, token)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request (the page polls)
@@ -69,8 +86,11 @@ def serve(stores: list[str | Path], host: str = DEFAULT_HOST, port: int = DEFAUL
     shown = f"[{host}]" if ":" in host else host
     url = f"http://{shown}:{server.server_port}/"
     stores_txt = ", ".join(str(s.path) for s in sources)
-    echo(f"mdmt dashboard: serving {url} for {stores_txt}" + (" (access token required: open it once with "
-                                                             "?token=<token>)" if token else "") + "; Ctrl-C stops it")
+    echo(
+        f"mdmt dashboard: serving {url} for {stores_txt}"
+        + (" (access token required: open it once with ?token=<token>)" if token else "")
+        + "; Ctrl-C stops it"
+    )
 
     def _stop(_sig, _frame):
         raise KeyboardInterrupt
@@ -88,13 +108,15 @@ def serve(stores: list[str | Path], host: str = DEFAULT_HOST, port: int = DEFAUL
 def run(a: argparse.Namespace) -> None:
     """What ``mdmt dashboard`` calls with the arguments of :func:`add_arguments`."""
     stores = a.store or [Path(a.workspace) / "store.sqlite"]
-    serve(stores, host=a.host, port=a.port, token=a.token, refresh_s=a.refresh,
-          echo=lambda line: print(line, flush=True))
+    serve(
+        stores, host=a.host, port=a.port, token=a.token, refresh_s=a.refresh, echo=lambda line: print(line, flush=True)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = add_arguments(argparse.ArgumentParser(prog="mdmt dashboard",
-                                              description="serve a web dashboard over run stores"))
+    p = add_arguments(
+        argparse.ArgumentParser(prog="mdmt dashboard", description="serve a web dashboard over run stores")
+    )
     a = p.parse_args(argv)
     try:
         run(a)

@@ -12,10 +12,10 @@ import math
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -162,14 +162,29 @@ def load_unit(sources: list[Source], store_index: int, unit_id: str) -> UnitData
         if row is None:
             return None
         metrics = pd.read_sql_query(
-            "SELECT round, site, task, split, name, value FROM metrics WHERE unit_id=? ORDER BY round, site, task, split",
-            st.db, params=(unit_id,))
-        stats = [{"round": r["round"], "site": r["site"], "task": r["task"], "split": r["split"], "n": r["n"],
-                  "loss_sum": r["loss_sum"], "cm": np.asarray(_loads(r["cm"], []), dtype=np.int64),
-                  "hist": None if r["hist"] is None else np.asarray(_loads(r["hist"], []), dtype=np.int64)}
-                 for r in st.eval_stats(unit_id)]
-        part = pd.read_sql_query("SELECT round, site, kind, status, detail FROM participation WHERE unit_id=? "
-                                 "ORDER BY round, site, kind", st.db, params=(unit_id,))
+            "SELECT round, site, task, split, name, value FROM metrics WHERE unit_id=? "
+            "ORDER BY round, site, task, split",
+            st.db,
+            params=(unit_id,),
+        )
+        stats = [
+            {
+                "round": r["round"],
+                "site": r["site"],
+                "task": r["task"],
+                "split": r["split"],
+                "n": r["n"],
+                "loss_sum": r["loss_sum"],
+                "cm": np.asarray(_loads(r["cm"], []), dtype=np.int64),
+                "hist": None if r["hist"] is None else np.asarray(_loads(r["hist"], []), dtype=np.int64),
+            }
+            for r in st.eval_stats(unit_id)
+        ]
+        part = pd.read_sql_query(
+            "SELECT round, site, kind, status, detail FROM participation WHERE unit_id=? ORDER BY round, site, kind",
+            st.db,
+            params=(unit_id,),
+        )
     metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
     return UnitData(_unit_dict(store_index, src, row), metrics, stats, part)
 
@@ -202,8 +217,16 @@ def global_metrics(ud: UnitData) -> pd.DataFrame:
             else:
                 cm, thr = sum(s["cm"].reshape(2, 2) for s in prog), 0.5
             m = binary_metrics(cm)
-            row.update({"threshold": thr, "prog_n": m["n"], "prog_acc": m["acc"], "prog_f1": m["f1"],
-                        "prog_gmean": m["gmean"], "prog_auc": auc_from_hist(hist) if hist is not None else float("nan")})
+            row.update(
+                {
+                    "threshold": thr,
+                    "prog_n": m["n"],
+                    "prog_acc": m["acc"],
+                    "prog_f1": m["f1"],
+                    "prog_gmean": m["gmean"],
+                    "prog_auc": auc_from_hist(hist) if hist is not None else float("nan"),
+                }
+            )
         sev = by_task.get(SEVERITY, [])
         if sev:
             shapes = {s["cm"].shape for s in sev}
@@ -211,8 +234,20 @@ def global_metrics(ud: UnitData) -> pd.DataFrame:
                 m = multiclass_metrics(sum(s["cm"] for s in sev))
                 row.update({"sev_n": m["n"], "sev_acc": m["acc"], "sev_f1": m["f1"]})
         rows.append(row)
-    cols = ["round", "split", "sites", "threshold", "prog_n", "prog_acc", "prog_f1", "prog_gmean", "prog_auc",
-            "sev_n", "sev_acc", "sev_f1"]
+    cols = [
+        "round",
+        "split",
+        "sites",
+        "threshold",
+        "prog_n",
+        "prog_acc",
+        "prog_f1",
+        "prog_gmean",
+        "prog_auc",
+        "sev_n",
+        "sev_acc",
+        "sev_f1",
+    ]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
@@ -223,8 +258,12 @@ def site_metrics(ud: UnitData) -> pd.DataFrame:
     names = [n for n in ("n", "acc", "f1", "gmean", "auc", "sensitivity", "specificity", "loss") if n in set(m.name)]
     if m.empty:
         return pd.DataFrame(columns=["round", "site", "task", "split", *names])
-    wide = (m[m.name.isin(names)].set_index(["round", "site", "task", "split", "name"])["value"]
-            .unstack("name").reset_index())
+    wide = (
+        m[m.name.isin(names)]
+        .set_index(["round", "site", "task", "split", "name"])["value"]
+        .unstack("name")
+        .reset_index()
+    )
     wide.columns.name = None
     return wide.reindex(columns=["round", "site", "task", "split", *names]).sort_values(["site", "task", "round"])
 
@@ -298,8 +337,9 @@ def loco_frame(sources: list[Source], version: str = "") -> tuple[pd.DataFrame, 
     frames, problems = [], []
     for src in sources:
         try:
-            df = _per_store(_LOCO_CACHE, src, version,
-                            lambda st: loco_table(st) if "units" in _tables(st.db) else pd.DataFrame())
+            df = _per_store(
+                _LOCO_CACHE, src, version, lambda st: loco_table(st) if "units" in _tables(st.db) else pd.DataFrame()
+            )
         except (sqlite3.Error, MDMTError, ValueError) as exc:
             problems.append(f"{src.path}: {exc}")
             continue
@@ -352,8 +392,10 @@ def loco_curves(sources: list[Source], table: pd.DataFrame) -> list[dict]:
         _, src = per_store[r.store]
         unit_id = UnitKey(r.method, r.backbone, "loco", r.centre, int(r.seed)).unit_id
         with opened(src.path) as st:
-            row = st.db.execute("SELECT hist FROM eval_stats WHERE unit_id=? AND round=? AND site=? AND task=?",
-                                (unit_id, int(r.round), r.centre, PROGNOSIS)).fetchone()
+            row = st.db.execute(
+                "SELECT hist FROM eval_stats WHERE unit_id=? AND round=? AND site=? AND task=?",
+                (unit_id, int(r.round), r.centre, PROGNOSIS),
+            ).fetchone()
         if row is None or row["hist"] is None:
             continue
         hist = np.asarray(json.loads(row["hist"]), dtype=np.int64).reshape(2, HIST_BINS)
@@ -361,25 +403,54 @@ def loco_curves(sources: list[Source], table: pd.DataFrame) -> list[dict]:
         thr = 0.5 if thr is None or pd.isna(thr) else float(thr)
         cm = cm_at_bin(hist, int(round(thr * HIST_BINS)))
         fpr, tpr = roc_from_hist(hist) if hist[0].sum() and hist[1].sum() else (np.array([]), np.array([]))
-        out.append({"store": r.store, "method": r.method, "backbone": r.backbone, "seed": int(r.seed),
-                    "centre": r.centre, "round": int(r.round), "threshold": thr, "cm": cm, "hist": hist,
-                    "fpr": fpr, "tpr": tpr, "auc": auc_from_hist(hist)})
+        out.append(
+            {
+                "store": r.store,
+                "method": r.method,
+                "backbone": r.backbone,
+                "seed": int(r.seed),
+                "centre": r.centre,
+                "round": int(r.round),
+                "threshold": thr,
+                "cm": cm,
+                "hist": hist,
+                "fpr": fpr,
+                "tpr": tpr,
+                "auc": auc_from_hist(hist),
+            }
+        )
         pooled.setdefault((r.store, r.method, r.backbone, int(r.seed)), []).append((cm, hist))
     for (store, method, backbone, seed), parts in pooled.items():
         if len(parts) < 2:  # one centre: its pooled curve is the centre's own
             continue
         hist = sum(p[1] for p in parts)
         fpr, tpr = roc_from_hist(hist) if hist[0].sum() and hist[1].sum() else (np.array([]), np.array([]))
-        out.append({"store": store, "method": method, "backbone": backbone, "seed": seed, "centre": "pooled",
-                    "round": None, "threshold": None, "cm": sum(p[0] for p in parts), "hist": hist,
-                    "fpr": fpr, "tpr": tpr, "auc": auc_from_hist(hist)})
+        out.append(
+            {
+                "store": store,
+                "method": method,
+                "backbone": backbone,
+                "seed": seed,
+                "centre": "pooled",
+                "round": None,
+                "threshold": None,
+                "cm": sum(p[0] for p in parts),
+                "hist": hist,
+                "fpr": fpr,
+                "tpr": tpr,
+                "auc": auc_from_hist(hist),
+            }
+        )
     return out
 
 
 def loco_pending(runs: list[dict]) -> list[dict]:
     """LOCO units with a held-out centre that are not (yet) in the table: running or failed."""
-    return [u for u in runs if u["protocol"] == "loco" and u["fold"] != "-"
-            and (u["status"] != "done" or u.get("best_round") is None)]
+    return [
+        u
+        for u in runs
+        if u["protocol"] == "loco" and u["fold"] != "-" and (u["status"] != "done" or u.get("best_round") is None)
+    ]
 
 
 def comparison(table: pd.DataFrame) -> pd.DataFrame:
@@ -387,8 +458,12 @@ def comparison(table: pd.DataFrame) -> pd.DataFrame:
     if table.empty:
         return pd.DataFrame()
     keys = ["store", "method", "backbone", "seed"]
-    centres = (table[~table["centre"].isin(["mean", "pooled"])].groupby(keys)["centre"]
-               .apply(lambda c: ",".join(sorted(c))).rename("centres"))
+    centres = (
+        table[~table["centre"].isin(["mean", "pooled"])]
+        .groupby(keys)["centre"]
+        .apply(lambda c: ",".join(sorted(c)))
+        .rename("centres")
+    )
     cols = ["n", "acc", "f1", "gmean", "auc", "auc_lo", "auc_hi"]
     mean = table[table["centre"] == "mean"].set_index(keys)[cols].add_prefix("mean_")
     pooled = table[table["centre"] == "pooled"].set_index(keys)[cols].add_prefix("pooled_")

@@ -9,8 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
-           "#bcbd22")
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif"  # local fonts only
 
 
@@ -19,9 +18,16 @@ def site_colours(sites) -> dict[str, str]:
 
 
 def _layout(fig: go.Figure, title: str = "", height: int = 320, **kw) -> go.Figure:
-    fig.update_layout(template="plotly_white", title={"text": title, "x": 0.01, "font": {"size": 14}},
-                      height=height, margin={"l": 50, "r": 20, "t": 40 if title else 20, "b": 40},
-                      font={"family": FONT, "size": 12}, legend={"font": {"size": 11}}, uirevision="keep", **kw)
+    fig.update_layout(
+        template="plotly_white",
+        title={"text": title, "x": 0.01, "font": {"size": 14}},
+        height=height,
+        margin={"l": 50, "r": 20, "t": 40 if title else 20, "b": 40},
+        font={"family": FONT, "size": 12},
+        legend={"font": {"size": 11}},
+        uirevision="keep",
+        **kw,
+    )
     return fig
 
 
@@ -43,8 +49,11 @@ def global_figure(gm: pd.DataFrame) -> go.Figure:
     """Pooled prognosis AUC/ACC and severity accuracy per round, one line per evaluated split."""
     if gm.empty:
         return empty("no evaluation yet")
-    fig = make_subplots(rows=1, cols=3, subplot_titles=("prognosis AUC (pooled)", "prognosis ACC (pooled)",
-                                                         "severity accuracy (pooled)"))
+    fig = make_subplots(
+        rows=1,
+        cols=3,
+        subplot_titles=("prognosis AUC (pooled)", "prognosis ACC (pooled)", "severity accuracy (pooled)"),
+    )
     for i, split in enumerate(sorted(gm["split"].unique())):
         g = gm[gm["split"] == split].sort_values("round")
         colour = PALETTE[i % len(PALETTE)]
@@ -52,17 +61,33 @@ def global_figure(gm: pd.DataFrame) -> go.Figure:
         first = True
         for col, name in enumerate(("prog_auc", "prog_acc", "sev_acc"), start=1):
             if name in g and g[name].notna().any():
-                fig.add_trace(go.Scatter(x=g["round"], y=g[name], mode="lines+markers", name=label,
-                                         legendgroup=split, showlegend=first, line={"color": colour}), row=1, col=col)
+                fig.add_trace(
+                    go.Scatter(
+                        x=g["round"],
+                        y=g[name],
+                        mode="lines+markers",
+                        name=label,
+                        legendgroup=split,
+                        showlegend=first,
+                        line={"color": colour},
+                    ),
+                    row=1,
+                    col=col,
+                )
                 first = False
     fig.update_yaxes(range=[0, 1.02])
     _round_axis(fig, gm["round"])
     return _layout(fig, height=300)
 
 
-SITE_PANELS = (("prognosis", "acc", "prognosis ACC"), ("prognosis", "f1", "prognosis F1"),
-               ("prognosis", "gmean", "prognosis G-mean"), ("prognosis", "auc", "prognosis AUC"),
-               ("severity", "acc", "severity accuracy"), ("severity", "f1", "severity F1"))
+SITE_PANELS = (
+    ("prognosis", "acc", "prognosis ACC"),
+    ("prognosis", "f1", "prognosis F1"),
+    ("prognosis", "gmean", "prognosis G-mean"),
+    ("prognosis", "auc", "prognosis AUC"),
+    ("severity", "acc", "severity accuracy"),
+    ("severity", "f1", "severity F1"),
+)
 
 
 def site_metrics_figure(sm: pd.DataFrame, colours: dict[str, str] | None = None) -> go.Figure:
@@ -79,10 +104,19 @@ def site_metrics_figure(sm: pd.DataFrame, colours: dict[str, str] | None = None)
         for (site, split), g in d.groupby(["site", "split"], sort=True):
             g = g.sort_values("round")
             label = f"{site} ({split})"
-            fig.add_trace(go.Scatter(x=g["round"], y=g[name], mode="lines+markers", name=label, legendgroup=label,
-                                     showlegend=label not in shown, line={"color": colours.get(site, "#7f7f7f"),
-                                                                          "dash": "solid" if split == "val" else "dash"}),
-                          row=k // 3 + 1, col=k % 3 + 1)
+            fig.add_trace(
+                go.Scatter(
+                    x=g["round"],
+                    y=g[name],
+                    mode="lines+markers",
+                    name=label,
+                    legendgroup=label,
+                    showlegend=label not in shown,
+                    line={"color": colours.get(site, "#7f7f7f"), "dash": "solid" if split == "val" else "dash"},
+                ),
+                row=k // 3 + 1,
+                col=k % 3 + 1,
+            )
             shown.add(label)
     fig.update_yaxes(range=[0, 1.02])
     _round_axis(fig, sm["round"])
@@ -97,16 +131,38 @@ def loss_figure(curves: dict[str, pd.DataFrame], colours: dict[str, str] | None 
     fig = go.Figure()
     for site, g in train.groupby("site", sort=True):
         g = g.sort_values("round")
-        fig.add_trace(go.Scatter(x=g["round"], y=g["value"], mode="lines+markers", name=f"{site} train",
-                                 line={"color": colours.get(site, "#7f7f7f")}))
+        fig.add_trace(
+            go.Scatter(
+                x=g["round"],
+                y=g["value"],
+                mode="lines+markers",
+                name=f"{site} train",
+                line={"color": colours.get(site, "#7f7f7f")},
+            )
+        )
     for (site, task, split), g in val.groupby(["site", "task", "split"], sort=True):
         g = g.sort_values("round")
-        fig.add_trace(go.Scatter(x=g["round"], y=g["value"], mode="lines+markers", name=f"{site} {task} {split}",
-                                 line={"color": colours.get(site, "#7f7f7f"), "dash": "dot"}, marker={"symbol": "diamond"}))
+        fig.add_trace(
+            go.Scatter(
+                x=g["round"],
+                y=g["value"],
+                mode="lines+markers",
+                name=f"{site} {task} {split}",
+                line={"color": colours.get(site, "#7f7f7f"), "dash": "dot"},
+                marker={"symbol": "diamond"},
+            )
+        )
     for task, g in mon.groupby("task", sort=True):
         g = g.sort_values("round")
-        fig.add_trace(go.Scatter(x=g["round"], y=g["value"], mode="lines+markers", name=f"monitored ({task} val)",
-                                 line={"color": "black", "width": 3}))
+        fig.add_trace(
+            go.Scatter(
+                x=g["round"],
+                y=g["value"],
+                mode="lines+markers",
+                name=f"monitored ({task} val)",
+                line={"color": "black", "width": 3},
+            )
+        )
     fig.update_yaxes(title_text="loss", rangemode="tozero")
     _round_axis(fig, list(train["round"]) + list(val["round"]) + list(mon["round"]))
     return _layout(fig, "solid: training loss per site; dotted: evaluation loss; black: the monitored loss", 360)
@@ -121,8 +177,18 @@ def bytes_figure(b: pd.DataFrame, colours: dict[str, str] | None = None) -> go.F
     for col, name in enumerate(("bytes_down", "bytes_up"), start=1):
         d = b[b["name"] == name]
         for site, g in d.groupby("site", sort=True):
-            fig.add_trace(go.Bar(x=g["round"], y=g["value"] / 1e6, name=site, legendgroup=site, showlegend=col == 1,
-                                 marker={"color": colours.get(site, "#7f7f7f")}), row=1, col=col)
+            fig.add_trace(
+                go.Bar(
+                    x=g["round"],
+                    y=g["value"] / 1e6,
+                    name=site,
+                    legendgroup=site,
+                    showlegend=col == 1,
+                    marker={"color": colours.get(site, "#7f7f7f")},
+                ),
+                row=1,
+                col=col,
+            )
     fig.update_layout(barmode="stack")
     _round_axis(fig, b["round"])
     return _layout(fig, height=300)
@@ -133,8 +199,15 @@ def epsilon_figure(e: pd.DataFrame, colours: dict[str, str] | None = None) -> go
     fig = go.Figure()
     for site, g in e.groupby("site", sort=True):
         g = g.sort_values("round")
-        fig.add_trace(go.Scatter(x=g["round"], y=g["value"], mode="lines+markers", name=site,
-                                 line={"color": colours.get(site, "#7f7f7f")}))
+        fig.add_trace(
+            go.Scatter(
+                x=g["round"],
+                y=g["value"],
+                mode="lines+markers",
+                name=site,
+                line={"color": colours.get(site, "#7f7f7f")},
+            )
+        )
     fig.update_yaxes(title_text="epsilon (spent so far)", rangemode="tozero")
     _round_axis(fig, e["round"])
     return _layout(fig, height=280)
@@ -145,21 +218,44 @@ def roc_figure(curves: list[dict], title: str, colours: dict[str, str] | None = 
     centre's operating point at its decision threshold (open circle)."""
     colours = colours or site_colours(c["centre"] for c in curves)
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line={"color": "#bbbbbb", "dash": "dash"},
-                             showlegend=False, hoverinfo="skip"))
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            line={"color": "#bbbbbb", "dash": "dash"},
+            showlegend=False,
+            hoverinfo="skip",
+        )
+    )
     for c in curves:
         if not len(c["fpr"]):
             continue
         pooled = c["centre"] == "pooled"
         colour = "black" if pooled else colours.get(c["centre"], PALETTE[0])
-        fig.add_trace(go.Scatter(x=c["fpr"], y=c["tpr"], mode="lines", name=f"{c['centre']} (AUC {c['auc']:.3f})",
-                                 line={"color": colour, "width": 3 if pooled else 2, "dash": "dot" if pooled else "solid"}))
+        fig.add_trace(
+            go.Scatter(
+                x=c["fpr"],
+                y=c["tpr"],
+                mode="lines",
+                name=f"{c['centre']} (AUC {c['auc']:.3f})",
+                line={"color": colour, "width": 3 if pooled else 2, "dash": "dot" if pooled else "solid"},
+            )
+        )
         cm = np.asarray(c["cm"])
         neg, pos = cm[0].sum(), cm[1].sum()
         if neg and pos and c["threshold"] is not None:
-            fig.add_trace(go.Scatter(x=[cm[0, 1] / neg], y=[cm[1, 1] / pos], mode="markers", showlegend=False,
-                                     marker={"color": colour, "size": 10, "symbol": "circle-open", "line": {"width": 2}},
-                                     hovertext=f"{c['centre']}: threshold {c['threshold']:.3f}", hoverinfo="text"))
+            fig.add_trace(
+                go.Scatter(
+                    x=[cm[0, 1] / neg],
+                    y=[cm[1, 1] / pos],
+                    mode="markers",
+                    showlegend=False,
+                    marker={"color": colour, "size": 10, "symbol": "circle-open", "line": {"width": 2}},
+                    hovertext=f"{c['centre']}: threshold {c['threshold']:.3f}",
+                    hoverinfo="text",
+                )
+            )
     if len(fig.data) == 1:
         return empty(f"{title}: no ROC curve (a held-out centre needs both MILD and SEVERE patients)")
     fig.update_xaxes(title_text="1 - specificity", range=[0, 1], constrain="domain")
@@ -176,10 +272,20 @@ def comparison_figure(cmp: pd.DataFrame) -> go.Figure:
         label = g["method"] + (" s" + g["seed"].astype(str) if g["seed"].nunique() > 1 else "")
         if g["store"].nunique() > 1:
             label = g["store"] + ": " + label
-        fig.add_trace(go.Bar(x=label, y=g["pooled_auc"], name=backbone, marker={"color": PALETTE[i % len(PALETTE)]},
-                             error_y={"type": "data", "symmetric": False,
-                                      "array": (g["pooled_auc_hi"] - g["pooled_auc"]).fillna(0),
-                                      "arrayminus": (g["pooled_auc"] - g["pooled_auc_lo"]).fillna(0)}))
+        fig.add_trace(
+            go.Bar(
+                x=label,
+                y=g["pooled_auc"],
+                name=backbone,
+                marker={"color": PALETTE[i % len(PALETTE)]},
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (g["pooled_auc_hi"] - g["pooled_auc"]).fillna(0),
+                    "arrayminus": (g["pooled_auc"] - g["pooled_auc_lo"]).fillna(0),
+                },
+            )
+        )
     fig.update_yaxes(title_text="pooled AUC [95% CI]", range=[0, 1])
     fig.update_layout(barmode="group", showlegend=True, legend_title_text="backbone")
     return _layout(fig, height=340)

@@ -9,12 +9,33 @@ import numpy as np
 import pandas as pd
 
 PERCENT_METRICS = ("acc", "f1", "gmean", "gmean_weighted", "sensitivity", "specificity")
-HEADERS = {"acc": "ACC", "f1": "F1 (weighted)", "gmean": "G-mean (sqrt TPR x TNR)",
-           "gmean_weighted": "G-mean (imblearn weighted)", "auc": "AUC [95% CI]", "sensitivity": "sens",
-           "specificity": "spec", "n_backbones": "backbones", "n_folds": "folds", "site_models": "site models",
-           "val_acc": "val ACC", "val_f1": "val F1", "test_acc": "test ACC", "test_f1": "test F1",
-           "val_n": "val n", "test_n": "test n", "t": "t", "t_p": "p (t)", "t_stars": "sig (t)",
-           "w": "W", "w_p": "p (W)", "w_stars": "sig (W)", "mean_a": "mean A", "mean_b": "mean B", "alternative": "H1"}
+HEADERS = {
+    "acc": "ACC",
+    "f1": "F1 (weighted)",
+    "gmean": "G-mean (sqrt TPR x TNR)",
+    "gmean_weighted": "G-mean (imblearn weighted)",
+    "auc": "AUC [95% CI]",
+    "sensitivity": "sens",
+    "specificity": "spec",
+    "n_backbones": "backbones",
+    "n_folds": "folds",
+    "site_models": "site models",
+    "val_acc": "val ACC",
+    "val_f1": "val F1",
+    "test_acc": "test ACC",
+    "test_f1": "test F1",
+    "val_n": "val n",
+    "test_n": "test n",
+    "t": "t",
+    "t_p": "p (t)",
+    "t_stars": "sig (t)",
+    "w": "W",
+    "w_p": "p (W)",
+    "w_stars": "sig (W)",
+    "mean_a": "mean A",
+    "mean_b": "mean B",
+    "alternative": "H1",
+}
 
 
 def _header(col: str) -> str:
@@ -51,8 +72,10 @@ def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({c: [_cell(c, v) for v in df[c]] for c in df.columns}, index=range(len(df)))
     if "auc_lo" in df.columns:
         has = df["auc_lo"].notna().to_numpy()
-        out.loc[has, "auc"] = [f"{a} [{lo}, {hi}]" for a, lo, hi in
-                               zip(out.loc[has, "auc"], out.loc[has, "auc_lo"], out.loc[has, "auc_hi"])]
+        out.loc[has, "auc"] = [
+            f"{a} [{lo}, {hi}]"
+            for a, lo, hi in zip(out.loc[has, "auc"], out.loc[has, "auc_lo"], out.loc[has, "auc_hi"])
+        ]
         out = out.drop(columns=["auc_lo", "auc_hi"])
     return out.rename(columns=_header)
 
@@ -79,16 +102,22 @@ def write_table(df: pd.DataFrame, out_dir: Path, stem: str, title: str, note: st
 
 def tests_markdown(tests: pd.DataFrame, title: str) -> str:
     """The paired tests, naming the test, n and p in every row."""
-    lines = [f"## {title}", "",
-             "One-tailed paired tests across backbones (scipy.stats.ttest_rel and scipy.stats.wilcoxon). H1 for the",
-             "pooled metric and the fold mean: MDMT greater; for the fold std: MDMT less (more stable).",
-             "Stars: * p<0.05, ** p<0.01, *** p<0.001.", "",
-             "| comparison | metric | on | H1 | n | mean A | mean B | paired t-test | Wilcoxon signed-rank | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"## {title}",
+        "",
+        "One-tailed paired tests across backbones (scipy.stats.ttest_rel and scipy.stats.wilcoxon). H1 for the",
+        "pooled metric and the fold mean: MDMT greater; for the fold std: MDMT less (more stable).",
+        "Stars: * p<0.05, ** p<0.01, *** p<0.001.",
+        "",
+        "| comparison | metric | on | H1 | n | mean A | mean B | paired t-test | Wilcoxon signed-rank | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in tests.itertuples(index=False):
         t = "-" if pd.isna(r.t_p) else f"t={r.t:.3f}, n={r.n}, p={_cell('t_p', r.t_p)}{r.t_stars}"
         w = "-" if pd.isna(r.w_p) else f"W={r.w:.1f}, n={r.n}, p={_cell('w_p', r.w_p)}{r.w_stars}"
         h1 = {"greater": "A > B", "less": "A < B"}.get(r.alternative, "-")
-        lines.append(f"| {r.comparison} | {_header(r.metric).split(' [')[0]} | {r.summary} | {h1} | {r.n} "
-                     f"| {_cell(r.metric, r.mean_a)} | {_cell(r.metric, r.mean_b)} | {t} | {w} | {r.note} |")
+        lines.append(
+            f"| {r.comparison} | {_header(r.metric).split(' [')[0]} | {r.summary} | {h1} | {r.n} "
+            f"| {_cell(r.metric, r.mean_a)} | {_cell(r.metric, r.mean_b)} | {t} | {w} | {r.note} |"
+        )
     return "\n".join(lines) + "\n"

@@ -13,8 +13,19 @@ from mdmt.ml.metrics import HIST_BINS, cm_at_bin, prognosis_summary
 from mdmt.results.report.records import unit_prognosis
 from mdmt.store import RunStore
 
-TABLE_METRICS = ("threshold", "n", "acc", "f1", "gmean", "gmean_weighted", "auc", "auc_lo", "auc_hi", "sensitivity",
-                 "specificity")
+TABLE_METRICS = (
+    "threshold",
+    "n",
+    "acc",
+    "f1",
+    "gmean",
+    "gmean_weighted",
+    "auc",
+    "auc_lo",
+    "auc_hi",
+    "sensitivity",
+    "specificity",
+)
 
 
 def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -35,8 +46,16 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
         cm = cm_at_bin(hist, k)
         m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed)
         m["threshold"] = k / HIST_BINS
-        rows.append({"method": u["method"], "backbone": u["backbone"], "seed": u["seed"], "centre": u["fold"],
-                     "round": u["best_round"], **{k: m[k] for k in TABLE_METRICS}})
+        rows.append(
+            {
+                "method": u["method"],
+                "backbone": u["backbone"],
+                "seed": u["seed"],
+                "centre": u["fold"],
+                "round": u["best_round"],
+                **{k: m[k] for k in TABLE_METRICS},
+            }
+        )
         pooled.setdefault((u["method"], u["backbone"], u["seed"]), []).append((cm, hist))
     df = pd.DataFrame(rows)
     if df.empty:
@@ -48,13 +67,28 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
         mean = {k: float(grp[k].mean()) for k in TABLE_METRICS}
         mean["n"] = int(grp["n"].sum())
         mean["auc_lo"] = mean["auc_hi"] = float("nan")  # an interval of a mean of centres is not a bootstrap CI
-        out.append(pd.DataFrame([{"method": method, "backbone": backbone, "seed": seed_, "centre": "mean",
-                                  "round": np.nan, **mean}]))
+        out.append(
+            pd.DataFrame(
+                [{"method": method, "backbone": backbone, "seed": seed_, "centre": "mean", "round": np.nan, **mean}]
+            )
+        )
         parts = pooled[(method, backbone, seed_)]
         m = prognosis_summary(sum(p[0] for p in parts), sum(p[1] for p in parts), n_boot=n_boot, seed=seed)
         m["threshold"] = float("nan")  # each centre keeps its own fold's threshold
-        out.append(pd.DataFrame([{"method": method, "backbone": backbone, "seed": seed_, "centre": "pooled",
-                                  "round": np.nan, **{k: m[k] for k in TABLE_METRICS}}]))
+        out.append(
+            pd.DataFrame(
+                [
+                    {
+                        "method": method,
+                        "backbone": backbone,
+                        "seed": seed_,
+                        "centre": "pooled",
+                        "round": np.nan,
+                        **{k: m[k] for k in TABLE_METRICS},
+                    }
+                ]
+            )
+        )
     return pd.concat(out, ignore_index=True)
 
 
@@ -65,22 +99,27 @@ def _fmt(v: float, pct: bool = True) -> str:
 
 
 def to_markdown(df: pd.DataFrame) -> str:
-    head = ("| method | backbone | centre | n | ACC | F1 (weighted) | G-mean | G-mean (weighted) | AUC [95% CI] "
-            "| sens | spec | round | threshold |")
+    head = (
+        "| method | backbone | centre | n | ACC | F1 (weighted) | G-mean | G-mean (weighted) | AUC [95% CI] "
+        "| sens | spec | round | threshold |"
+    )
     lines = [head, "|" + "---|" * 13]
     for r in df.itertuples(index=False):
         auc = _fmt(r.auc, False)
         if not pd.isna(r.auc_lo):
             auc += f" [{_fmt(r.auc_lo, False)}, {_fmt(r.auc_hi, False)}]"
         rnd = "" if pd.isna(r.round) else str(int(r.round))
-        lines.append(f"| {r.method} | {r.backbone} | {r.centre} | {int(r.n)} | {_fmt(r.acc)} | {_fmt(r.f1)} | "
-                     f"{_fmt(r.gmean)} | {_fmt(r.gmean_weighted)} | {auc} | {_fmt(r.sensitivity)} | "
-                     f"{_fmt(r.specificity)} | {rnd} | {'' if pd.isna(r.threshold) else f'{r.threshold:.3f}'} |")
+        lines.append(
+            f"| {r.method} | {r.backbone} | {r.centre} | {int(r.n)} | {_fmt(r.acc)} | {_fmt(r.f1)} | "
+            f"{_fmt(r.gmean)} | {_fmt(r.gmean_weighted)} | {auc} | {_fmt(r.sensitivity)} | "
+            f"{_fmt(r.specificity)} | {rnd} | {'' if pd.isna(r.threshold) else f'{r.threshold:.3f}'} |"
+        )
     return "\n".join(lines)
 
 
-def write_loco_report(store: RunStore, out_dir: Path, n_boot: int = 1000,
-                      seed: int = 0) -> tuple[pd.DataFrame, Path, Path]:
+def write_loco_report(
+    store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int = 0
+) -> tuple[pd.DataFrame, Path, Path]:
     df = loco_table(store, n_boot=n_boot, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "loco.csv", out_dir / "loco.md"
@@ -91,7 +130,6 @@ def write_loco_report(store: RunStore, out_dir: Path, n_boot: int = 1000,
         "held-out centres' predictions together. G-mean = sqrt(TPR x TNR); G-mean (weighted) = imbalanced-learn's\n"
         f"weighted variant used by the paper's code. AUC interval: stratified bootstrap, {n_boot} resamples.\n"
         "threshold: the P(SEVERE) cut-off, chosen on the training sites' validation (Youden's J) unless fixed\n"
-        "by the run config's 'threshold'; the held-out centre never influences it.\n\n"
-        + to_markdown(df) + "\n"
+        "by the run config's 'threshold'; the held-out centre never influences it.\n\n" + to_markdown(df) + "\n"
     )
     return df, csv_path, md_path

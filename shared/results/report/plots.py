@@ -54,8 +54,9 @@ def plot_centres(centres: pd.DataFrame, title: str, path: Path) -> Path:
         ax.set(ylabel=label, ylim=(0, 1), xticks=x, xticklabels=labels)
     axes[-1].set_xlabel("centre")
     fig.suptitle(title)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(methods)),
-               fontsize="small")
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=min(6, len(methods)), fontsize="small"
+    )
     fig.savefig(path, dpi=110)
     return path
 
@@ -74,14 +75,14 @@ def plot_learning_curves(curves: pd.DataFrame, title: str, path: Path) -> Path:
         for _, u in units.groupby("unit_id", sort=False):
             label = f"{u['backbone'].iloc[0]} fold {u['fold'].iloc[0]} seed {u['seed'].iloc[0]}"
             u = u.dropna(subset=["monitored_loss"])
-            line, = ax.plot(u["round"], u["monitored_loss"], lw=1, alpha=0.8, label=label)
+            (line,) = ax.plot(u["round"], u["monitored_loss"], lw=1, alpha=0.8, label=label)
             best = u[u["round"] == u["best_round"]]
             ax.plot(best["round"], best["monitored_loss"], "o", ms=4, color=line.get_color())
         ax.set(title=group, xlabel="round", ylabel="monitored val loss")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if units["unit_id"].nunique() <= 8:
             ax.legend(fontsize="x-small")
-    for ax in axes[len(groups):]:
+    for ax in axes[len(groups) :]:
         ax.set_visible(False)
     fig.suptitle(title)
     fig.savefig(path, dpi=110)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +36,7 @@ def trains(method: str, task: str) -> bool | None:
 
 def sort_rows(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """Protocols and methods in their reading order (unknown names after the known ones), the rest by name."""
+
     def order(col: pd.Series) -> pd.Series:
         if col.name == "method":
             known = {m: i for i, m in enumerate(METHOD_ORDER)}
@@ -83,8 +84,11 @@ def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[
     The threshold comes from the pooled validation histograms of the unit's training sites (or the config's
     fixed value). Scored: under LOCO the held-out centre; under CV every site's test split.
     """
-    rows = [r for r in store.eval_stats(unit["unit_id"], unit["best_round"])
-            if r["task"] == PROGNOSIS and r["hist"] is not None]
+    rows = [
+        r
+        for r in store.eval_stats(unit["unit_id"], unit["best_round"])
+        if r["task"] == PROGNOSIS and r["hist"] is not None
+    ]
     train_sites = set((unit["train_sites"] or "").split(","))
     val = [_hist(r) for r in rows if r["site"] in train_sites and r["split"] == "val"]
     k = threshold_bin(_threshold_rule(unit), sum(val) if val else None)
@@ -105,9 +109,20 @@ def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataF
             continue
         k, scored = unit_prognosis(store, u)
         for site, hist in scored:
-            rows.append({"protocol": u["protocol"], "method": u["method"], "backbone": u["backbone"], "seed": u["seed"],
-                         "fold": u["fold"], "round": u["best_round"], "site": site, "threshold": k / HIST_BINS,
-                         "cm": cm_at_bin(hist, k), "hist": hist})
+            rows.append(
+                {
+                    "protocol": u["protocol"],
+                    "method": u["method"],
+                    "backbone": u["backbone"],
+                    "seed": u["seed"],
+                    "fold": u["fold"],
+                    "round": u["best_round"],
+                    "site": site,
+                    "threshold": k / HIST_BINS,
+                    "cm": cm_at_bin(hist, k),
+                    "hist": hist,
+                }
+            )
     cols = ["protocol", "method", "backbone", "seed", "fold", "round", "site", "threshold", "cm", "hist"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -115,15 +130,22 @@ def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataF
 def learning_curves(store: RunStore, units: Sequence[sqlite3.Row]) -> pd.DataFrame:
     """Per finished unit and round: the monitored validation loss and the mean training loss over sites."""
     ids = {u["unit_id"] for u in units}
-    m = pd.read_sql("SELECT unit_id, round, site, task, split, name, value FROM metrics "
-                    "WHERE (site='*' AND split='val' AND name='monitored_loss') "
-                    "OR (site<>'*' AND task='all' AND split='train' AND name='loss')", store.db)
+    m = pd.read_sql(
+        "SELECT unit_id, round, site, task, split, name, value FROM metrics "
+        "WHERE (site='*' AND split='val' AND name='monitored_loss') "
+        "OR (site<>'*' AND task='all' AND split='train' AND name='loss')",
+        store.db,
+    )
     m = m[m["unit_id"].isin(ids)]
     monitored = m[m["name"] == "monitored_loss"].groupby(["unit_id", "round"])["value"].mean().rename("monitored_loss")
     train = m[m["name"] == "loss"].groupby(["unit_id", "round"])["value"].mean().rename("train_loss")
     curves = pd.concat([monitored, train], axis=1).reset_index()
-    info = pd.DataFrame([{k: u[k] for k in ("unit_id", "protocol", "method", "backbone", "fold", "seed", "best_round")}
-                         for u in units])
-    curves = info.merge(curves, on="unit_id") if len(curves) else info.iloc[:0].assign(
-        round=[], monitored_loss=[], train_loss=[])
+    info = pd.DataFrame(
+        [{k: u[k] for k in ("unit_id", "protocol", "method", "backbone", "fold", "seed", "best_round")} for u in units]
+    )
+    curves = (
+        info.merge(curves, on="unit_id")
+        if len(curves)
+        else info.iloc[:0].assign(round=[], monitored_loss=[], train_loss=[])
+    )
     return sort_rows(curves, ["protocol", "method", "backbone", "fold", "seed", "round"])

@@ -4,7 +4,7 @@ against its baselines."""
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,8 +34,9 @@ def _boot_aucs(hist: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.nd
     return (b1 * (below + 0.5 * b0)).sum(axis=1) / (n0 * n1)
 
 
-def mean_auc_ci(hists: Sequence[np.ndarray], weights: Sequence[float], n_boot: int = 1000, seed: int = 0,
-                level: float = 0.95) -> tuple[float, float]:
+def mean_auc_ci(
+    hists: Sequence[np.ndarray], weights: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Bootstrap interval of a weighted mean of AUCs: every histogram pair resampled (stratified by class)
     in each replicate. With one histogram it equals mdmt.ml.metrics.auc_ci."""
     hists = [np.asarray(h).reshape(2, HIST_BINS) for h in hists]
@@ -71,13 +72,21 @@ def paired_test(a: Sequence[float], b: Sequence[float], alternative: str) -> dic
     keep = np.isfinite(a) & np.isfinite(b)
     a, b = a[keep], b[keep]
     d = a - b
-    out = {"n": int(len(d)), "mean_a": float(np.mean(a)) if len(a) else np.nan,
-           "mean_b": float(np.mean(b)) if len(b) else np.nan,
-           "t": np.nan, "t_p": np.nan, "w": np.nan, "w_p": np.nan, "note": ""}
+    out = {
+        "n": int(len(d)),
+        "mean_a": float(np.mean(a)) if len(a) else np.nan,
+        "mean_b": float(np.mean(b)) if len(b) else np.nan,
+        "t": np.nan,
+        "t_p": np.nan,
+        "w": np.nan,
+        "w_p": np.nan,
+        "note": "",
+    }
     if len(d) < 2:
         dropped = int((~keep).sum())
-        out["note"] = (f"not tested: {len(d)} pair(s), at least 2 needed"
-                       + (f" ({dropped} without a value, e.g. a std over one fold)" if dropped else ""))
+        out["note"] = f"not tested: {len(d)} pair(s), at least 2 needed" + (
+            f" ({dropped} without a value, e.g. a std over one fold)" if dropped else ""
+        )
         return out
     if np.allclose(d, 0.0, rtol=0.0, atol=1e-12):
         out["note"] = "not tested: every difference is zero"
@@ -94,8 +103,9 @@ def paired_test(a: Sequence[float], b: Sequence[float], alternative: str) -> dic
     return out
 
 
-def compare_methods(backbones: pd.DataFrame, treatment: str = TREATMENT,
-                    baselines: Sequence[str] = BASELINES) -> pd.DataFrame:
+def compare_methods(
+    backbones: pd.DataFrame, treatment: str = TREATMENT, baselines: Sequence[str] = BASELINES
+) -> pd.DataFrame:
     """MDMT vs each baseline, paired across backbones (seeds averaged), per protocol, metric and summary."""
     cols = [f"{m}{suffix}" for m in TESTED_METRICS for suffix, _ in SUMMARIES.values()]
     per_backbone = backbones.groupby(["protocol", "method", "backbone"], as_index=False)[cols].mean()
@@ -106,17 +116,50 @@ def compare_methods(backbones: pd.DataFrame, treatment: str = TREATMENT,
             head = {"protocol": protocol, "comparison": f"{treatment} vs {base}"}
             missing = [m for m in (treatment, base) if m not in set(here["method"])]
             if missing:
-                rows.append({**head, "metric": "-", "summary": "-", "alternative": "-", "n": 0,
-                             "note": f"not tested: no {' or '.join(missing)} results"})
+                rows.append(
+                    {
+                        **head,
+                        "metric": "-",
+                        "summary": "-",
+                        "alternative": "-",
+                        "n": 0,
+                        "note": f"not tested: no {' or '.join(missing)} results",
+                    }
+                )
                 continue
-            pairs = here[here["method"] == treatment].merge(here[here["method"] == base], on="backbone",
-                                                            suffixes=("_a", "_b"))
+            pairs = here[here["method"] == treatment].merge(
+                here[here["method"] == base], on="backbone", suffixes=("_a", "_b")
+            )
             for summary, (suffix, alternative) in SUMMARIES.items():
                 for metric in TESTED_METRICS:
                     col = f"{metric}{suffix}"
                     res = paired_test(pairs[f"{col}_a"], pairs[f"{col}_b"], alternative)
-                    rows.append({**head, "metric": metric, "summary": summary, "alternative": alternative, **res,
-                                 "t_stars": stars(res["t_p"]), "w_stars": stars(res["w_p"])})
-    cols = ["protocol", "comparison", "metric", "summary", "alternative", "n", "mean_a", "mean_b",
-            "t", "t_p", "t_stars", "w", "w_p", "w_stars", "note"]
+                    rows.append(
+                        {
+                            **head,
+                            "metric": metric,
+                            "summary": summary,
+                            "alternative": alternative,
+                            **res,
+                            "t_stars": stars(res["t_p"]),
+                            "w_stars": stars(res["w_p"]),
+                        }
+                    )
+    cols = [
+        "protocol",
+        "comparison",
+        "metric",
+        "summary",
+        "alternative",
+        "n",
+        "mean_a",
+        "mean_b",
+        "t",
+        "t_p",
+        "t_stars",
+        "w",
+        "w_p",
+        "w_stars",
+        "note",
+    ]
     return pd.DataFrame(rows, columns=cols)

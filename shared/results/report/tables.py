@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,8 +29,14 @@ def summarise(records: pd.DataFrame, keys: Sequence[str], n_boot: int = 1000, se
     for key, grp in records.groupby(list(keys), sort=False):
         cm, hist = np.sum(np.stack(grp["cm"]), axis=0), np.sum(np.stack(grp["hist"]), axis=0)
         m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed)
-        rows.append({**dict(zip(keys, key)), "n_folds": grp["fold"].nunique(),
-                     **{c: m[c] for c in SUMMARY_METRICS}, "hist": hist})
+        rows.append(
+            {
+                **dict(zip(keys, key)),
+                "n_folds": grp["fold"].nunique(),
+                **{c: m[c] for c in SUMMARY_METRICS},
+                "hist": hist,
+            }
+        )
     return pd.DataFrame(rows, columns=[*keys, "n_folds", *SUMMARY_METRICS, "hist"])
 
 
@@ -41,12 +47,17 @@ def group_local(df: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     if not local.any():
         return df
     first = {"n", "n_folds", "round"}
-    cols = [c for c in df.columns if c not in keys and c not in ("hist", "cm", "auc_lo", "auc_hi")
-            and pd.api.types.is_numeric_dtype(df[c])]
-    means = (df[local].assign(method=LOCAL)
-             .groupby(list(keys), as_index=False, sort=False)
-             .agg(**{c: (c, "max" if c in first else "mean") for c in cols},
-                  site_models=("method", "size")))
+    cols = [
+        c
+        for c in df.columns
+        if c not in keys and c not in ("hist", "cm", "auc_lo", "auc_hi") and pd.api.types.is_numeric_dtype(df[c])
+    ]
+    means = (
+        df[local]
+        .assign(method=LOCAL)
+        .groupby(list(keys), as_index=False, sort=False)
+        .agg(**{c: (c, "max" if c in first else "mean") for c in cols}, site_models=("method", "size"))
+    )
     means["auc_lo"] = means["auc_hi"] = np.nan
     return pd.concat([df[~local], means], ignore_index=True)
 
@@ -71,9 +82,13 @@ def method_table(backbones: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> 
     pooled predictions; AUC interval: bootstrap of that mean from the backbones' pooled histograms."""
     cols = [c for c in SUMMARY_METRICS if c not in ("auc_lo", "auc_hi")]
     out = mean_over_backbones(backbones, ["protocol", "method"], cols)
-    intervals = pd.DataFrame([(protocol, method, *mean_auc_interval(grp, n_boot, seed))
-                              for (protocol, method), grp in backbones.groupby(["protocol", "method"], sort=False)],
-                             columns=["protocol", "method", "auc_lo", "auc_hi"])
+    intervals = pd.DataFrame(
+        [
+            (protocol, method, *mean_auc_interval(grp, n_boot, seed))
+            for (protocol, method), grp in backbones.groupby(["protocol", "method"], sort=False)
+        ],
+        columns=["protocol", "method", "auc_lo", "auc_hi"],
+    )
     out = out.merge(intervals, on=["protocol", "method"])
     out["n"] = out["n"].round().astype(int)
     return sort_rows(out[["protocol", "method", "n_backbones", *SUMMARY_METRICS]], ["protocol", "method"])
@@ -102,8 +117,9 @@ def prognosis_tables(records: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -
     backbones = sort_rows(pooled.merge(fold_spread(folds), on=model), model)
 
     per_site = group_local(summarise(records, [*model, "site"], n_boot, seed), [*model, "site"])
-    centres = mean_over_backbones(per_site, ["protocol", "method", "site"],
-                                  [c for c in SUMMARY_METRICS if c not in ("auc_lo", "auc_hi")])
+    centres = mean_over_backbones(
+        per_site, ["protocol", "method", "site"], [c for c in SUMMARY_METRICS if c not in ("auc_lo", "auc_hi")]
+    )
     centres = sort_rows(centres.rename(columns={"site": "centre"}), ["protocol", "method", "centre"])
     return PrognosisTables(folds, local_sites, centres, backbones, method_table(backbones, n_boot, seed))
 
@@ -117,16 +133,35 @@ def severity_table(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataFram
         if not trains(u["method"], SEVERITY):
             continue
         stats_rows = [r for r in store.eval_stats(u["unit_id"], u["best_round"]) if r["task"] == SEVERITY]
-        row = {"protocol": u["protocol"], "method": u["method"], "backbone": u["backbone"], "seed": u["seed"],
-               "fold": u["fold"], "round": u["best_round"]}
+        row = {
+            "protocol": u["protocol"],
+            "method": u["method"],
+            "backbone": u["backbone"],
+            "seed": u["seed"],
+            "fold": u["fold"],
+            "round": u["best_round"],
+        }
         for split in ("val", "test"):
             cms = [np.asarray(json.loads(r["cm"]), dtype=np.int64) for r in stats_rows if r["split"] == split]
             m = multiclass_metrics(sum(cms)) if cms else {"n": 0, "acc": np.nan, "f1": np.nan}
             row |= {f"{split}_n": m["n"], f"{split}_acc": m["acc"], f"{split}_f1": m["f1"]}
         row["sites"] = ",".join(sorted({r["site"] for r in stats_rows if r["split"] in ("val", "test")}))
         rows.append(row)
-    cols = ["protocol", "method", "backbone", "seed", "fold", "round", "val_n", "val_acc", "val_f1",
-            "test_n", "test_acc", "test_f1", "sites"]
+    cols = [
+        "protocol",
+        "method",
+        "backbone",
+        "seed",
+        "fold",
+        "round",
+        "val_n",
+        "val_acc",
+        "val_f1",
+        "test_n",
+        "test_acc",
+        "test_f1",
+        "sites",
+    ]
     return sort_rows(pd.DataFrame(rows, columns=cols), ["protocol", "method", "backbone", "seed", "fold"])
 
 

@@ -17,14 +17,17 @@ from mdmt.results.report.stats import compare_methods
 from mdmt.results.report.tables import PrognosisTables, prognosis_tables, severity_summary, severity_table
 from mdmt.store import RunStore
 
-METHOD_NOTE = ("Mean over backbones of the metrics on each backbone's pooled predictions (every fold's held-out or "
-               "test counts at that fold's own threshold, summed). ACC, F1, G-mean, sens, spec in %. AUC interval: "
-               "stratified bootstrap of the mean over backbones from their pooled histograms. 'local': mean over "
-               "the single-site models (no interval).")
+METHOD_NOTE = (
+    "Mean over backbones of the metrics on each backbone's pooled predictions (every fold's held-out or "
+    "test counts at that fold's own threshold, summed). ACC, F1, G-mean, sens, spec in %. AUC interval: "
+    "stratified bootstrap of the mean over backbones from their pooled histograms. 'local': mean over "
+    "the single-site models (no interval)."
+)
 
 
-def _write_protocol(protocol: str, records: pd.DataFrame, out_dir: Path, n_boot: int,
-                    seed: int) -> tuple[list[Path], list[str], PrognosisTables]:
+def _write_protocol(
+    protocol: str, records: pd.DataFrame, out_dir: Path, n_boot: int, seed: int
+) -> tuple[list[Path], list[str], PrognosisTables]:
     """The prognosis tables and plots of one protocol."""
     name = PROTOCOL_TITLES.get(protocol, protocol)
     t = prognosis_tables(records, n_boot, seed)
@@ -32,10 +35,18 @@ def _write_protocol(protocol: str, records: pd.DataFrame, out_dir: Path, n_boot:
     sections: list[str] = []
     specs = [
         (t.methods, f"methods_{protocol}", f"{name}: mean over backbones (pooled folds)", METHOD_NOTE),
-        (t.backbones, f"backbones_{protocol}", f"{name}: per backbone",
-         "Pooled predictions of all folds, plus each metric's mean and sample std (ddof 1) over folds."),
-        (t.centres, f"centres_{protocol}", f"{name}: per centre (mean over backbones)",
-         "Each centre's held-out (LOCO) or test (CV, pooled over folds) predictions at each fold's threshold."),
+        (
+            t.backbones,
+            f"backbones_{protocol}",
+            f"{name}: per backbone",
+            "Pooled predictions of all folds, plus each metric's mean and sample std (ddof 1) over folds.",
+        ),
+        (
+            t.centres,
+            f"centres_{protocol}",
+            f"{name}: per centre (mean over backbones)",
+            "Each centre's held-out (LOCO) or test (CV, pooled over folds) predictions at each fold's threshold.",
+        ),
         (t.folds, f"folds_{protocol}", f"{name}: per fold", "One row per model and fold, at the selected round."),
     ]
     if len(t.local_sites):
@@ -45,8 +56,9 @@ def _write_protocol(protocol: str, records: pd.DataFrame, out_dir: Path, n_boot:
         files += paths
         sections.append(md)
     files.append(plot_roc(records, f"ROC ({name}, pooled)", out_dir / f"roc_{protocol}.png"))
-    files.append(plot_centres(t.centres, f"{name}: per centre, mean over backbones",
-                              out_dir / f"centres_{protocol}.png"))
+    files.append(
+        plot_centres(t.centres, f"{name}: per centre, mean over backbones", out_dir / f"centres_{protocol}.png")
+    )
     return files, sections, t
 
 
@@ -54,13 +66,17 @@ def _write_tests(backbones: pd.DataFrame, out_dir: Path) -> tuple[list[Path], st
     """tests.csv, tests.md and tests.tex: MDMT against its baselines, per protocol."""
     tests = compare_methods(backbones)
     protocols = list(dict.fromkeys(tests["protocol"]))
-    md = "\n".join(tests_markdown(tests[tests["protocol"] == p], f"{PROTOCOL_TITLES.get(p, p)}: paired tests")
-                   for p in protocols)
+    md = "\n".join(
+        tests_markdown(tests[tests["protocol"] == p], f"{PROTOCOL_TITLES.get(p, p)}: paired tests") for p in protocols
+    )
     paths = [out_dir / f"tests.{ext}" for ext in ("csv", "md", "tex")]
     tests.to_csv(paths[0], index=False)
     paths[1].write_text(md)
-    paths[2].write_text(display_frame(tests).to_latex(
-        index=False, escape=True, caption="Paired one-tailed tests of MDMT against its baselines", label="tab:tests"))
+    paths[2].write_text(
+        display_frame(tests).to_latex(
+            index=False, escape=True, caption="Paired one-tailed tests of MDMT against its baselines", label="tab:tests"
+        )
+    )
     return paths, md
 
 
@@ -70,10 +86,14 @@ def _write_severity(store: RunStore, units: list[sqlite3.Row], out_dir: Path) ->
     if severity.empty:
         return [], []
     files, sections = [], []
-    note = ("Accuracy and weighted F1 (%) at the selected round: 'val' = the severity sites' validation rows, "
-            "'test' = the consensus test set.")
-    for df, stem, title in ((severity_summary(severity), "severity_methods", "severity: mean over backbones"),
-                            (severity, "severity", "severity per model and fold")):
+    note = (
+        "Accuracy and weighted F1 (%) at the selected round: 'val' = the severity sites' validation rows, "
+        "'test' = the consensus test set."
+    )
+    for df, stem, title in (
+        (severity_summary(severity), "severity_methods", "severity: mean over backbones"),
+        (severity, "severity", "severity per model and fold"),
+    ):
         paths, md = write_table(df, out_dir, stem, title, note)
         files += paths
         sections.append(md)
@@ -86,9 +106,13 @@ def _write_learning_curves(store: RunStore, units: list[sqlite3.Row], out_dir: P
     files = [out_dir / "learning_curves.csv"]
     curves.to_csv(files[0], index=False)
     for protocol in dict.fromkeys(curves["protocol"]):
-        files.append(plot_learning_curves(curves[curves["protocol"] == protocol],
-                                          f"learning curves ({PROTOCOL_TITLES.get(protocol, protocol)})",
-                                          out_dir / f"learning_{protocol}.png"))
+        files.append(
+            plot_learning_curves(
+                curves[curves["protocol"] == protocol],
+                f"learning curves ({PROTOCOL_TITLES.get(protocol, protocol)})",
+                out_dir / f"learning_{protocol}.png",
+            )
+        )
     return files
 
 
@@ -110,8 +134,9 @@ def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int =
     main: list[str] = []
     backbones = []
     for protocol in sort_rows(records[["protocol"]].drop_duplicates(), ["protocol"])["protocol"]:
-        written, mds, tables = _write_protocol(protocol, records[records["protocol"] == protocol], out_dir,
-                                               n_boot, seed)
+        written, mds, tables = _write_protocol(
+            protocol, records[records["protocol"] == protocol], out_dir, n_boot, seed
+        )
         files += written
         sections += mds
         main.append(mds[0])
@@ -128,8 +153,9 @@ def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int =
     files += [loco_csv, loco_md]
 
     figures = [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"]
-    (out_dir / "report.md").write_text("# Results\n\n" + "\n".join(sections) + "\n## Figures\n\n"
-                                       + "\n\n".join(figures) + "\n")
+    (out_dir / "report.md").write_text(
+        "# Results\n\n" + "\n".join(sections) + "\n## Figures\n\n" + "\n\n".join(figures) + "\n"
+    )
     files.insert(0, out_dir / "report.md")
 
     head = "\n".join(main) if main else "No prognosis results (no finished unit scores a held-out or test split)."

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import pickle
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
@@ -15,9 +16,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid, ServerApp
 
-from secagg_check.task import OVER_BOUND, SPEC, resnet18_model, tiny_model
-from mdmt.server.secagg import secure_train_round
 from mdmt.fed import protocol as P
+from mdmt.server.secagg import secure_train_round
+from secagg_check.task import OVER_BOUND, SPEC, resnet18_model, tiny_model
 
 app = ServerApp()
 
@@ -34,15 +35,24 @@ class RecordingGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        stage = next((m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE] for m in messages
-                      if RECORD_KEY_CONFIGS in m.content.config_records), None)
+        stage = next(
+            (
+                m.content.config_records[RECORD_KEY_CONFIGS][Key.STAGE]
+                for m in messages
+                if RECORD_KEY_CONFIGS in m.content.config_records
+            ),
+            None,
+        )
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         self.replies += [self._describe(r, stage) for r in replies]
         return replies
 
     def _describe(self, msg: Message, stage: str | None) -> dict[str, Any]:
-        d: dict[str, Any] = {"stage": stage, "src": msg.metadata.src_node_id,
-                             "error": msg.error.reason if msg.has_error() else None}
+        d: dict[str, Any] = {
+            "stage": stage,
+            "src": msg.metadata.src_node_id,
+            "error": msg.error.reason if msg.has_error() else None,
+        }
         if msg.has_error():
             return d
         content = msg.content
@@ -73,26 +83,50 @@ def _partitions(grid: Grid, n: int, wait_s: float = 120.0) -> dict[int, int]:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {n} nodes connected")
         time.sleep(0.5)
-    msgs = [Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
-            for node in grid.get_node_ids()]
+    msgs = [
+        Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+        for node in grid.get_node_ids()
+    ]
     return {int(r.content[P.SITE]["partition"]): r.metadata.src_node_id for r in grid.send_and_receive(msgs)}
 
 
-def _round(grid: Grid, out: Path, rnd: int, node_of: dict[int, int], parts: list[int], reference: dict[str, np.ndarray],
-           payload: bool) -> dict[str, np.ndarray]:
+def _round(
+    grid: Grid,
+    out: Path,
+    rnd: int,
+    node_of: dict[int, int],
+    parts: list[int],
+    reference: dict[str, np.ndarray],
+    payload: bool,
+) -> dict[str, np.ndarray]:
     rec = RecordingGrid(grid, payload)
     t0 = time.monotonic()
-    res = secure_train_round(rec, [node_of[p] for p in parts], reference, {P.CFG_ROUND: rnd, P.CFG_AGGREGATION: "fedavg"},
-                             spec=SPEC, timeout=600)
+    res = secure_train_round(
+        rec,
+        [node_of[p] for p in parts],
+        reference,
+        {P.CFG_ROUND: rnd, P.CFG_AGGREGATION: "fedavg"},
+        spec=SPEC,
+        timeout=600,
+    )
     seconds = time.monotonic() - t0
     part_of = {n: p for p, n in node_of.items()}
     np.savez(out / f"reference{rnd}.npz", **reference)
     np.savez(out / f"secure{rnd}.npz", **res.arrays)
-    (out / f"round{rnd}.json").write_text(json.dumps({
-        "status": {part_of[n]: s for n, s in res.status.items()}, "counts": res.counts, "bound": res.bound,
-        "quantization_range": res.quantization_range, "included": [part_of[n] for n in res.included],
-        "metrics": {part_of[n]: m for n, m in res.metrics.items()},
-        "bytes_up": {part_of[n]: b for n, b in res.bytes_up.items()}, "seconds": seconds}))
+    (out / f"round{rnd}.json").write_text(
+        json.dumps(
+            {
+                "status": {part_of[n]: s for n, s in res.status.items()},
+                "counts": res.counts,
+                "bound": res.bound,
+                "quantization_range": res.quantization_range,
+                "included": [part_of[n] for n in res.included],
+                "metrics": {part_of[n]: m for n, m in res.metrics.items()},
+                "bytes_up": {part_of[n]: b for n, b in res.bytes_up.items()},
+                "seconds": seconds,
+            }
+        )
+    )
     for r in rec.replies:
         r["partition"] = part_of.get(r["src"])
     with open(out / f"received{rnd}.pkl", "wb") as fh:
