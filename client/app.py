@@ -31,10 +31,10 @@ def train(msg: Message, context: Context) -> Message:
     loc = locate_site(cfg, context.node_config)
     state = msg.content[P.ARRAYS].to_torch_state_dict()
     # Train locally (mdmt.fed.site holds the logic).
-    rcfg = dict(msg.content[P.CONFIG])
-    new_state, metrics = run_train(cfg, loc, state, rcfg)
+    round_config = dict(msg.content[P.CONFIG])
+    new_state, metrics = run_train(cfg, loc, state, round_config)
     # Reply: the update (fp16/int8 difference from the global model, or the weights) and counts per task.
-    update = encode_update(new_state, state, str(rcfg.get(P.CFG_COMPRESSION, "none")))
+    update = encode_update(new_state, state, str(round_config.get(P.CFG_COMPRESSION, "none")))
     content = RecordDict(
         {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: MetricRecord(metrics)}
     )

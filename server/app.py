@@ -13,8 +13,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
+from mdmt.fed.secagg import SecAggSpec
 from mdmt.fed.units import SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale, unit_keys
 from mdmt.logs import setup_logging
+from mdmt.server.secagg import secure_train_round
 from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from mdmt.store import RunStore
 
@@ -72,8 +74,6 @@ class FlowerRounds:
         )
 
     def _secure_train(self, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
-        from mdmt.fed.secagg import SecAggSpec
-        from mdmt.server.secagg import secure_train_round
 
         cfg = self.cfg
         site_of = {self.node_of[s]: s for s in plan.train_messages}

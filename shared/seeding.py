@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import random
-
-import numpy as np
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -16,11 +13,3 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 def site_seed(seed: int, site: str, purpose: str = "") -> int:
     return derive_seed(seed, "site", site, purpose)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)

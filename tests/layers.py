@@ -83,6 +83,26 @@ def private_imports(known: dict[str, Path]) -> list[str]:
     return bad
 
 
+def undeclared_local_imports(known: dict[str, Path]) -> list[str]:
+    """Imports inside functions that do not say which heavy or optional dependency they defer: the comment
+    ``# deferred: <what>`` on the import's line or the line above it."""
+    bad = []
+    for _, path in sorted(known.items()):
+        lines = path.read_text().splitlines()
+        for node in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for inner in ast.walk(node):
+                if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                    near = " ".join(lines[max(inner.lineno - 2, 0) : inner.end_lineno])
+                    if "deferred:" not in near:
+                        bad.append(
+                            f"{path.relative_to(OUT)}:{inner.lineno}: an import inside a function needs a "
+                            "'# deferred: <dependency>' comment, or belongs at the top of the module"
+                        )
+    return sorted(set(bad))
+
+
 def cycles(known: dict[str, Path]) -> list[str]:
     graph = {m: sorted({t for t, _, _ in imported(m, p, known) if t in known and t != m}) for m, p in known.items()}
     # A package's __init__ importing its own submodules is not a cycle of the design: leave those edges out.
@@ -110,6 +130,7 @@ def main() -> int:
     root = assemble()
     known = modules(root)
     problems = [f"import cycle: {c}" for c in cycles(known)] + private_imports(known)
+    problems += undeclared_local_imports(known)
     for line in problems:
         print(line)
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -39,7 +39,7 @@ def _cfg(fed: Path, ws: Path, **kw) -> RunConfig:
 def _round(cfg: RunConfig, rnd: int, state=None):
     loc = locate_site(cfg, {"site": "B"})
     state = state if state is not None else {k: torch.from_numpy(v) for k, v in initial_arrays(cfg, "resnet18").items()}
-    rcfg = {
+    round_config = {
         P.CFG_ROUND: rnd,
         P.CFG_UNIT: UNIT,
         P.CFG_METHOD: "mdmt",
@@ -50,7 +50,7 @@ def _round(cfg: RunConfig, rnd: int, state=None):
         P.CFG_AGGREGATION: "fedavg",
         P.CFG_PROX_MU: 0.0,
     }
-    new, metrics = run_train(cfg, loc, state, rcfg)
+    new, metrics = run_train(cfg, loc, state, round_config)
     return new, metrics, loc
 
 

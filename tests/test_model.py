@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from mdmt.errors import ConfigError
-from mdmt.ml.model import BACKBONES, build_model, head_of
+from mdmt.ml.backbones import BACKBONES
+from mdmt.ml.model import build_model
+from mdmt.ml.naming import head_of
 
 
 def test_registry_has_the_papers_18_backbones():

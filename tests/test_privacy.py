@@ -13,7 +13,8 @@ from opacus.validators import ModuleValidator
 from torch import nn
 
 from mdmt.errors import ConfigError, DataError
-from mdmt.ml.model import BACKBONES, MDMTNet, build_model
+from mdmt.ml.backbones import BACKBONES
+from mdmt.ml.model import MDMTNet, build_model
 from mdmt.ml.privacy import (
     DPRound,
     DPSettings,

@@ -36,8 +36,7 @@ from mdmt.fed.secagg import (
     unpack_sum,
 )
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
-from mdmt.ml.model import head_of
-from mdmt.ml.train import is_bn_stat
+from mdmt.ml.naming import head_of, is_bn_stat
 from mdmt.server.secagg import secure_train_round
 
 APP = Path(__file__).parent / "secagg_app"

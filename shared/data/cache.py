@@ -36,7 +36,7 @@ INDEX = "index.csv"
 META = "meta.json"
 RECORDS = "records.csv"
 JOURNAL_PREFIX = "partial-"
-MIN_IMAGE_SIZE = 16
+MIN_IMAGE_SIZE = 32  # pixels: below it the backbones' last feature map is smaller than 1x1
 
 
 @dataclass

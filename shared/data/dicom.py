@@ -33,6 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, as_pixel_options, convert_color_space, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mdmt.errors import DicomRejected
 
@@ -97,8 +103,6 @@ def _int(ds: Any, keyword: str) -> int | None:
 
 def _read_dataset(path: Path):
     """dcmread with one-line rejections for missing, empty, non-DICOM and truncated files."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
 
     if not path.exists():
         raise DicomRejected("file not found")
@@ -129,8 +133,6 @@ def _read_dataset(path: Path):
 
 
 def _ensure_transfer_syntax(ds: Any, forced: bool) -> None:
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
     meta = getattr(ds, "file_meta", None)
     if meta is not None and meta.get("TransferSyntaxUID", None):
@@ -169,7 +171,6 @@ def _cannot_decode(decoder: Any, tsyntax: Any, exc: BaseException) -> str:
 
 def _decode(ds: Any) -> tuple[np.ndarray, str]:
     """Decoded pixels (YBR converted to RGB by pydicom where it can) and their photometric interpretation."""
-    from pydicom.pixels import as_pixel_options, convert_color_space, get_decoder
 
     tsyntax = ds.file_meta.TransferSyntaxUID
     ts_name = getattr(tsyntax, "name", str(tsyntax))
@@ -201,7 +202,6 @@ def _decode(ds: Any) -> tuple[np.ndarray, str]:
 
 
 def _apply_modality(arr: np.ndarray, ds: Any) -> np.ndarray:
-    from pydicom.pixels import apply_modality_lut
 
     try:
         out = apply_modality_lut(arr, ds)
@@ -219,7 +219,6 @@ def _apply_voi(arr: np.ndarray, ds: Any, voi: str) -> tuple[np.ndarray, str]:
         return arr, "none"
     if voi != "auto":
         raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
-    from pydicom.pixels import apply_voi_lut
 
     seq = ds.get("VOILUTSequence", None)
     item = seq[0] if seq else None
@@ -282,8 +281,6 @@ def read_dicom(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
 def _no_pixel_data_reason(sop_class: str) -> str:
     """'no pixel data', naming the object when its SOP class is a known non-image (SR, presentation state)."""
     if sop_class:
-        from pydicom.uid import UID
-
         name = UID(sop_class).name
         if name != sop_class and "Image" not in name:
             return f"no pixel data ({name} object, not an image)"
@@ -350,7 +347,6 @@ def _read_dicom(path: Path, voi: str) -> tuple[np.ndarray, dict]:
 
 def _read_plain_image(path: Path) -> tuple[np.ndarray, dict]:
     """PNG/JPEG/TIFF via Pillow: grey as stored (bright = attenuation assumed), colour averaged."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from skimage.filters import threshold_otsu
 
 CROP_MODES = ("lung", "none", "boxes", "masks")
 USER_CROP_MODES = ("boxes", "masks")  # the box comes from the caller (a table or a mask)
@@ -78,7 +79,6 @@ def _resize(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def _otsu(values: np.ndarray) -> float | None:
     """Otsu threshold (scikit-image) of a 1-D sample; None when the values are (almost) constant."""
-    from skimage.filters import threshold_otsu
 
     if not float(values.max()) - float(values.min()) > 1e-6:
         return None

@@ -78,6 +78,7 @@ def _patient_split(free: pd.DataFrame, seed: int, val_fraction: float) -> dict[s
         val = set(patients[order[:n_val]])
         return {p: ("val" if p in val else "train") for p in patients}
 
+    # deferred: scikit-learn (slow to import; only the CV protocol needs it)
     from sklearn.model_selection import StratifiedGroupKFold
 
     labels = _merge_rare(stratum_labels(free).to_numpy(), groups, n_splits)
@@ -157,6 +158,9 @@ def split_counts(df: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
 
 # ---- protocols: the split file of a federation ---------------------------------------------------------
 
+# loco: leave one centre out (the site's own train/val/test assignment, a held-out centre evaluates all rows);
+# cv: patient-level k-fold at every site.
+PROTOCOLS = ("loco", "cv")
 CONSENSUS_COLUMN = "ConsensusTestset"  # BRIXIA's 150 images scored by 5 radiologists
 SPLIT_FILE_COLUMNS = ("site", "image", "protocol", "fold", "role")
 
@@ -195,6 +199,7 @@ def site_cv_folds(df: pd.DataFrame, site: str, seed: int, n_folds: int = 5) -> n
     rows): the fold index of each row. Computed from the site's own manifest only, so a site daemon and
     ``mdmt splits`` agree without seeing other sites; stratifying each centre by class stratifies the
     federation by class x centre. A site with fewer patients than folds deals its patients round-robin."""
+    # deferred: scikit-learn (slow to import; only the CV protocol needs it)
     from sklearn.model_selection import StratifiedGroupKFold
 
     groups = df["patient_id"].astype(str).to_numpy()

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mdmt.ml.model import head_of
+from mdmt.ml.naming import head_of
+
+# How sites' updates are combined: task-aware FedAvg; FedProx adds its proximal term at the sites; FedBN keeps
+# every site's BatchNorm statistics at the site.
+AGGREGATIONS = ("fedavg", "fedprox", "fedbn")
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from typing import Any
 import pandas as pd
 
 from mdmt.fed import protocol as P
+from mdmt.ml.metrics import HIST_BINS
 
 MESSAGE_LOG = "messages.csv"
 COLUMNS = ("time", "run_id", "message_type", "unit_id", "round", "split")
@@ -50,7 +52,6 @@ def append_reply_log(
 ) -> None:
     """One line per reply the site sent: record names, array names/shapes/dtypes, metric and config keys
     with the kind of each value (never array contents)."""
-    import json
 
     site_workspace.mkdir(parents=True, exist_ok=True)
     line = json.dumps(
@@ -80,7 +81,6 @@ def value_kind(v: Any) -> dict[str, Any]:
 
 
 def read_reply_log(site_workspace: Path) -> list[dict[str, Any]]:
-    import json
 
     path = Path(site_workspace) / REPLY_LOG
     if not path.is_file():
@@ -93,7 +93,6 @@ def reply_problems(entry: dict[str, Any], model_shapes: dict[str, list[int]]) ->
     with exactly the model's names and shapes; scalar metrics of the protocol's keys; the evaluation's
     fixed-size aggregate counts (confusion matrices, score histograms); the query reply's identifiers and
     counts."""
-    from mdmt.ml.metrics import HIST_BINS
 
     problems: list[str] = []
     list_len = {"cm-prognosis": 4, "hist-prognosis": 2 * HIST_BINS, "cm-severity": 16}

@@ -3,6 +3,7 @@ sites' manifest hashes, so a result can always be traced to the data that produc
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,6 @@ def save_checkpoint(
 def arrays_digest(arrays: dict[str, Any]) -> str:
     """SHA-256 over names, dtypes, shapes and bytes of a model's arrays (numpy or torch), in name order: equal
     digests mean bit-for-bit equal weights."""
-    import hashlib
 
     h = hashlib.sha256()
     for name in sorted(arrays):

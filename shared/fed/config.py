@@ -12,17 +12,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from mdmt.data.cache import cache_root
-from mdmt.errors import ConfigError
+import tomllib
 
-LOSS_NORMS = ("task", "batch")
-SEVERITY_HEADS = ("global4",)
-PROTOCOLS = ("loco", "cv")
-AGGREGATIONS = ("fedavg", "fedprox", "fedbn")
-AUGMENTS = ("paper", "none")
-CLASS_WEIGHTS = ("none", "balanced")
-COMPRESSION_MODES = ("fp16", "int8", "none")  # mdmt.fed.compress.MODES
-DEVICES = ("auto", "cpu", "cuda")
+from mdmt.data.cache import MIN_IMAGE_SIZE, cache_root
+from mdmt.data.dicom import VOI_MODES
+from mdmt.data.preprocess import CROP_MODES
+from mdmt.data.splits import PROTOCOLS
+from mdmt.errors import ConfigError
+from mdmt.fed.aggregate import AGGREGATIONS
+from mdmt.fed.compress import MODES as COMPRESSION_MODES
+from mdmt.ml.backbones import BACKBONES
+from mdmt.ml.methods import METHODS
+from mdmt.ml.options import AUGMENTS, CLASS_WEIGHTS, DEVICES, LOSS_NORMS
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -76,7 +77,6 @@ class RunConfig:
     secagg_clip: float = 8.0  # public bound on |local - global| of every weight; a site past it refuses the round
     secagg_count_scale: int = 0  # public bound on a site's training count; 0 = the largest the sites reported
     update_compression: str = "fp16"  # fp16 | int8 | none: how a site's update (local - global) travels back
-    severity_head: str = "global4"
     patience: int = 65  # rounds without improvement before early stop; 0 = never stop early
     select_after: int = 40  # rounds before model selection may pick a round
     val_fraction: float = 0.1
@@ -86,7 +86,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     torch_compile: bool = False  # local training's forward pass through torch.compile (long rounds on a GPU)
-    num_workers: int = 0
+    num_workers: int = 0  # processes decoding DICOM files when a site builds its cache (0 = one per CPU core)
     round_timeout: float = 3600.0
     min_sites: int = 1
 
@@ -118,8 +118,6 @@ class RunConfig:
 
     # ---- validation ---------------------------------------------------------------------------
     def validate(self, source: str = "run config") -> None:
-        from mdmt.ml.methods import METHODS
-        from mdmt.ml.model import BACKBONES
 
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{source}: '{key}' {msg}")
@@ -137,15 +135,12 @@ class RunConfig:
         choices = {
             "protocol": (self.protocol, PROTOCOLS),
             "loss-norm": (self.loss_norm, LOSS_NORMS),
-            "severity-head": (self.severity_head, SEVERITY_HEADS),
             "device": (self.device, DEVICES),
             "aggregation": (self.aggregation, AGGREGATIONS),
             "augment": (self.augment, AUGMENTS),
             "class-weight": (self.class_weight, CLASS_WEIGHTS),
             "update-compression": (self.update_compression, COMPRESSION_MODES),
         }
-        from mdmt.data.dicom import VOI_MODES
-        from mdmt.data.preprocess import CROP_MODES
 
         choices["crop"] = (self.crop, CROP_MODES)
         choices["voi"] = (self.voi, VOI_MODES)
@@ -156,8 +151,10 @@ class RunConfig:
         for key, val in positive.items():
             if val <= 0:
                 raise bad(key, f"must be > 0, got {val}")
-        if self.image_size < 32:
-            raise bad("image-size", f"must be at least 32 pixels, got {self.image_size}")
+        if self.image_size < MIN_IMAGE_SIZE:
+            raise bad("image-size", f"must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
+        if self.num_workers < 0:
+            raise bad("num-workers", f"must be >= 0 (0 = one per CPU core), got {self.num_workers}")
         if self.local_epochs <= 0 and self.local_steps <= 0:
             raise bad("local-epochs", "and 'local-steps' are both 0; set one of them > 0")
         if self.lr <= 0:
@@ -196,6 +193,7 @@ class RunConfig:
     def dp_settings(self, epochs: int):
         """The DP-SGD settings of a site (mdmt.ml.privacy.DPSettings); ``epochs``: the local epochs the whole
         run takes at that site, which a target epsilon is spread over."""
+        # deferred: torch (mdmt.ml.privacy); reading a config needs no torch
         from mdmt.ml.privacy import DPSettings
 
         return DPSettings(
@@ -278,7 +276,6 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str) -> Any:
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
-    import tomllib
 
     p = Path(path)
     try:

@@ -31,8 +31,7 @@ import numpy as np
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed import protocol as P
 from mdmt.ml.methods import TASKS
-from mdmt.ml.model import head_of
-from mdmt.ml.train import is_bn_stat
+from mdmt.ml.naming import head_of, is_bn_stat
 
 # Keys of the ConfigRecord that carry the public packing parameters to the sites.
 CFG_CLIP = "secagg-clip"
@@ -133,10 +132,6 @@ def layout(reference: Mapping[str, np.ndarray], skip: Callable[[str], bool] | No
         integer = bool(np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_))
         out.append(Entry(key, tuple(arr.shape), arr.dtype, count_key(head_of(key)), integer))
     return out
-
-
-def vector_size(reference: Mapping[str, np.ndarray], skip: Callable[[str], bool] | None = None) -> int:
-    return sum(e.size for e in layout(reference, skip)) + len(COUNT_KEYS)
 
 
 def pack_update(

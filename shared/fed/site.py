@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mdmt.data.ingest import ingest_and_load_site
+from mdmt.data.manifest import list_sites, manifest_hash, read_manifest
+from mdmt.data.splits import cv_roles, site_splits
 from mdmt.errors import ConfigError, DataError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
@@ -22,8 +25,9 @@ from mdmt.fed.node import SITE, NodeConfig
 from mdmt.ml.augment import get_augment
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
 from mdmt.ml.model import build_model
+from mdmt.ml.naming import is_bn_stat
 from mdmt.ml.privacy import DPRound, steps_per_epoch
-from mdmt.ml.train import TaskData, adapt_bn, evaluate, is_bn_stat, resolve_device, train_local
+from mdmt.ml.train import TaskData, adapt_bn, evaluate, resolve_device, train_local
 from mdmt.seeding import derive_seed
 
 SPLIT_CHOICES = ("train", "val", "test", "all")
@@ -44,8 +48,6 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         node = NodeConfig.from_flower(node_config, cfg.fed_path, cfg.workspace_path)
         site, site_dir, ws, cache, device = node.site, node.data_dir, node.workspace, node.cache_path, node.device
     elif "partition-id" in node_config:
-        from mdmt.data.manifest import list_sites
-
         sites = list(cfg.site_list) or list_sites(cfg.fed_path)
         pid = int(node_config["partition-id"])
         if pid >= len(sites):
@@ -76,8 +78,7 @@ def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteL
 
 
 def _load(cfg: RunConfig, loc: SiteLocation):
-    from mdmt.data.ingest import ingest_and_load_site
-
+    """The site's cache, built first when it is missing or stale."""
     return ingest_and_load_site(
         loc.site_dir,
         loc.cache_root,
@@ -85,33 +86,30 @@ def _load(cfg: RunConfig, loc: SiteLocation):
         crop=cfg.crop,
         voi=cfg.voi,
         crop_source=cfg.crop_source or None,
+        workers=cfg.num_workers,
     )
 
 
 def manifest_splits(cfg: RunConfig, loc: SiteLocation) -> pd.Series:
     """image -> train/val/test, computed on the whole manifest (the same rule as ``mdmt splits``), so a
     file that later fails to decode never shifts another patient's split."""
-    from mdmt.data.manifest import read_manifest
-    from mdmt.data.splits import site_splits
 
     df = read_manifest(loc.site_dir)
     return pd.Series(site_splits(df, loc.site, cfg.seed, cfg.val_fraction).to_numpy(), index=df["image"].to_numpy())
 
 
-def site_roles(cfg: RunConfig, loc: SiteLocation, protocol: str = "loco", fold: str = "-") -> pd.Series:
+def image_splits(cfg: RunConfig, loc: SiteLocation, protocol: str = "loco", fold: str = "-") -> pd.Series:
     """image -> train/val/test of the site under a protocol: loco uses :func:`manifest_splits` (a held-out
     centre evaluates 'all'); cv fold k uses the site's own patient-level k-fold assignment."""
     if protocol != "cv":
         return manifest_splits(cfg, loc)
-    from mdmt.data.manifest import read_manifest
-    from mdmt.data.splits import cv_roles
 
     df = read_manifest(loc.site_dir)
     return pd.Series(cv_roles(df, loc.site, cfg.seed, int(fold), cfg.cv_folds).to_numpy(), index=df["image"].to_numpy())
 
 
-def _roles(cfg: RunConfig, loc: SiteLocation, rcfg: Mapping[str, Any]) -> pd.Series:
-    return site_roles(cfg, loc, str(rcfg.get(P.CFG_PROTOCOL, "loco")), str(rcfg.get(P.CFG_FOLD, "-")))
+def _round_splits(cfg: RunConfig, loc: SiteLocation, round_config: Mapping[str, Any]) -> pd.Series:
+    return image_splits(cfg, loc, str(round_config.get(P.CFG_PROTOCOL, "loco")), str(round_config.get(P.CFG_FOLD, "-")))
 
 
 def load_split(
@@ -139,7 +137,6 @@ def load_split(
 
 def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
     """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
-    from mdmt.data.manifest import manifest_hash
 
     sd, splits = _load(cfg, loc), manifest_splits(cfg, loc)
     out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
@@ -157,43 +154,47 @@ def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> tor
     return model
 
 
-def _fedbn_file(loc: SiteLocation, rcfg: Mapping[str, Any]) -> Path:
-    return loc.workspace / "fedbn" / (str(rcfg[P.CFG_UNIT]).replace("/", "__") + ".pt")
+def _fedbn_file(loc: SiteLocation, round_config: Mapping[str, Any]) -> Path:
+    return loc.workspace / "fedbn" / (str(round_config[P.CFG_UNIT]).replace("/", "__") + ".pt")
 
 
-def _fedbn(rcfg: Mapping[str, Any]) -> bool:
-    return str(rcfg.get(P.CFG_AGGREGATION, "fedavg")) == "fedbn"
+def _fedbn(round_config: Mapping[str, Any]) -> bool:
+    return str(round_config.get(P.CFG_AGGREGATION, "fedavg")) == "fedbn"
 
 
-def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]):
+def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], round_config: Mapping[str, Any]):
     """One round of local training; returns (new state dict, train metrics dict)."""
-    method = get_method(str(rcfg[P.CFG_METHOD]))
-    locs = pooled_locations(cfg, loc, str(rcfg.get(P.CFG_POOL, "")))
-    data = TaskData.concat([load_split(cfg, l, "train", method.tasks, splits=_roles(cfg, l, rcfg)) for l in locs])
-    bn_file = _fedbn_file(loc, rcfg)
-    if _fedbn(rcfg) and bn_file.is_file():  # FedBN: this site's own BatchNorm statistics replace the global ones
+    method = get_method(str(round_config[P.CFG_METHOD]))
+    locs = pooled_locations(cfg, loc, str(round_config.get(P.CFG_POOL, "")))
+    data = TaskData.concat(
+        [load_split(cfg, l, "train", method.tasks, splits=_round_splits(cfg, l, round_config)) for l in locs]
+    )
+    bn_file = _fedbn_file(loc, round_config)
+    if (
+        _fedbn(round_config) and bn_file.is_file()
+    ):  # FedBN: this site's own BatchNorm statistics replace the global ones
         state = state | torch.load(bn_file, map_location="cpu")
-    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
-    seed = derive_seed(cfg.seed, "train", loc.site, rcfg[P.CFG_UNIT], int(rcfg[P.CFG_ROUND]))
+    model = _model(cfg, str(round_config[P.CFG_BACKBONE]), state)
+    seed = derive_seed(cfg.seed, "train", loc.site, round_config[P.CFG_UNIT], int(round_config[P.CFG_ROUND]))
     res = train_local(
         model,
         data,
         epochs=cfg.local_epochs,
         steps=cfg.local_steps,
         batch_size=cfg.batch_size,
-        lr=float(rcfg[P.CFG_LR]),
+        lr=float(round_config[P.CFG_LR]),
         weight_decay=cfg.weight_decay,
         loss_norm=cfg.loss_norm,
         device=resolve_device(loc.device or cfg.device),
         seed=seed,
         augment=get_augment(cfg.augment),
         class_weight=cfg.class_weight,
-        prox_mu=float(rcfg.get(P.CFG_PROX_MU, 0.0)),
+        prox_mu=float(round_config.get(P.CFG_PROX_MU, 0.0)),
         compile_model=cfg.torch_compile,
-        dp=dp_round(cfg, loc, data, str(rcfg[P.CFG_UNIT])) if cfg.dp else None,
+        dp=dp_round(cfg, loc, data, str(round_config[P.CFG_UNIT])) if cfg.dp else None,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    if _fedbn(rcfg):
+    if _fedbn(round_config):
         bn_file.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v for k, v in new_state.items() if is_bn_stat(k)}, bn_file)
     return new_state, P.train_metrics(res)
@@ -219,27 +220,27 @@ def dp_round(cfg: RunConfig, loc: SiteLocation, data: TaskData, unit_id: str) ->
 
 
 def run_evaluate(
-    cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], rcfg: Mapping[str, Any]
+    cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], round_config: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Score both tasks on each requested split; per-sample predictions are written to the site's own
     workspace. Under FedBN a training site uses its own BatchNorm statistics and any other site (a
     held-out centre) re-estimates them on the rows it evaluates."""
-    splits = [sp for sp in str(rcfg[P.CFG_SPLIT]).split(",") if sp]
-    roles = _roles(cfg, loc, rcfg)
-    bn_file = _fedbn_file(loc, rcfg)
-    if _fedbn(rcfg) and bn_file.is_file():
+    splits = [sp for sp in str(round_config[P.CFG_SPLIT]).split(",") if sp]
+    roles = _round_splits(cfg, loc, round_config)
+    bn_file = _fedbn_file(loc, round_config)
+    if _fedbn(round_config) and bn_file.is_file():
         state = state | torch.load(bn_file, map_location="cpu")
     device = resolve_device(loc.device or cfg.device)
-    out_dir = loc.workspace / "predictions" / str(rcfg[P.CFG_UNIT]).replace("/", "__")
+    out_dir = loc.workspace / "predictions" / str(round_config[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
     sd = _load(cfg, loc)  # the site's cache, read once for every split
-    model = _model(cfg, str(rcfg[P.CFG_BACKBONE]), state)
+    model = _model(cfg, str(round_config[P.CFG_BACKBONE]), state)
     results = {}
     for split in splits:
         data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=roles)
-        if _fedbn(rcfg) and not bn_file.is_file():  # statistics reset and re-estimated per split
+        if _fedbn(round_config) and not bn_file.is_file():  # statistics reset and re-estimated per split
             adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
         res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
-        res.predictions.to_csv(out_dir / f"round-{int(rcfg[P.CFG_ROUND]):03d}-{split}.csv", index=False)
+        res.predictions.to_csv(out_dir / f"round-{int(round_config[P.CFG_ROUND]):03d}-{split}.csv", index=False)
         results[split] = res
     return P.split_eval_metrics(results)

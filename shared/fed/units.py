@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
 from mdmt.errors import ConfigError
 from mdmt.fed import protocol as P
@@ -23,7 +24,8 @@ from mdmt.fed.config import RunConfig
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, local_site, role_tasks
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from mdmt.ml.model import build_model
-from mdmt.ml.train import TrainResult, is_bn_stat
+from mdmt.ml.naming import is_bn_stat
+from mdmt.ml.train import TrainResult
 from mdmt.seeding import derive_seed
 from mdmt.store import RunStore, UnitKey
 
@@ -189,7 +191,6 @@ class ServerLR:
     monitored validation loss (a round counts as an epoch); lr-patience 0 keeps it constant."""
 
     def __init__(self, cfg: RunConfig):
-        import torch
 
         self._param = torch.nn.Parameter(torch.zeros(1))
         self._opt = torch.optim.SGD([self._param], lr=cfg.lr)
@@ -461,9 +462,9 @@ def run_unit(
         ",".join(f"{s}:{'+'.join(sp)}" for s, sp in plan.eval_splits.items()),
     )
     for rnd in range(done + 1, n_rounds + 1):
-        rcfg = round_config(cfg, key, rnd, lr.lr)
+        message_config = round_config(cfg, key, rnd, lr.lr)
         started = time.perf_counter()
-        tr = rounds.train(rnd, arrays, plan, rcfg)
+        tr = rounds.train(rnd, arrays, plan, message_config)
         train_wall = time.perf_counter() - started
         arrays, trained, train_status = tr.arrays, tr.trained, tr.status
         missing = {s: st for s, st in train_status.items() if s not in trained}
@@ -481,7 +482,7 @@ def run_unit(
                 refused.append(s)
                 train_status[s] = f"refused: privacy budget (epsilon {t.epsilon:.3f} of {cfg.dp_epsilon_budget})"
                 log.info("unit %s round %d: site %s stops training: %s", key.unit_id, rnd, s, train_status[s])
-        evals, eval_status = rounds.evaluate(rnd, arrays, plan, rcfg)
+        evals, eval_status = rounds.evaluate(rnd, arrays, plan, message_config)
         metrics, stats = eval_rows(plan, evals, cfg.threshold)
         metrics += train_rows(tr)
         val_loss = monitored_val_loss(plan, evals)

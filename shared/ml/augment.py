@@ -17,6 +17,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mdmt.errors import ConfigError
+from mdmt.ml.options import AUGMENTS
+
 
 @dataclass(frozen=True)
 class PaperAugment:
@@ -81,8 +84,10 @@ def separable_gaussian_blur(x: torch.Tensor, ksize: int, sigma: float) -> torch.
     return F.conv2d(x, k1.view(1, 1, ksize, 1).expand(c, 1, ksize, 1), groups=c)
 
 
-AUGMENTS = {"paper": PaperAugment(), "none": None}
+TRANSFORMS = {"paper": PaperAugment(), "none": None}  # one per name of mdmt.ml.options.AUGMENTS
 
 
 def get_augment(name: str) -> PaperAugment | None:
-    return AUGMENTS[name]
+    if name not in AUGMENTS:
+        raise ConfigError(f"augment '{name}' is not one of {', '.join(AUGMENTS)}")
+    return TRANSFORMS[name]

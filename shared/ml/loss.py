@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mdmt.ml.options import LOSS_NORMS
+
 
 @dataclass
 class LossTerms:
@@ -37,7 +39,7 @@ def masked_term(
         return summed / mask.sum().clamp_min(1e-12)  # no label in the batch: exactly 0
     if norm == "batch":
         return summed / max(int(target.shape[0]), 1)
-    raise ValueError(f"loss normalisation '{norm}' is not 'task' or 'batch'")
+    raise ValueError(f"loss normalisation '{norm}' is not one of {', '.join(LOSS_NORMS)}")
 
 
 def mdmt_loss(
@@ -46,11 +48,9 @@ def mdmt_loss(
     y_prog: torch.Tensor,
     y_sev: torch.Tensor,
     norm: str = "task",
-    weight_prog: float = 1.0,
-    weight_sev: float = 1.0,
     class_weights: dict[str, torch.Tensor] | None = None,
 ) -> LossTerms:
     cw = class_weights or {}
     lp = masked_term(logits_prog, y_prog, norm, cw.get("prognosis"))
     ls = masked_term(logits_sev, y_sev, norm, cw.get("severity"))
-    return LossTerms(weight_prog * lp + weight_sev * ls, lp, ls)
+    return LossTerms(lp + ls, lp, ls)

@@ -26,10 +26,6 @@ class Method:
         """Does a site holding labels for ``site_tasks`` take part in training?"""
         return bool(set(self.tasks) & site_tasks)
 
-    def label_mask(self, site_tasks: set[str]) -> dict[str, bool]:
-        """Which of the site's labels feed the loss under this method."""
-        return {t: (t in self.tasks and t in site_tasks) for t in TASKS}
-
 
 METHODS: dict[str, Method] = {
     m.name: m

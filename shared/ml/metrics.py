@@ -32,6 +32,7 @@ def binary_metrics(cm: np.ndarray) -> dict[str, float]:
     ``gmean`` is the textbook sqrt(TPR x TNR); ``gmean_weighted`` is imbalanced-learn's weighted
     variant (sqrt(ACC x support-weighted specificity)), the one the paper's code reports.
     """
+    # deferred: imbalanced-learn (slow to import; only the weighted G-mean needs it)
     from imblearn.metrics import geometric_mean_score
 
     cm = np.asarray(cm, dtype=np.int64).reshape(2, 2)

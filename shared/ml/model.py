@@ -8,60 +8,20 @@ because it sends the initial model to the sites.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mdmt.errors import ConfigError
+from mdmt.ml.backbones import get_backbone_spec
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
+from mdmt.ml.naming import NUM_CLASSES
+from mdmt.ml.privacy import prepare_for_dp
 
 # ImageNet normalisation, the statistics the paper's pretrained backbones expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-NUM_CLASSES = {PROGNOSIS: 2, SEVERITY: 4}
-HEAD_PREFIX = {PROGNOSIS: "heads.prognosis.", SEVERITY: "heads.severity."}
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    name: str
-    library: str  # torchvision | timm
-    feature_width: int
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    s.name: s
-    for s in (
-        BackboneSpec("densenet121", "torchvision", 1024),
-        BackboneSpec("densenet161", "torchvision", 2208),
-        BackboneSpec("densenet169", "torchvision", 1664),
-        BackboneSpec("densenet201", "torchvision", 1920),
-        BackboneSpec("googlenet", "torchvision", 1024),
-        BackboneSpec("mobilenet_v2", "torchvision", 1280),
-        BackboneSpec("resnet18", "torchvision", 512),
-        BackboneSpec("resnet34", "torchvision", 512),
-        BackboneSpec("resnet50", "torchvision", 2048),
-        BackboneSpec("resnet101", "torchvision", 2048),
-        BackboneSpec("wide_resnet50_2", "torchvision", 2048),
-        BackboneSpec("shufflenet_v2_x0_5", "torchvision", 1024),
-        BackboneSpec("shufflenet_v2_x1_0", "torchvision", 1024),
-        BackboneSpec("efficientnet_b0", "timm", 1280),
-        BackboneSpec("efficientnet_b1_pruned", "timm", 1280),
-        BackboneSpec("efficientnet_es", "timm", 1280),
-        BackboneSpec("efficientnet_es_pruned", "timm", 1280),
-        BackboneSpec("efficientnet_lite0", "timm", 1280),
-    )
-}
-
-
-def get_backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ConfigError(f"unknown backbone '{name}'; valid: {', '.join(BACKBONES)}") from None
 
 
 def _strip_torchvision_head(model: nn.Module) -> nn.Module:
@@ -90,6 +50,7 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = False) -> tu
     """The backbone without its classifier, returning pooled features, and its feature width."""
     spec = get_backbone_spec(name)
     if spec.library == "timm":
+        # deferred: timm (slow to import; only its backbones need it)
         import timm
 
         kwargs: dict = {"num_classes": 0}
@@ -105,6 +66,7 @@ def build_backbone(name: str, weights: str = "", pretrained: bool = False) -> tu
             raise ConfigError(_pretrained_error(name, weights, exc)) from None
         width = int(model.num_features)
     else:
+        # deferred: torchvision (slow to import; only its backbones need it)
         import torchvision
 
         extra = {"aux_logits": False, "init_weights": True} if name == "googlenet" else {}
@@ -185,15 +147,5 @@ def build_model(
     bb, width = build_backbone(backbone, weights, pretrained)
     model = MDMTNet(bb, width)
     if dp:
-        from mdmt.ml.privacy import prepare_for_dp
-
         prepare_for_dp(model)
     return model
-
-
-def head_of(key: str) -> str | None:
-    """The task whose head owns a state-dict key, or None for a backbone key."""
-    for task, prefix in HEAD_PREFIX.items():
-        if key.startswith(prefix):
-            return task
-    return None

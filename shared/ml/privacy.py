@@ -121,7 +121,10 @@ def _no_inplace(model: nn.Module) -> None:
 def dp_problems(model: nn.Module) -> list[str]:
     """Why Opacus cannot train ``model`` (empty when it can): its validator's errors, BatchNorm subclasses
     it does not flag, and trainable layers holding buffers."""
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus.grad_sample import GradSampleModule
+
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus.validators import ModuleValidator
 
     out = [
@@ -141,6 +144,7 @@ def prepare_for_dp(model: nn.Module) -> nn.Module:
     divides the channels), in-place activations become out-of-place, and whatever else Opacus'
     ``ModuleValidator`` rejects is fixed by its own fixers. Raises :class:`ConfigError` if a problem remains.
     """
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus.validators import ModuleValidator
 
     was_training = model.training
@@ -241,6 +245,7 @@ class DPSettings:
         delta = self.delta_for(n_samples)
         noise = self.noise_multiplier
         if noise is None:
+            # deferred: opacus (slow to import; only DP runs need it)
             from opacus.accountants.utils import get_noise_multiplier
 
             try:
@@ -263,6 +268,7 @@ class DPSettings:
 
 
 def _accountant_of(obj: Any):
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus.accountants.accountant import IAccountant
 
     if isinstance(obj, IAccountant):
@@ -285,6 +291,7 @@ def _history_of(obj: Any) -> list[tuple[float, float, int]]:
 
 
 def _epsilon(history: Sequence[tuple[float, float, int]], mechanism: str, delta: float) -> float:
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus.accountants import create_accountant
 
     if not history:
@@ -433,6 +440,7 @@ def make_private_training(
     :meth:`PrivateTraining.close`) so that they get no per-sample gradient and do not move. With
     ``secure_mode`` off, sampling and noise come from generators seeded by ``seed``.
     """
+    # deferred: opacus (slow to import; only DP runs need it)
     from opacus import PrivacyEngine
 
     if n_samples < 1:

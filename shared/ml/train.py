@@ -14,10 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from mdmt.errors import ConfigError
 from mdmt.ml.loss import mdmt_loss
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
 from mdmt.ml.metrics import HIST_BINS
-from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES
+from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD
+from mdmt.ml.naming import NUM_CLASSES
+from mdmt.ml.options import CLASS_WEIGHTS, DEVICES
 from mdmt.ml.privacy import DPRound
 from mdmt.seeding import derive_seed
 
@@ -57,6 +60,9 @@ class TaskData:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """``name`` is one of mdmt.ml.options.DEVICES."""
+    if name not in DEVICES:
+        raise ConfigError(f"device '{name}' is not one of {', '.join(DEVICES)}")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
@@ -126,6 +132,7 @@ def autocast(device: torch.device, enabled: bool = True):
 def balanced_class_weights(data: TaskData) -> dict[str, torch.Tensor]:
     """Per task, scikit-learn's 'balanced' weights (n / (k x count)) of the classes present; absent
     classes weigh 1."""
+    # deferred: scikit-learn (slow to import; only class-weight balanced needs it)
     from sklearn.utils.class_weight import compute_class_weight
 
     out = {}
@@ -137,14 +144,6 @@ def balanced_class_weights(data: TaskData) -> dict[str, torch.Tensor]:
             w[present] = compute_class_weight("balanced", classes=present, y=y)
         out[task] = torch.from_numpy(w)
     return out
-
-
-BN_STAT_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def is_bn_stat(key: str) -> bool:
-    """A BatchNorm running statistic (what FedBN keeps at the site)."""
-    return key.rsplit(".", 1)[-1] in BN_STAT_SUFFIXES
 
 
 @torch.no_grad()
@@ -259,6 +258,8 @@ def train_local(
     refused before any step. ``model`` must be built for DP (no BatchNorm).
     """
     device = torch.device(device) if isinstance(device, str) else device
+    if class_weight not in CLASS_WEIGHTS:
+        raise ConfigError(f"class-weight '{class_weight}' is not one of {', '.join(CLASS_WEIGHTS)}")
     t0 = time.perf_counter()
     data = data.labelled()
     n = len(data)

@@ -25,11 +25,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mdmt.errors import ConfigError
+from mdmt.store import RunStore
 
 SECTIONS = ("train", "bytes", "ingest", "round", "scaling")
 
@@ -112,6 +116,7 @@ class Bench:
 
 
 def device_name(device) -> str:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     import torch
 
     if device.type == "cuda":
@@ -126,6 +131,7 @@ def device_name(device) -> str:
 
 
 def _sync(device) -> None:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     import torch
 
     if device.type == "cuda":
@@ -133,6 +139,7 @@ def _sync(device) -> None:
 
 
 def _random_data(n: int, size: int, seed: int = 0):
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.train import TaskData
 
     rng = np.random.default_rng(seed)
@@ -146,10 +153,16 @@ def _random_data(n: int, size: int, seed: int = 0):
 def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, compile_model: bool) -> float:
     """img/s of forward + masked two-task loss + backward + Adam on a batch already on the device, with the
     dtype and memory format local training uses there."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     import torch
 
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.loss import mdmt_loss
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.model import build_model
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.train import autocast
 
     model = build_model(backbone, seed=0).to(device).train()
@@ -192,8 +205,13 @@ def local_train_rate(
 ) -> float:
     """img/s of the project's local training call (``train_local``), timed whole: cache upload, feeding,
     on-device augmentation, optimiser, the end-of-round loss read-out."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.augment import get_augment
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.model import build_model
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.train import train_local
 
     data = _random_data(batch * min(steps, 16), size)
@@ -234,7 +252,10 @@ def section_train(b: Bench, device) -> None:
 
 def update_bytes(backbone: str) -> dict[str, int]:
     """Bytes a site sends per round for this backbone's update, per encoding."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.fed.compress import encode_update, payload_bytes
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.model import build_model
 
     model = build_model(backbone, seed=0)
@@ -263,6 +284,7 @@ def section_bytes(b: Bench) -> None:
 
 
 def _decode(path: str) -> int:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     import pydicom
 
     return int(pydicom.dcmread(path).pixel_array.size)
@@ -274,15 +296,16 @@ def bare_decode_rate(files: list[Path], workers: int) -> float:
         for f in files:
             _decode(str(f))
     else:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_decode, [str(f) for f in files], chunksize=8))
     return len(files) / (time.perf_counter() - t0)
 
 
 def section_ingest(b: Bench, fed: Path) -> None:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.ingest import ingest_site
+
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.manifest import list_sites, read_manifest
 
     s = b.settings
@@ -317,6 +340,7 @@ def section_ingest(b: Bench, fed: Path) -> None:
 
 def federation(s: Settings) -> Path:
     """The synthetic federation the round and ingest sections use (made once per scale)."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.synth import synthesize
 
     if s.fed_dir is not None:
@@ -328,6 +352,7 @@ def federation(s: Settings) -> Path:
 
 
 def _short_device(s: Settings) -> str:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.train import resolve_device
 
     device = resolve_device(s.device)
@@ -335,6 +360,7 @@ def _short_device(s: Settings) -> str:
 
 
 def _fed_label(fed: Path) -> str:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.manifest import list_sites, read_manifest
 
     return f"federation {fed.name} ({sum(len(read_manifest(fed / x)) for x in list_sites(fed))} images)"
@@ -349,6 +375,7 @@ class MemoryProbe:
         self._thread: threading.Thread | None = None
 
     def __call__(self, sim) -> None:
+        # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
         from mdmt.ops.launch import processes_with_token
 
         def sample() -> None:
@@ -392,6 +419,7 @@ def _simulate(
     echo,
 ) -> tuple[Path, int, float]:
     """A real Flower simulation of one MDMT unit; returns (store, peak memory bytes, wall seconds)."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ops.loco import prepare_config, run_simulation
 
     ws = s.workspace / tag
@@ -417,6 +445,7 @@ def _simulate(
             "round-timeout": 3600.0,
         }
     )
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.ingest import ingest_site
 
     t0 = time.perf_counter()
@@ -431,7 +460,6 @@ def _simulate(
 
 
 def _round_rows(store_path: Path) -> dict[int, dict[str, Any]]:
-    from mdmt.store import RunStore
 
     store = RunStore(store_path, readonly=True)
     try:
@@ -452,6 +480,7 @@ def _round_rows(store_path: Path) -> dict[int, dict[str, Any]]:
 
 
 def section_round(b: Bench, fed: Path) -> None:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.manifest import list_sites
 
     s = b.settings
@@ -493,6 +522,7 @@ def section_round(b: Bench, fed: Path) -> None:
 
 def scaling_federation(s: Settings, fed: Path, n: int) -> Path:
     """``n`` virtual sites, each a link to one of the synthetic prognosis centres (their data repeats)."""
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.manifest import list_sites, read_manifest, site_role
 
     out = s.workspace / f"scaling-{s.scale:g}"
@@ -536,6 +566,7 @@ def run_bench(
     command: str = "mdmt bench",
     echo: Callable[[str], None] = print,
 ) -> Bench:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.ml.train import resolve_device
 
     s = settings
@@ -583,7 +614,6 @@ def run_bench(
 
 
 def cmd_bench(a) -> None:
-    from mdmt.errors import ConfigError
 
     sections = tuple(x.strip() for x in a.sections.split(",") if x.strip())
     bad = [x for x in sections if x not in SECTIONS]

@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from mdmt.data.dicom import VOI_MODES
+from mdmt.data.preprocess import CROP_MODES
 from mdmt.errors import MDMTError
+from mdmt.fed.config import RunConfig
+from mdmt.ml.options import DEVICES
+
+DEFAULTS = RunConfig()  # every flag that sets a run-config value defaults to the schema's value
 
 
 def _kv(items: list[str]) -> dict[str, Any]:
@@ -21,6 +29,7 @@ def _kv(items: list[str]) -> dict[str, Any]:
 
 
 def cmd_synth(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.synth import format_summary, synthesize
 
     summary = synthesize(
@@ -36,6 +45,7 @@ def cmd_synth(a: argparse.Namespace) -> None:
 
 
 def cmd_import(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.importers import format_import_summary, import_aiforcovid, import_brixia
 
     if a.dataset == "aiforcovid":
@@ -54,8 +64,13 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 
 def cmd_ingest(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.cache import cache_root
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.ingest import ingest_federation, ingest_site
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.manifest import MANIFEST
 
     target = Path(a.dir)
@@ -82,7 +97,10 @@ def cmd_ingest(a: argparse.Namespace) -> None:
 
 
 def cmd_splits(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.manifest import list_sites, read_manifest, site_role
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.splits import federation_splits
 
     fed = Path(a.fed)
@@ -103,7 +121,10 @@ def cmd_splits(a: argparse.Namespace) -> None:
 
 
 def cmd_loco(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.fed.config import load_toml
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.loco import loco
 
     values: dict[str, Any] = {}
@@ -127,6 +148,7 @@ def cmd_loco(a: argparse.Namespace) -> None:
 
 
 def cmd_experiment(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.experiment import run_experiment
 
     overrides = _kv(a.set or [])
@@ -140,7 +162,10 @@ def _store_path(a: argparse.Namespace) -> Path:
 
 
 def cmd_report(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.results.report import write_report
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.store import RunStore
 
     store = RunStore(_store_path(a), readonly=True)
@@ -152,7 +177,10 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 
 def cmd_runs(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.results import runs
+
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.store import RunStore
 
     if not _store_path(a).is_file():
@@ -170,6 +198,7 @@ def cmd_runs(a: argparse.Namespace) -> None:
 
 
 def cmd_predict(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.predict import predict
 
     print(
@@ -185,6 +214,7 @@ def cmd_predict(a: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(a: argparse.Namespace) -> None:
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.results.dashboard import run
 
     run(a)
@@ -237,18 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="decode, crop and cache a site or a whole federation")
     s.add_argument("dir", help="a site folder (with manifest.csv) or a federation folder")
-    s.add_argument("--image-size", type=int, default=256)
+    s.add_argument("--image-size", type=int, default=DEFAULTS.image_size, help=f"default {DEFAULTS.image_size}")
     s.add_argument(
         "--crop",
-        default="lung",
-        choices=("lung", "boxes", "masks", "none"),
+        default=DEFAULTS.crop,
+        choices=CROP_MODES,
         help="lung: built-in heuristic; boxes/masks: your lung boxes or masks (see --crop-source); none",
     )
     s.add_argument(
         "--crop-source", default="", help="box table or mask folder (default <site>/lung_boxes.csv, <site>/lung_masks/)"
     )
-    s.add_argument("--voi", default="none", choices=("none", "auto"), help="auto: apply the file's VOI LUT / window")
-    s.add_argument("--workspace", default="runs")
+    s.add_argument("--voi", default=DEFAULTS.voi, choices=VOI_MODES, help="auto: apply the file's VOI LUT / window")
+    s.add_argument("--workspace", default=DEFAULTS.workspace)
     s.add_argument("--cache-dir", default="", help="default: <workspace>/cache")
     s.add_argument("--workers", type=int, default=0, help="decoding processes (default 0 = all cores)")
     s.add_argument("--force", action="store_true", help="rebuild even if a valid cache exists")
@@ -259,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
         "splits", help="write the federation's split file (LOCO and k-fold CV), reproducible from a seed"
     )
     s.add_argument("fed", help="federation folder")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--folds", type=int, default=5)
-    s.add_argument("--val-fraction", type=float, default=0.1, help="LOCO validation share per training site")
+    s.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    s.add_argument("--folds", type=int, default=DEFAULTS.cv_folds)
+    s.add_argument(
+        "--val-fraction", type=float, default=DEFAULTS.val_fraction, help="LOCO validation share per training site"
+    )
     s.add_argument("--include-consensus", action="store_true", help="let BRIXIA's consensus set train")
     s.add_argument("--out", default="", help="default: FED/splits-seed<K>.csv")
     s.set_defaults(fn=cmd_splits)
@@ -295,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_experiment)
 
     s = sub.add_parser("report", help="tables, statistics and plots from a run store (markdown, CSV, LaTeX, PNG)")
-    s.add_argument("--workspace", default="runs")
+    s.add_argument("--workspace", default=DEFAULTS.workspace)
     s.add_argument("--store", default="", help="default: <workspace>/store.sqlite")
     s.add_argument("--out", default="", help="default: <workspace>/reports")
     s.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for AUC intervals")
@@ -305,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("runs", help="list, export or delete units of a run store")
     s.add_argument("action", choices=("list", "export", "delete"))
     s.add_argument("match", nargs="*", help="unit-id patterns (shell-style, e.g. 'mdmt/*/loco/A/*'); default: all")
-    s.add_argument("--workspace", default="runs")
+    s.add_argument("--workspace", default=DEFAULTS.workspace)
     s.add_argument("--store", default="", help="default: <workspace>/store.sqlite")
     s.add_argument("--out", default="units.csv", help="export: a .csv or .parquet file")
     s.add_argument("--yes", action="store_true", help="delete: do it (without it, only list what would go)")
@@ -318,21 +350,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--saliency", action="store_true", help="write a Grad-CAM heatmap PNG per image (the 'explain' extra)"
     )
-    s.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    s.add_argument("--device", default=DEFAULTS.device, choices=DEVICES)
     s.add_argument(
         "--crop-source", default="", help="box table or mask folder, for checkpoints trained with crop=boxes|masks"
     )
     s.set_defaults(fn=cmd_predict)
 
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.results.dashboard.cli import add_arguments as dashboard_arguments  # no Dash import until it runs
 
     s = sub.add_parser("dashboard", help="serve the evaluation dashboard over run stores (the 'dashboard' extra)")
     dashboard_arguments(s)
     s.set_defaults(fn=cmd_dashboard)
 
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.deploy.cli import add_arguments as deploy_arguments  # cryptography is imported only when a verb runs
 
     deploy_arguments(sub)
+    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.bench import add_arguments as bench_arguments
 
     bench_arguments(sub)
@@ -344,8 +379,6 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-    import threading
 
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)

@@ -15,10 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mdmt.data.manifest import list_sites
+from mdmt.data.synth import format_summary, synthesize
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig, load_toml
 from mdmt.fed.units import unit_keys
+from mdmt.ops.launch import stop_all
 from mdmt.ops.loco import ingest_sites, prepare_config, run_simulation, site_roles
+from mdmt.results.report import write_report
 from mdmt.store import RunStore
 
 SYNTH_KEYS = {"scale", "image-size", "seed", "both-site"}
@@ -41,7 +45,6 @@ def read_experiment(path: str | Path, overrides: dict[str, Any] | None = None) -
 
 def ensure_federation(values: dict[str, Any], synth: dict[str, Any], echo=print) -> None:
     """Build the synthetic federation named by ``fed-dir`` when the file asks for it and it is absent."""
-    from mdmt.data.manifest import list_sites
 
     fed = Path(str(values.get("fed-dir", RunConfig().fed_dir))).expanduser()
     try:
@@ -54,7 +57,6 @@ def ensure_federation(values: dict[str, Any], synth: dict[str, Any], echo=print)
         raise ConfigError(
             f"fed-dir {fed}: no federation there; create one (mdmt synth / mdmt import) or add a [synth] table"
         )
-    from mdmt.data.synth import format_summary, synthesize
 
     echo(f"building the synthetic federation in {fed} ({synth})")
     echo(
@@ -103,8 +105,6 @@ def run_experiment(
     echo=print,
 ) -> str:
     """Run every missing unit of the experiment, then write the report; returns the report summary."""
-    from mdmt.ops.launch import stop_all
-    from mdmt.results.report import write_report
 
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")

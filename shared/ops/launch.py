@@ -20,6 +20,8 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
+
 from mdmt.errors import MDMTError
 
 CONNECTION = "mdmt-local"
@@ -126,7 +128,6 @@ class LocalSimulation:
         )
 
     def _healthy(self) -> bool:
-        import httpx
 
         try:
             return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success

@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import tomli_w
 
+from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig
@@ -63,7 +65,6 @@ def prepare_config(values: dict[str, Any]) -> RunConfig:
 
 
 def write_run_config(cfg: RunConfig, path: Path) -> Path:
-    import tomli_w
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
@@ -72,8 +73,6 @@ def write_run_config(cfg: RunConfig, path: Path) -> Path:
 
 def ingest_sites(cfg: RunConfig) -> None:
     """Decode and cache every site of the config once (later runs reuse the cache)."""
-    from mdmt.data.ingest import ingest_site
-
     for site in cfg.site_list:
         ingest_site(
             cfg.fed_path / site,
@@ -83,6 +82,7 @@ def ingest_sites(cfg: RunConfig) -> None:
             progress=True,
             voi=cfg.voi,
             crop_source=cfg.crop_source or None,
+            workers=cfg.num_workers,
         )
 
 

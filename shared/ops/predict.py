@@ -19,12 +19,22 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
+from mdmt.data.cache import MIN_IMAGE_SIZE
 from mdmt.data.crop_source import BOX_COLUMNS, crop_input, read_lung_boxes
-from mdmt.data.preprocess import USER_CROP_MODES
+from mdmt.data.dicom import VOI_MODES
+from mdmt.data.manifest import SEVERITY_CLASS_NAMES
+from mdmt.data.preprocess import CROP_MODES, USER_CROP_MODES
 from mdmt.data.worker import decode_results, resolve_workers
 from mdmt.errors import ConfigError, DataError, MDMTError
+from mdmt.fed.checkpoint import load_checkpoint
+from mdmt.ml.backbones import get_backbone_spec
+from mdmt.ml.methods import METHODS, PROGNOSIS, SEVERITY
+from mdmt.ml.model import build_model
+from mdmt.ml.train import Feeder, autocast, resolve_device
 
 PREDICTIONS = "predictions.csv"
 HEATMAPS = "heatmaps"
@@ -34,7 +44,6 @@ EXPLAIN_HINT = "install the 'explain' extra: pip install 'mdmt-federation[explai
 
 
 def _severity_names() -> tuple[str, ...]:
-    from mdmt.data.manifest import SEVERITY_CLASS_NAMES
 
     return tuple(SEVERITY_CLASS_NAMES)
 
@@ -78,7 +87,6 @@ def _short(exc: BaseException) -> str:
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
-    from mdmt.fed.checkpoint import load_checkpoint
 
     if not path.exists():
         raise MDMTError(f"checkpoint {path}: file not found")
@@ -101,9 +109,6 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def _preprocessing(cfg: dict, path: Path) -> Preprocessing:
-    from mdmt.data.cache import MIN_IMAGE_SIZE
-    from mdmt.data.dicom import VOI_MODES
-    from mdmt.data.preprocess import CROP_MODES
 
     missing = [k for k in ("image-size", "crop") if k not in cfg]
     if missing:
@@ -148,8 +153,6 @@ def _threshold(ckpt: dict, path: Path) -> tuple[float, str]:
 def load_predictor(path: str | Path) -> Predictor:
     """The checkpoint's model (on the CPU, eval mode), preprocessing and decision threshold; a one-line
     :class:`MDMTError` naming the file when it is missing or not an MDMT checkpoint."""
-    from mdmt.ml.methods import METHODS, PROGNOSIS, SEVERITY
-    from mdmt.ml.model import build_model, get_backbone_spec
 
     path = Path(path)
     ckpt = _read_checkpoint(path)
@@ -278,8 +281,13 @@ def _task(item: _Item, prep: Preprocessing, src: Path | None, boxes: dict | None
 
 def _import_grad_cam():
     try:
+        # deferred: grad-cam (the explain extra) loads only for --saliency
         from pytorch_grad_cam import GradCAM
+
+        # deferred: grad-cam (the explain extra) loads only for --saliency
         from pytorch_grad_cam.utils.image import show_cam_on_image
+
+        # deferred: grad-cam (the explain extra) loads only for --saliency
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
     except ImportError:
         raise MDMTError(f"saliency needs the grad-cam package (pytorch_grad_cam); {EXPLAIN_HINT}") from None
@@ -360,7 +368,6 @@ class Saliency:
 
 
 def _device(name: str) -> torch.device:
-    from mdmt.ml.train import resolve_device
 
     if name not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not one of auto, cpu, cuda")
@@ -384,7 +391,6 @@ def _score(
     heat_dir: Path | None,
     counter: list[int],
 ) -> None:
-    from mdmt.ml.train import autocast
 
     names = _severity_names()
     images = np.stack([it.image for it in batch])
@@ -405,8 +411,6 @@ def _score(
             **{f"p_severity_{n}": f"{float(v):.6f}" for n, v in zip(names, p_sev[k])},
         )
         if cams is not None and heat_dir is not None:
-            from PIL import Image
-
             counter[0] += 1
             out = heat_dir / f"{counter[0]:04d}-{_safe_name(it.path.name)}.png"
             Image.fromarray(saliency.overlay(it.image, cams[k])).save(out)
@@ -481,7 +485,6 @@ def predict(
     are listed with their reason. ``workers``: decoding processes (0 = one per CPU core). Returns the
     printout. Raises a one-line :class:`MDMTError` for a bad checkpoint, a missing crop source, no
     input files, or when no file could be scored."""
-    from mdmt.ml.train import Feeder
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if saliency:
@@ -506,7 +509,6 @@ def predict(
 
     tasks = [_task(it, pred.prep, src, boxes) for it in items]
     n_workers = resolve_workers(workers)
-    from tqdm.auto import tqdm
 
     n_ok, counter = 0, [0]
     with decode_results(tasks, n_workers) as results:  # decoding processes start before CUDA is touched

@@ -19,7 +19,6 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.ops.deploy.files import (
@@ -305,20 +304,6 @@ def make_certs(
     written["server_not_after"] = cert.not_valid_after_utc.strftime("%Y-%m-%d")
     written["ca_not_after"] = ca_cert.not_valid_after_utc.strftime("%Y-%m-%d")
     return written
-
-
-def verify_server_cert(ca: str | Path, cert: str | Path, name: str) -> None:
-    """Raise MDMTError unless ``cert`` chains to ``ca`` and is valid for ``name`` (a DNS name or an IP)."""
-    try:
-        subject = x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        subject = x509.DNSName(name)
-    store = Store(x509.load_pem_x509_certificates(Path(ca).read_bytes()))
-    verifier = PolicyBuilder().store(store).build_server_verifier(subject)
-    try:
-        verifier.verify(_load_cert(Path(cert)), [])
-    except VerificationError as exc:
-        raise MDMTError(f"{cert}: does not verify against {ca} for {name} ({exc})") from None
 
 
 # ---- site keys -----------------------------------------------------------------------------------

@@ -14,7 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mdmt.errors import DataError, MDMTError
+from mdmt.fed.config import RunConfig
 from mdmt.results.dashboard.access import DEFAULT_HOST, TOKEN_ENV, AccessGate, check_bind
+from mdmt.results.dashboard.data import resolve_sources
+
+DEFAULTS = RunConfig()
 
 DEFAULT_PORT = 8050
 
@@ -27,7 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="a run store file, or a workspace folder holding store.sqlite; repeat for several "
         "(default: <workspace>/store.sqlite)",
     )
-    p.add_argument("--workspace", default="runs", help="used when --store is not given (default runs)")
+    p.add_argument(
+        "--workspace", default=DEFAULTS.workspace, help=f"used when --store is not given (default {DEFAULTS.workspace})"
+    )
     p.add_argument(
         "--host",
         default=DEFAULT_HOST,
@@ -67,12 +73,13 @@ def serve(
                 f"{path / 'store.sqlite' if path.is_dir() else path}: run store not found; "
                 "run an experiment first or pass --store PATH"
             )
-    from mdmt.results.dashboard.data import resolve_sources
 
     sources = resolve_sources([str(s) for s in stores])
     try:
+        # deferred: dash and werkzeug (the dashboard extra) load only when it serves
         from werkzeug.serving import make_server
 
+        # deferred: dash and werkzeug (the dashboard extra) load only when it serves
         from mdmt.results.dashboard.app import create_app
     except ImportError as exc:
         raise MDMTError(f"the dashboard needs Dash ({exc.name} is missing): pip install -e '.[dashboard]'") from None

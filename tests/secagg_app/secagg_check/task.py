@@ -7,7 +7,7 @@ import numpy as np
 
 from mdmt.fed import protocol as P
 from mdmt.fed.secagg import SecAggSpec
-from mdmt.ml.model import head_of
+from mdmt.ml.naming import head_of
 
 # partition -> (n_examples, n_prognosis, n_severity): a prognosis-only site, a severity-only site, a
 # site with both labels, and a site whose round-1 update breaks the public bound.
