@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   creates .venv, installs, writes the demo federation, runs LOCO for mdmt and stl_prognosis
-#   make test   installs if needed and runs the test suite
+#   make test   installs if needed, runs the linters (make lint), then the test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +11,7 @@ DEMO_FED ?= runs/demo-federation
 DEMO_SCALE ?= 0.12
 DEMO_DICOM_SIZE ?= 160
 
-.PHONY: install demo test clean-demo
+.PHONY: install demo lint test clean-demo
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,13 @@ $(DEMO_FED)/synth.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_FED)/synth.json
 	$(BIN)/mdmt loco --config simulations/demo.toml --fed $(DEMO_FED) --workspace $(DEMO_WS)
 
-test: $(STAMP)
+# ruff (lint + format) and the layer contracts (import-linter on the installed layout; see tests/layers.py).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python tests/layers.py
+
+test: lint
 	$(BIN)/python -m pytest
 
 clean-demo:

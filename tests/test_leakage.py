@@ -2,7 +2,9 @@
 round selection, the learning-rate schedule and the decision threshold do not depend on its data.
 
 Two real Flower simulations run the same MDMT unit; in the second the held-out centre's labels are
-flipped and its images shuffled. Everything the server decides must come out bit-identical.
+flipped and its images shuffled. Everything the server decides must come out bit-identical, and so must
+the final model: the runs are deterministic (seeds from the config and the site names, replies aggregated
+in site order, never in arrival order).
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import shutil
 import sqlite3
 
 import pytest
+import torch
 
 from mdmt.data.manifest import read_manifest, write_manifest
 from mdmt.data.splits import federation_splits
+from mdmt.fed.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 
 SITES = "A,B,C,BRIXIA"
+UNIT_SLUG = "mdmt__resnet18__loco__A__seed0"
 
 
 def _decisions(store_path):
@@ -73,6 +78,7 @@ def twin_runs(small_federation, tmp_path_factory):
             echo=lambda *_: None,
         )
         out[name] = _decisions(ws / "store.sqlite")
+        out[name + "-model"] = load_checkpoint(ws / "checkpoints" / UNIT_SLUG / "latest.pt")["state_dict"]
     return out
 
 
@@ -101,3 +107,10 @@ def test_selection_threshold_and_lr_ignore_the_held_out_centre(twin_runs):
     assert [h for _, h in held_a] != [h for _, h in held_b]
     hist_a, hist_b = json.loads(held_a[-1][1]), json.loads(held_b[-1][1])
     assert sum(hist_a[0]) == sum(hist_b[1]) and sum(hist_a[1]) == sum(hist_b[0])
+
+
+def test_the_final_model_is_bit_identical(twin_runs):
+    a, b = twin_runs["original-model"], twin_runs["altered-model"]
+    assert a.keys() == b.keys() and len(a) > 100
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"

@@ -7,12 +7,11 @@ with a one-line :class:`~mdmt.errors.ConfigError` naming the key and what is all
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from mdmt.data.cache import MIN_IMAGE_SIZE, cache_root
 from mdmt.data.dicom import VOI_MODES

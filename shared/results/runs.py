@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +32,7 @@ def _iso(ts: float | None) -> str:
     """A Unix time as local ISO 8601 with its UTC offset; '' when unset."""
     if ts is None or pd.isna(ts):
         return ""
-    return datetime.fromtimestamp(float(ts), tz=timezone.utc).astimezone().isoformat(timespec="seconds")
+    return datetime.fromtimestamp(float(ts), tz=UTC).astimezone().isoformat(timespec="seconds")
 
 
 def matches(unit_id: str, patterns: list[str]) -> bool:

@@ -378,7 +378,7 @@ def write_output(
         "parameters": params,
         "sites": new_sites,
         "federation_rejected": sorted({r.source for r in fed_rejected}),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "complete": True,
     }
     _save_record(out, record)

@@ -105,7 +105,7 @@ def _spki(public_key) -> bytes:
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.timezone.utc)
+    return _dt.datetime.now(_dt.UTC)
 
 
 def _pem_key(key) -> bytes:
