@@ -13,8 +13,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
+from mdmt.fed.plan import SiteInfo, UnitPlan, map_sites, plan_unit, secagg_count_scale, unit_keys
 from mdmt.fed.secagg import SecAggSpec
-from mdmt.fed.units import SiteInfo, TrainRound, UnitPlan, map_sites, plan_unit, run_unit, secagg_count_scale, unit_keys
+from mdmt.fed.units import TrainRound, run_unit
 from mdmt.logs import setup_logging
 from mdmt.server.secagg import secure_train_round
 from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record

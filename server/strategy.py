@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import FedAvg
 from mdmt.errors import ProtocolError
 from mdmt.fed import protocol as P
 from mdmt.fed.compress import decode_update
-from mdmt.fed.units import UnitPlan, aggregate_replies
+from mdmt.fed.plan import UnitPlan
+from mdmt.fed.units import aggregate_replies
 from mdmt.ml.train import TrainResult
 
 

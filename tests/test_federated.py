@@ -4,7 +4,8 @@ import pytest
 
 from mdmt.errors import ConfigError
 from mdmt.fed.config import RunConfig
-from mdmt.fed.units import Selection, SiteInfo, plan_unit, unit_keys
+from mdmt.fed.plan import SiteInfo, plan_unit, unit_keys
+from mdmt.fed.selection import Selection
 from mdmt.store import UnitKey
 
 
@@ -217,7 +218,7 @@ def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
 
 
 def test_discovery_goes_on_without_missing_sites_down_to_min_sites():
-    from mdmt.fed.units import map_sites
+    from mdmt.fed.plan import map_sites
 
     found = [(info, n) for n, info in enumerate(_kofn_sites().values())]
     sites, node_of = map_sites(found[:2], {"A", "B", "C"}, min_sites=2, waited_s=120)

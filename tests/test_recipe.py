@@ -8,7 +8,7 @@ import torch
 
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
 from mdmt.fed.config import RunConfig
-from mdmt.fed.units import ServerLR
+from mdmt.fed.selection import ServerLR
 from mdmt.ml.augment import PaperAugment
 from mdmt.ml.loss import mdmt_loss
 from mdmt.ml.model import build_model

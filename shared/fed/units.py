@@ -1,5 +1,6 @@
-"""Server-side logic of a federated unit, with no Flower types: plan who trains and who is
-evaluated, aggregate, select the best round, stop early, checkpoint and log every metric.
+"""Running a federated unit on the server, with no Flower types: round by round, aggregate, evaluate,
+select the best round, stop early, checkpoint and log every metric (the plan comes from mdmt.fed.plan,
+the decisions over rounds from mdmt.fed.selection).
 
 server/app.py supplies a ``Rounds`` object that moves arrays to and from the sites through Flower.
 """
@@ -14,14 +15,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from mdmt.errors import ConfigError
 from mdmt.fed import protocol as P
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
 from mdmt.fed.checkpoint import arrays_digest, load_checkpoint, save_checkpoint
 from mdmt.fed.config import RunConfig
-from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, Method, get_method, local_site, role_tasks
+from mdmt.fed.plan import SiteInfo, UnitPlan, unit_rounds
+from mdmt.fed.selection import Selection, ServerLR
+from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, get_method
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from mdmt.ml.model import build_model
 from mdmt.ml.naming import is_bn_stat
@@ -30,193 +32,6 @@ from mdmt.seeding import derive_seed
 from mdmt.store import RunStore, UnitKey
 
 log = logging.getLogger("mdmt")
-
-
-@dataclass
-class SiteInfo:
-    site: str
-    role: str
-    counts: dict[str, int]  # "<split>-<task>" -> labelled images
-    manifest_hash: str
-
-    @classmethod
-    def from_summary(cls, s: dict[str, Any]) -> SiteInfo:
-        counts = {k: int(v) for k, v in s.items() if k.endswith(("-prognosis", "-severity"))}
-        return cls(str(s["site"]), str(s["role"]), counts, str(s["manifest-hash"]))
-
-
-@dataclass
-class UnitPlan:
-    key: UnitKey
-    method: Method
-    holdout: str | None
-    train_sites: list[str]  # sites whose data trains the model
-    train_messages: dict[str, dict[str, Any]]  # site that receives a train message -> extra config
-    eval_splits: dict[str, tuple[str, ...]]  # site -> the splits it evaluates every round
-
-    @property
-    def protocol(self) -> str:
-        return self.key.protocol
-
-
-def _folds(cfg: RunConfig, method: Method) -> tuple[str, ...]:
-    if cfg.protocol == "cv":
-        return cfg.cv_fold_list
-    if not method.loco:
-        return ("-",)
-    if not cfg.holdout_list:
-        raise ConfigError(f"method '{method.name}' needs at least one held-out centre in 'holdouts'")
-    return cfg.holdout_list
-
-
-def unit_keys(cfg: RunConfig, roles: dict[str, str] | None = None) -> list[UnitKey]:
-    """Every (method, backbone, fold) of a config, in run order.
-
-    A method without LOCO runs once under loco (fold '-'); under cv every method runs every fold. A
-    method that starts from another's model (ft) is preceded by that method's unit of the same fold
-    rule. The local method becomes one unit per training site ('local:<site>'), which needs ``roles``
-    (site -> role) to know the sites.
-    """
-    keys: list[UnitKey] = []
-
-    def add(name: str, backbone: str, fold: str) -> None:
-        k = UnitKey(name, backbone, cfg.protocol, fold, cfg.seed)
-        if k not in keys:
-            keys.append(k)
-
-    for backbone in cfg.backbones:
-        for m in cfg.methods:
-            method = get_method(m)
-            for fold in _folds(cfg, method):
-                if method.init_from:
-                    first = get_method(method.init_from)
-                    add(first.name, backbone, fold if (cfg.protocol == "cv" or first.loco) else "-")
-                if method.per_site:
-                    if roles is None:
-                        raise ConfigError(f"method '{m}' needs the federation's sites to plan its units")
-                    for site in sorted(roles):
-                        if site != fold and method.trains(role_tasks(roles[site])):
-                            add(f"{m}:{site}", backbone, fold)
-                else:
-                    add(m, backbone, fold)
-    return keys
-
-
-def map_sites(
-    found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: int, waited_s: float
-) -> tuple[dict[str, SiteInfo], dict[str, int]]:
-    """(site -> info, site -> node id) from the nodes that answered the discovery query. Missing configured
-    sites are named: the run goes on without them when at least ``min_sites`` answered, else it fails."""
-    sites: dict[str, SiteInfo] = {}
-    node_of: dict[str, int] = {}
-    for info, node in found:
-        if info.site in node_of:
-            raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
-        sites[info.site], node_of[info.site] = info, node
-    missing = sorted(expected - set(sites))
-    if missing and len(sites) < max(1, min_sites):
-        raise RuntimeError(
-            f"only {len(sites)} of {len(expected)} sites connected within {waited_s:.0f}s "
-            f"(min-sites {min_sites}); missing: {', '.join(missing)}"
-        )
-    if not sites:
-        raise RuntimeError(f"no site node connected within {waited_s:.0f}s")
-    if missing:
-        log.warning(
-            "sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
-            waited_s,
-            ", ".join(missing),
-            len(sites),
-            len(expected),
-            min_sites,
-        )
-    log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
-    return sites, node_of
-
-
-def plan_unit(key: UnitKey, sites: dict[str, SiteInfo]) -> UnitPlan:
-    method = get_method(key.method)
-    cv = key.protocol == "cv"
-    holdout = None if (cv or key.fold == "-") else key.fold
-    if holdout is not None:
-        if holdout not in sites:
-            raise ConfigError(
-                f"held-out centre '{holdout}' is not a site of this federation ({', '.join(sorted(sites))})"
-            )
-        if PROGNOSIS not in role_tasks(sites[holdout].role):
-            raise ConfigError(f"held-out centre '{holdout}' has no prognosis labels (role {sites[holdout].role})")
-    only = local_site(key.method)
-    if only is not None and only not in sites:
-        raise ConfigError(f"unit {key.unit_id}: site '{only}' is not connected ({', '.join(sorted(sites))})")
-    pool = "all" if cv else "train"  # under cv every site's rows rotate through train/val/test
-    train_sites = []
-    for name in sorted(sites):
-        info = sites[name]
-        if name == holdout or not method.trains(role_tasks(info.role)) or (only is not None and name != only):
-            continue
-        if sum(info.counts.get(f"{pool}-{t}", 0) for t in method.tasks) > 0:
-            train_sites.append(name)
-    if not train_sites:
-        raise ConfigError(f"method '{key.method}' has no site to train on (sites: {', '.join(sorted(sites))})")
-    if method.pooled:
-        messages = {train_sites[0]: {P.CFG_POOL: ",".join(train_sites)}}
-    else:
-        messages = {s: {} for s in train_sites}
-    evals: dict[str, tuple[str, ...]] = {}
-    for s in train_sites:
-        has_test = cv or any(sites[s].counts.get(f"test-{t}", 0) > 0 for t in TASKS)
-        evals[s] = ("val", "test") if has_test else ("val",)
-    if holdout is not None:
-        evals[holdout] = ("all",)
-    return UnitPlan(key, method, holdout, train_sites, messages, evals)
-
-
-def secagg_count_scale(plan: UnitPlan, sites: dict[str, SiteInfo]) -> int:
-    """The public count bound of a secure round: the largest training count a site of the unit reported."""
-    pool = "all" if plan.protocol == "cv" else "train"
-    return max(
-        [sum(sites[s].counts.get(f"{pool}-{t}", 0) for t in TASKS) for s in plan.train_messages if s in sites] + [1]
-    )
-
-
-def unit_rounds(cfg: RunConfig, key: UnitKey) -> int:
-    """Rounds of a unit: stl_severity (FT's phase 1) may get its own count."""
-    if key.method == "stl_severity" and cfg.ft_phase1_rounds > 0:
-        return cfg.ft_phase1_rounds
-    return cfg.num_rounds
-
-
-class ServerLR:
-    """The learning rate the server sends each round: torch's ReduceLROnPlateau on the training sites'
-    monitored validation loss (a round counts as an epoch); lr-patience 0 keeps it constant."""
-
-    def __init__(self, cfg: RunConfig):
-
-        self._param = torch.nn.Parameter(torch.zeros(1))
-        self._opt = torch.optim.SGD([self._param], lr=cfg.lr)
-        self._sched = (
-            torch.optim.lr_scheduler.ReduceLROnPlateau(
-                self._opt, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience, min_lr=cfg.min_lr
-            )
-            if cfg.lr_patience > 0
-            else None
-        )
-
-    @property
-    def lr(self) -> float:
-        return float(self._opt.param_groups[0]["lr"])
-
-    def step(self, val_loss: float) -> None:
-        if self._sched is not None and not math.isnan(val_loss):
-            self._sched.step(val_loss)
-
-    def state(self) -> dict[str, Any]:
-        return {"lr": self.lr, "scheduler": self._sched.state_dict() if self._sched is not None else None}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self._opt.param_groups[0]["lr"] = float(state["lr"])
-        if self._sched is not None and state.get("scheduler") is not None:
-            self._sched.load_state_dict(state["scheduler"])
 
 
 @dataclass
@@ -241,41 +56,6 @@ class Rounds(Protocol):
     ) -> tuple[dict[str, dict[str, P.SiteEval]], dict[str, str]]:
         """Send an evaluate message to each of ``plan.eval_splits``; returns site -> split -> statistics,
         and each site's status."""
-
-
-@dataclass
-class Selection:
-    """Best round by the monitored task's validation loss over the training sites; early stopping in rounds."""
-
-    patience: int = 0
-    select_after: int = 0
-    best_round: int | None = None
-    best_loss: float = math.inf
-    since_best: int = 0
-
-    def update(self, rnd: int, loss: float) -> bool:
-        """Record a round's loss; True when it becomes the selected round.
-
-        Rounds up to ``select_after`` are only a fallback (kept in case the run ends that early); the
-        first round after them replaces the fallback whatever its loss.
-        """
-        eligible = rnd > self.select_after
-        fallback = self.best_round is None or self.best_round <= self.select_after
-        better = not math.isnan(loss) and (self.best_round is None or loss < self.best_loss)
-        if not math.isnan(loss) and ((eligible and fallback) or better):
-            self.best_round, self.best_loss, self.since_best = rnd, loss, 0
-            return True
-        self.since_best += 1
-        return False
-
-    def should_stop(self, rnd: int) -> bool:
-        return self.patience > 0 and rnd > self.select_after and self.since_best >= self.patience
-
-    def state(self) -> dict[str, Any]:
-        return {"best_round": self.best_round, "best_loss": self.best_loss, "since_best": self.since_best}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        self.best_round, self.best_loss, self.since_best = state["best_round"], state["best_loss"], state["since_best"]
 
 
 def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:

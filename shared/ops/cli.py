@@ -1,4 +1,23 @@
-"""The ``mdmt`` command: the verbs that are not Flower's own (synth, ingest, loco, report)."""
+"""The ``mdmt`` command: everything around a Flower run that is not Flower's own.
+
+Data:
+    synth        write the synthetic DICOM federation (or a dataset's published layout)
+    import       aiforcovid | brixia: a published dataset folder -> federation sites
+    ingest       decode, crop and cache a site or a whole federation
+    splits       the federation's split file (LOCO and k-fold CV) from a seed
+Runs:
+    loco         leave-one-centre-out: one Flower simulation, every held-out centre, then the table
+    experiment   a grid of methods x backbones x protocols x folds; resumes where it stopped
+    bench        training throughput, round overhead, update bytes, ingestion and simulation scaling
+Results:
+    report       tables, paired tests and plots from a run store
+    runs         list | export | delete units of a run store
+    dashboard    the live evaluation dashboard over run stores
+    predict      score new DICOMs with a checkpoint (optionally with Grad-CAM heatmaps)
+Deployment:
+    deploy       certs | site-key | site-config | supernode-cmd | superlink-cmd | connection | check |
+                 submit | status | stop
+"""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from mdmt.data.manifest import list_sites
 from mdmt.data.synth import format_summary, synthesize
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig, load_toml
-from mdmt.fed.units import unit_keys
+from mdmt.fed.plan import unit_keys
 from mdmt.ops.launch import stop_all
 from mdmt.ops.loco import ingest_sites, prepare_config, run_simulation, site_roles
 from mdmt.results.report import write_report

@@ -23,6 +23,7 @@ from typing import Any
 
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig, load_toml
+from mdmt.fed.plan import unit_keys
 from mdmt.ml.methods import get_method
 from mdmt.ops.deploy.commands import BASE_ENV, DEFAULT_CONNECTION
 from mdmt.ops.flwr_app import flwr_app_dir
@@ -84,8 +85,6 @@ def load_job_config(path: str | Path) -> RunConfig:
 
 def unit_ids(cfg: RunConfig) -> list[str]:
     """The units a job must finish; a per-site method (local) is planned by the server from the sites' roles."""
-    from mdmt.fed.units import unit_keys  # deferred: torch (mdmt.fed.units builds models)
-
     if any(get_method(m).per_site for m in cfg.methods):
         return []
     return [k.unit_id for k in unit_keys(cfg)]

@@ -18,7 +18,7 @@ from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig
-from mdmt.fed.units import unit_keys
+from mdmt.fed.plan import unit_keys
 from mdmt.ops.flwr_app import flwr_app_dir
 from mdmt.ops.launch import LocalSimulation
 from mdmt.results.report import to_markdown, write_loco_report
