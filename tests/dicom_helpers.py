@@ -129,3 +129,56 @@ def pydicom_test_file(name):
         return get_testdata_file(name, download=False)
     except Exception:
         return None
+
+
+def write_dual_personality(path, arr, **elements):
+    """A valid DICOM file whose 128-byte preamble starts with a TIFF header (a "dual-personality" file, as
+    some archives write them so that TIFF viewers can open them too)."""
+    import pydicom
+
+    write_dicom(path, arr, **elements)
+    ds = pydicom.dcmread(path)
+    ds.preamble = b"II*\x00" + bytes(124)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_deflate_bomb(path, rows=20000, cols=20000):
+    """A Deflated Explicit VR Little Endian DICOM that declares rows x cols 16-bit pixels, all zero: under
+    1 MB on disk, rows x cols x 2 bytes once inflated. Written by streaming zeros through zlib, so writing
+    it takes no more memory than a chunk."""
+    import io
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    ds = _dataset(SecondaryCaptureImageStorage, "CR")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = rows, cols
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    n = rows * cols * 2
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n)
+    meta = io.BytesIO()
+    meta.write(bytes(128) + b"DICM")
+    meta_fp = DicomBytesIO()
+    meta_fp.is_little_endian, meta_fp.is_implicit_VR = True, False
+    write_file_meta_info(meta_fp, ds.file_meta, enforce_standard=True)
+    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = bytes(1 << 20)
+    with open(path, "wb") as fh:
+        fh.write(meta.getvalue() + meta_fp.getvalue())
+        fh.write(deflater.compress(body.getvalue() + pixel_header))
+        left = n
+        while left:
+            k = min(left, len(zeros))
+            fh.write(deflater.compress(zeros[:k]))
+            left -= k
+        fh.write(deflater.flush())
+    return path

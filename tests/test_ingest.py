@@ -19,6 +19,7 @@ from mdmt.data.cache import cache_dir_for, load_site
 from mdmt.data.ingest import ingest_and_load_site, ingest_federation, ingest_site
 from mdmt.data.manifest import read_rejected, write_rejected
 from mdmt.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
+from mdmt.data.records import Journal
 from mdmt.errors import DataError
 
 SIZE = 64
@@ -142,22 +143,22 @@ def test_interrupted_ingest_never_looks_valid(site, tmp_path, monkeypatch):
     ingest_site(site, cache_root, image_size=SIZE, progress=False)
     cdir = cache_dir_for(site, cache_root, SIZE, "lung")
     calls = {"n": 0}
-    real = worker_mod.decode_one
+    real = Journal.add
 
-    def dies_midway(task):
+    def dies_midway(self, slot, key, res):  # the ingesting process is interrupted at the third result
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(task)
+        return real(self, slot, key, res)
 
-    monkeypatch.setattr(worker_mod, "decode_one", dies_midway)
-    with pytest.raises(KeyboardInterrupt):  # workers=1: a local function cannot go to a process pool
+    monkeypatch.setattr(Journal, "add", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
         ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False, force=True)
     assert not (cdir / "meta.json").exists()
     assert not [p.name for p in cdir.iterdir() if ".tmp-" in p.name]
     with pytest.raises(DataError, match="no up-to-date cache"):
         load_site(site, cache_root, SIZE)
-    monkeypatch.setattr(worker_mod, "decode_one", real)
+    monkeypatch.setattr(Journal, "add", real)
     # resumed: the two images decoded before the interruption come from its journal
     s = ingest_site(site, cache_root, image_size=SIZE, workers=1, progress=False)
     assert (s["decoded"], s["reused_images"]) == (6 - 2, 2)

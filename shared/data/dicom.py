@@ -21,14 +21,22 @@ PNG/JPEG/TIFF files for sites that were exported that way). The steps, in DICOM'
    while using a much smaller range, and the inversion must not depend on a header that lies.)
 5. Colour (RGB, or YBR converted to RGB): the plain mean of the three channels.
 
+Before any pixel data is read or inflated, the header's Rows x Columns x frames is checked against a cap
+(:func:`max_pixels`: 100 megapixels unless ``MDMT_MAX_MEGAPIXELS`` says otherwise; the largest real
+radiographs are about 20). A Deflated file's header is read from the first few kilobytes of its inflated
+stream, so a small file that declares a huge image is refused without being inflated.
+
 Anything unusable raises :class:`mdmt.errors.DicomRejected` with a one-line reason (written to
 ``rejected.csv`` by the ingestion); no other exception escapes :func:`read_dicom`.
 """
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +45,15 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset, read_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, as_pixel_options, convert_color_space, get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from mdmt.errors import DicomRejected
 
@@ -75,6 +90,24 @@ _IMAGE_MAGIC = (
     b"MM\x00*",  # TIFF big endian
 )
 _MAX_REASON = 200
+DICM_OFFSET = 128  # a DICOM file: any 128-byte preamble (a TIFF header, say), then b"DICM"
+MAX_MEGAPIXELS_ENV = "MDMT_MAX_MEGAPIXELS"
+DEFAULT_MAX_MEGAPIXELS = 100.0
+_HEADER_BYTES = 1 << 20  # of a Deflated stream, inflated to read the header (the elements before the pixels)
+_PIXEL_DATA = 0x7FE00010
+
+
+def max_pixels() -> int:
+    """The largest Rows x Columns x frames an image may declare: ``MDMT_MAX_MEGAPIXELS`` million (default
+    100). Checked from the header before any pixel data is read or inflated."""
+    raw = os.environ.get(MAX_MEGAPIXELS_ENV, "")
+    try:
+        mp = float(raw) if raw.strip() else DEFAULT_MAX_MEGAPIXELS
+    except ValueError:
+        mp = float("nan")
+    if not (mp > 0 and mp != float("inf")):
+        raise DicomRejected(f"{MAX_MEGAPIXELS_ENV}={raw!r} is not a positive number of megapixels")
+    return int(mp * 1_000_000)
 
 
 def _one_line(exc: BaseException | str) -> str:
@@ -101,8 +134,54 @@ def _int(ds: Any, keyword: str) -> int | None:
         return None
 
 
+def _declared_pixels(ds: Any) -> int:
+    rows, cols = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
+    return rows * cols * max(_int(ds, "NumberOfFrames") or 1, 1)
+
+
+def _check_pixel_count(count: int, what: str) -> None:
+    cap = max_pixels()
+    if count > cap:
+        raise DicomRejected(
+            f"{what} declares {count / 1e6:.1f} megapixels, more than the cap of {cap / 1e6:g} "
+            f"(set {MAX_MEGAPIXELS_ENV} to raise it); refused before decoding"
+        )
+
+
+def _header(path: Path) -> Any:
+    """The dataset's elements before the pixel data, without reading or inflating the pixels; None when
+    the file has no DICOM file meta (a bare dataset is checked after its forced read)."""
+    try:
+        meta = read_file_meta_info(path)
+    except Exception:
+        return None
+    if meta.get("TransferSyntaxUID", None) != DeflatedExplicitVRLittleEndian:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    # Deflated: the whole dataset is one zlib stream after the file meta; inflate only its first part.
+    length = int(meta.get("FileMetaInformationGroupLength", 0) or 0)
+    if not length:
+        raise DicomRejected("truncated or unreadable file: Deflated file without a file meta group length")
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    head = bytearray()
+    with path.open("rb") as fh:
+        fh.seek(DICM_OFFSET + 4 + 12 + length)
+        while len(head) < _HEADER_BYTES:
+            chunk = fh.read(1 << 16)
+            if not chunk:
+                break
+            head += inflater.decompress(chunk, _HEADER_BYTES - len(head))
+            if inflater.unconsumed_tail:
+                break
+    return read_dataset(
+        io.BytesIO(bytes(head)),
+        is_implicit_VR=False,
+        is_little_endian=True,
+        stop_when=lambda tag, vr, length: tag == _PIXEL_DATA,
+    )
+
+
 def _read_dataset(path: Path):
-    """dcmread with one-line rejections for missing, empty, non-DICOM and truncated files."""
+    """dcmread with one-line rejections for missing, empty, non-DICOM, truncated and oversized files."""
 
     if not path.exists():
         raise DicomRejected("file not found")
@@ -115,6 +194,14 @@ def _read_dataset(path: Path):
     if size == 0:
         raise DicomRejected("empty file")
     try:
+        header = _header(path)
+    except DicomRejected:
+        raise
+    except Exception as exc:
+        raise DicomRejected(f"truncated or unreadable file: {_one_line(exc)}") from None
+    if header is not None:
+        _check_pixel_count(_declared_pixels(header), "the header")
+    try:
         return pydicom.dcmread(path), False
     except InvalidDicomError:
         pass  # no preamble/'DICM': maybe a bare dataset, tried below
@@ -123,12 +210,13 @@ def _read_dataset(path: Path):
     # A DICOM dataset written without the 128-byte preamble and file meta is still a DICOM file; accept
     # it only when the forced read finds an image (a text file "parses" into junk tags otherwise).
     try:
-        ds = pydicom.dcmread(path, force=True)
+        ds = pydicom.dcmread(path, force=True, defer_size=1 << 16)  # large values stay on disk until used
         ok = "PixelData" in ds and _int(ds, "Rows") and _int(ds, "Columns")
     except Exception:
         ok = False
     if not ok:
         raise DicomRejected("not a DICOM file (no 'DICM' marker and no readable image elements)")
+    _check_pixel_count(_declared_pixels(ds), "the header")
     return ds, True
 
 
@@ -350,6 +438,7 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, dict]:
 
     try:
         with Image.open(path) as im:
+            _check_pixel_count(im.size[0] * im.size[1] * getattr(im, "n_frames", 1), "the image file")
             im.load()
             fmt = im.format or ""
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
@@ -357,6 +446,8 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, dict]:
             else:
                 arr = np.asarray(im, dtype=np.float64)
             n_frames = getattr(im, "n_frames", 1)
+    except DicomRejected:
+        raise
     except Exception as exc:
         raise DicomRejected(f"truncated or unreadable image file: {_one_line(exc)}") from None
     if n_frames > 1:
@@ -382,7 +473,10 @@ def _read_plain_image(path: Path) -> tuple[np.ndarray, dict]:
 
 def read_image(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
     """:func:`read_dicom`, or Pillow for files that start like PNG, JPEG or TIFF (whatever their name's
-    extension; ``voi`` does not apply to them). Same contract."""
+    extension; ``voi`` does not apply to them). Same contract.
+
+    A file with the DICOM marker at byte 128 is DICOM whatever its preamble holds: "dual-personality"
+    files start with a TIFF header. Only files without the marker are sniffed as PNG, JPEG or TIFF."""
     if voi not in VOI_MODES:
         raise ValueError(f"unknown VOI mode {voi!r}; choose one of {', '.join(VOI_MODES)}")
     path = Path(path)
@@ -390,11 +484,11 @@ def read_image(path: str | Path, voi: str = "none") -> tuple[np.ndarray, dict]:
         raise DicomRejected("not a regular file")
     try:
         with path.open("rb") as f:
-            head = f.read(8)
+            head = f.read(DICM_OFFSET + 4)
     except FileNotFoundError:
         raise DicomRejected("file not found") from None
     except OSError as exc:
         raise DicomRejected(f"unreadable file: {_one_line(exc)}") from None
-    if any(head.startswith(m) for m in _IMAGE_MAGIC):
+    if head[DICM_OFFSET:] != b"DICM" and any(head.startswith(m) for m in _IMAGE_MAGIC):
         return _read_plain_image(path)
     return read_dicom(path, voi=voi)

@@ -38,6 +38,7 @@ from mdmt.data.manifest import (
     REJECTED_COLUMNS,
     list_sites,
     manifest_hash,
+    outside_site,
     read_manifest,
     read_rejected,
     unlabelled,
@@ -149,6 +150,10 @@ def _plan(
     for i, image in enumerate(df["image"]):
         if no_label[i]:
             rows.append(_Row(i, image, reason="no label (prognosis and brixia both empty)"))
+            continue
+        escape = outside_site(image)
+        if escape:
+            rows.append(_Row(i, image, reason=escape))
             continue
         path = site_dir / image
         try:

@@ -44,6 +44,24 @@ def severity_class(global_score: int) -> int:
     return len(SEVERITY_CLASS_EDGES)
 
 
+def outside_site(image: str) -> str | None:
+    """Why a manifest's image path would leave the site folder, judged by its text alone (absolute, a drive,
+    or more '..' than folders); None when it stays inside. Links inside the site folder that point
+    elsewhere (the importers link to the dataset as published) are fine: the path itself stays inside."""
+    text = image.replace("\\", "/")
+    if text.startswith("/") or re.match(r"^[A-Za-z]:", text):
+        return f"path {image!r} is absolute; give the image path relative to the site folder"
+    depth = 0
+    for part in text.split("/"):
+        if part == "..":
+            depth -= 1
+            if depth < 0:
+                return f"path {image!r} leaves the site folder; give the image path relative to the site folder"
+        elif part not in ("", "."):
+            depth += 1
+    return None
+
+
 def is_valid_brixia(score: str) -> bool:
     return bool(_BRIXIA_RE.match(score))
 
@@ -60,6 +78,10 @@ def read_manifest(site_dir: str | Path) -> pd.DataFrame:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
     except Exception as exc:  # pandas raises many types for malformed CSV
         raise DataError(f"{path}: cannot be read as CSV ({exc.__class__.__name__}: {exc})") from None
+    df = df.rename(columns=lambda c: str(c).strip())  # 'split ' is the split column
+    if df.columns.duplicated().any():
+        dup = df.columns[df.columns.duplicated()][0]
+        raise DataError(f"{path}: column {dup!r} appears twice (headers are compared without spaces)")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}")

@@ -4,6 +4,7 @@ pool that runs it over a list of files. Ingestion and ``mdmt predict`` both deco
 from __future__ import annotations
 
 import os
+import resource
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -65,9 +66,41 @@ def resolve_workers(workers: int) -> int:
     return w or (os.cpu_count() or 1)
 
 
-def _watch_parent(parent: int) -> None:
-    """Pool worker initializer: exit when the ingesting process is gone (e.g. killed with SIGKILL),
-    instead of waiting forever on the task queue as an orphan."""
+MEMORY_ENV = "MDMT_INGEST_MEMORY_MB"
+DEFAULT_MEMORY_MB = 4096
+
+
+def memory_budget() -> int:
+    """Bytes a decoding process may allocate beyond what it inherited: ``MDMT_INGEST_MEMORY_MB`` (default
+    4096, room for the largest image the pixel cap lets through). Past it a decode fails with MemoryError,
+    which rejects that one file, instead of the host's out-of-memory killer ending the site daemon."""
+    raw = os.environ.get(MEMORY_ENV, "").strip()
+    try:
+        mb = int(raw) if raw else DEFAULT_MEMORY_MB
+    except ValueError:
+        raise ConfigError(f"{MEMORY_ENV}={raw!r} must be a whole number of megabytes") from None
+    if mb <= 0:
+        raise ConfigError(f"{MEMORY_ENV}={raw!r} must be > 0")
+    return mb << 20
+
+
+def _data_size() -> int:
+    """This process's data segment (private heap and anonymous mappings), what RLIMIT_DATA counts."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) << 10
+    return 0
+
+
+def _start_worker(parent: int, budget: int) -> None:
+    """Pool worker initializer: a memory limit of what the process holds plus ``budget``, and an exit when
+    the ingesting process is gone (e.g. killed with SIGKILL) instead of waiting on the queue as an orphan."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    limit = _data_size() + budget
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, hard))
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -79,15 +112,16 @@ def _watch_parent(parent: int) -> None:
 
 @contextmanager
 def decode_results(tasks: list, workers: int):
-    """An iterator of :func:`decode_one` results in task order; a process pool when workers > 1.
+    """An iterator of :func:`decode_one` results in task order, from a pool of ``workers`` processes (at
+    least one) that each run under a memory limit (:func:`memory_budget`).
 
     The pool's processes start here, before the caller opens its progress bar (no fork with its thread)."""
-    if workers <= 1 or len(tasks) <= 1:
-        yield (decode_one(t) for t in tasks)
+    if not tasks:
+        yield iter(())
         return
-    n = min(workers, len(tasks))
+    n = max(1, min(workers, len(tasks)))
     chunk = max(1, min(16, len(tasks) // (n * 4)))
-    ex = ProcessPoolExecutor(max_workers=n, initializer=_watch_parent, initargs=(os.getpid(),))
+    ex = ProcessPoolExecutor(max_workers=n, initializer=_start_worker, initargs=(os.getpid(), memory_budget()))
     try:
         yield ex.map(decode_one, tasks, chunksize=chunk)
     except BaseException:

@@ -7,6 +7,7 @@ with a one-line :class:`~mdmt.errors.ConfigError` naming the key and what is all
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -154,6 +155,25 @@ class RunConfig:
             raise bad("image-size", f"must be at least {MIN_IMAGE_SIZE} pixels, got {self.image_size}")
         if self.num_workers < 0:
             raise bad("num-workers", f"must be >= 0 (0 = one per CPU core), got {self.num_workers}")
+        at_least = {
+            "local-epochs": (self.local_epochs, 0),
+            "local-steps": (self.local_steps, 0),
+            "weight-decay": (self.weight_decay, 0),
+            "min-sites": (self.min_sites, 1),
+            "seed": (self.seed, 0),
+            "dp-noise-multiplier": (self.dp_noise_multiplier, 0),
+            "dp-target-epsilon": (self.dp_target_epsilon, 0),
+            "dp-epsilon-budget": (self.dp_epsilon_budget, 0),
+            "dp-delta": (self.dp_delta, 0),
+        }
+        for key, (val, low) in at_least.items():
+            if val < low:
+                raise bad(key, f"must be >= {low}, got {val}")
+        for key, val in {"round-timeout": self.round_timeout, "dp-max-grad-norm": self.dp_max_grad_norm}.items():
+            if val <= 0:
+                raise bad(key, f"must be > 0, got {val}")
+        if self.dp_delta >= 1:
+            raise bad("dp-delta", f"must be below 1 (0 = 1/(10 N)), got {self.dp_delta}")
         if self.local_epochs <= 0 and self.local_steps <= 0:
             raise bad("local-epochs", "and 'local-steps' are both 0; set one of them > 0")
         if self.lr <= 0:
@@ -268,7 +288,10 @@ def _coerce(key: str, f: dataclasses.Field, value: Any, source: str) -> Any:
                 raise ValueError(value)
             return int(value)
         if typ is float:
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{source}: '{key}' must be a finite number, got {value!r}")
+            return number
         return str(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: '{key}' must be {typ.__name__}, got {value!r}") from None

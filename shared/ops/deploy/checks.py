@@ -20,6 +20,7 @@ from mdmt.data.manifest import (
     SEVERITY_CLASS_NAMES,
     brixia_global,
     manifest_hash,
+    outside_site,
     read_manifest,
     read_rejected,
     severity_class,
@@ -173,7 +174,18 @@ def check_data(cfg: SiteConfig, report: CheckReport, sample: int = 5) -> None:
     )
     prog_txt, sev_txt = _label_counts(df)
     report.add(INFO, "labels", f"prognosis: {prog_txt}; severity (brixia global): {sev_txt}")
-    paths = [d / img for img in df["image"]]
+    escaping = [img for img in df["image"] if outside_site(img)]
+    if escaping:
+        report.add(
+            WARN,
+            "images",
+            f"{len(escaping)} image path(s) leave the site folder (first: {escaping[0]!r}); "
+            "ingestion rejects them row by row",
+        )
+    paths = [d / img for img in df["image"] if not outside_site(img)]
+    if not paths:
+        report.add(FAIL, "images", "no image path stays inside data-dir; 'image' paths are relative to data-dir")
+        return
     missing = [p for p in paths if not p.is_file()]
     if len(missing) == len(paths):
         report.add(
