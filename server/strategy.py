@@ -16,7 +16,7 @@ from mdmt.fed import protocol as P
 from mdmt.fed.compress import decode_update
 from mdmt.fed.plan import UnitPlan
 from mdmt.fed.units import aggregate_replies
-from mdmt.ml.train import TrainResult
+from mdmt.ml.outcomes import TrainResult
 
 
 def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:

@@ -170,7 +170,7 @@ def write_deflate_bomb(path, rows=20000, cols=20000):
     meta_fp = DicomBytesIO()
     meta_fp.is_little_endian, meta_fp.is_implicit_VR = True, False
     write_file_meta_info(meta_fp, ds.file_meta, enforce_standard=True)
-    deflater = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
     zeros = bytes(1 << 20)
     with open(path, "wb") as fh:
         fh.write(meta.getvalue() + meta_fp.getvalue())

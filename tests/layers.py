@@ -93,7 +93,11 @@ def undeclared_local_imports(known: dict[str, Path]) -> list[str]:
                 continue
             for inner in ast.walk(node):
                 if isinstance(inner, (ast.Import, ast.ImportFrom)):
-                    near = " ".join(lines[max(inner.lineno - 2, 0) : inner.end_lineno])
+                    # the comment sits on the import's line or above it, over a block of imports
+                    first = inner.lineno - 1
+                    while first > 0 and lines[first - 1].lstrip().startswith(("import ", "from ")):
+                        first -= 1
+                    near = " ".join(lines[max(first - 1, 0) : inner.end_lineno])
                     if "deferred:" not in near:
                         bad.append(
                             f"{path.relative_to(OUT)}:{inner.lineno}: an import inside a function needs a "

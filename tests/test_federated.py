@@ -131,7 +131,7 @@ class ScriptedRounds:
         import numpy as np
 
         from mdmt.fed.units import TrainRound
-        from mdmt.ml.train import TrainResult
+        from mdmt.ml.outcomes import TrainResult
 
         gone = self.absent.get(rnd, set())
         trained = {

@@ -15,6 +15,7 @@ from torch import nn
 from mdmt.errors import ConfigError, DataError
 from mdmt.ml.backbones import BACKBONES
 from mdmt.ml.model import MDMTNet, build_model
+from mdmt.ml.outcomes import TrainResult
 from mdmt.ml.privacy import (
     DPRound,
     DPSettings,
@@ -30,7 +31,7 @@ from mdmt.ml.privacy import (
     steps_per_epoch,
     would_exceed,
 )
-from mdmt.ml.train import TaskData, TrainResult, train_local, trainable_parameters
+from mdmt.ml.train import TaskData, train_local, trainable_parameters
 
 
 @pytest.fixture(autouse=True)

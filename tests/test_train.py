@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from mdmt.ml.metrics import HIST_BINS
 from mdmt.ml.model import build_model
-from mdmt.ml.train import HIST_BINS, TaskData, evaluate, train_local
+from mdmt.ml.train import TaskData, evaluate, train_local
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

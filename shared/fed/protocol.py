@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
-from mdmt.ml.train import HIST_BINS, EvalResult, TrainResult
+from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.outcomes import EvalResult, TrainResult
 
 # Record names inside a Message's RecordDict.
 ARRAYS = "arrays"

@@ -27,7 +27,7 @@ from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, get_method
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
 from mdmt.ml.model import build_model
 from mdmt.ml.naming import is_bn_stat
-from mdmt.ml.train import TrainResult
+from mdmt.ml.outcomes import TrainResult
 from mdmt.seeding import derive_seed
 from mdmt.store import RunStore, UnitKey
 

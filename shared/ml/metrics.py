@@ -10,7 +10,6 @@ import math
 import warnings
 
 import numpy as np
-from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 
 HIST_BINS = 200  # per-class histograms of predicted P(SEVERE) that sites send instead of per-sample scores
 
@@ -32,8 +31,9 @@ def binary_metrics(cm: np.ndarray) -> dict[str, float]:
     ``gmean`` is the textbook sqrt(TPR x TNR); ``gmean_weighted`` is imbalanced-learn's weighted
     variant (sqrt(ACC x support-weighted specificity)), the one the paper's code reports.
     """
-    # deferred: imbalanced-learn (slow to import; only the weighted G-mean needs it)
+    # deferred: imbalanced-learn and scikit-learn (slow to import; reading a run config or a reply needs neither)
     from imblearn.metrics import geometric_mean_score
+    from sklearn.metrics import accuracy_score, f1_score
 
     cm = np.asarray(cm, dtype=np.int64).reshape(2, 2)
     n = int(cm.sum())
@@ -60,6 +60,9 @@ def binary_metrics(cm: np.ndarray) -> dict[str, float]:
 
 
 def multiclass_metrics(cm: np.ndarray) -> dict[str, float]:
+    # deferred: scikit-learn (slow to import; reading a run config or a reply needs no metric)
+    from sklearn.metrics import accuracy_score, f1_score
+
     cm = np.asarray(cm, dtype=np.int64)
     n = int(cm.sum())
     if n == 0:
@@ -86,11 +89,17 @@ def auc_from_hist(hist: np.ndarray) -> float:
     hist = np.asarray(hist).reshape(2, HIST_BINS)
     if hist[0].sum() == 0 or hist[1].sum() == 0:
         return float("nan")
+    # deferred: scikit-learn (slow to import; reading a run config or a reply needs no metric)
+    from sklearn.metrics import roc_auc_score
+
     y, s, w = _hist_xy(hist)
     return float(roc_auc_score(y, s, sample_weight=w))
 
 
 def roc_from_hist(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # deferred: scikit-learn (slow to import; reading a run config or a reply needs no metric)
+    from sklearn.metrics import roc_curve
+
     y, s, w = _hist_xy(hist)
     fpr, tpr, _ = roc_curve(y, s, sample_weight=w)
     return fpr, tpr

@@ -21,6 +21,7 @@ from mdmt.ml.metrics import HIST_BINS
 from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD
 from mdmt.ml.naming import NUM_CLASSES
 from mdmt.ml.options import CLASS_WEIGHTS, DEVICES
+from mdmt.ml.outcomes import EvalResult, TrainResult
 from mdmt.ml.privacy import DPRound
 from mdmt.seeding import derive_seed
 
@@ -168,32 +169,6 @@ def adapt_bn(
     model.eval()
 
 
-@dataclass
-class TrainResult:
-    n_examples: int
-    n_task: dict[str, int]
-    loss: float
-    loss_task: dict[str, float]
-    steps: int
-    seconds: float
-    epsilon: float = float("nan")  # DP-SGD: epsilon spent so far at this site for this unit
-    dp_refused: bool = False  # DP-SGD: the site refused the round (its budget would be exceeded)
-
-    @classmethod
-    def untrained(cls, epsilon: float = float("nan"), refused: bool = False) -> TrainResult:
-        """No step taken: the site has no labelled row, or refused a DP round that would exceed its budget."""
-        return cls(
-            0,
-            {PROGNOSIS: 0, SEVERITY: 0},
-            0.0,
-            {PROGNOSIS: 0.0, SEVERITY: 0.0},
-            0,
-            0.0,
-            epsilon=epsilon,
-            dp_refused=refused,
-        )
-
-
 def trainable_parameters(model: torch.nn.Module, tasks: Iterable[str]) -> list[torch.nn.Parameter]:
     """The backbone's parameters and those of the heads of ``tasks`` (the tasks with labels at a site):
     weight decay would otherwise move a head that receives no gradient."""
@@ -322,21 +297,6 @@ def train_local(
         seconds=time.perf_counter() - t0,
         epsilon=epsilon,
     )
-
-
-@dataclass
-class EvalResult:
-    """Sufficient statistics per task: the server computes ROC/AUC and pooled metrics from them."""
-
-    n: dict[str, int]
-    loss_sum: dict[str, float]
-    prog_cm: np.ndarray  # 2x2 [true, pred]
-    prog_hist: np.ndarray  # 2 x HIST_BINS: histogram of P(SEVERE) for true MILD (row 0) and SEVERE (row 1)
-    sev_cm: np.ndarray  # 4x4 [true, pred]
-    predictions: pd.DataFrame  # per-sample, stays at the site
-
-    def mean_loss(self, task: str) -> float:
-        return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
 
 
 @torch.no_grad()

@@ -9,14 +9,21 @@ import argparse
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 from mdmt.errors import DataError, MDMTError
 from mdmt.fed.config import RunConfig
-from mdmt.results.dashboard.access import DEFAULT_HOST, TOKEN_ENV, AccessGate, check_bind
-from mdmt.results.dashboard.data import resolve_sources
+from mdmt.results.dashboard.access import (
+    DEFAULT_HOST,
+    DEFAULT_SESSION_HOURS,
+    TOKEN_ENV,
+    AccessGate,
+    check_bind,
+    check_session_hours,
+)
 
 DEFAULTS = RunConfig()
 
@@ -46,8 +53,59 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help=f"access token required on every request (default: ${TOKEN_ENV}; prefer the variable, "
         "a command line is visible to other users)",
     )
+    p.add_argument(
+        "--session-hours",
+        type=float,
+        default=DEFAULT_SESSION_HOURS,
+        metavar="H",
+        help=f"with a token: how long a login (its session cookie) lasts (default {DEFAULT_SESSION_HOURS:g})",
+    )
+    p.add_argument("--certfile", default=None, metavar="PEM", help="serve HTTPS with this certificate (and --keyfile)")
+    p.add_argument("--keyfile", default=None, metavar="PEM", help="the certificate's unencrypted private key")
+    p.add_argument(
+        "--behind-tls-proxy",
+        action="store_true",
+        help="a reverse proxy in front serves it over HTTPS: mark the session cookie Secure",
+    )
     p.add_argument("--refresh", type=float, default=2.0, help="seconds between checks for new data (default 2)")
     return p
+
+
+def tls_context(certfile: str | Path | None, keyfile: str | Path | None) -> ssl.SSLContext | None:
+    """The server's TLS context (TLS 1.2 or later) for --certfile/--keyfile, or None for plain HTTP.
+
+    Raises MDMTError (one line naming the flag and file) for one of the two alone, a file missing or
+    unreadable, a file that is not PEM, an encrypted key, or a key that does not match the certificate."""
+    if certfile is None and keyfile is None:
+        return None
+    if not certfile or not keyfile:
+        given, other = ("--certfile", "--keyfile") if certfile else ("--keyfile", "--certfile")
+        raise MDMTError(f"{given} needs {other}: give both to serve HTTPS, or neither for plain HTTP")
+    for flag, name in (("--certfile", certfile), ("--keyfile", keyfile)):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise MDMTError(f"{flag} {name}: no such file")
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as exc:
+            raise MDMTError(f"{flag} {name}: cannot read it ({exc.strerror or exc})") from None
+        if flag == "--certfile" and "-----BEGIN CERTIFICATE-----" not in text:
+            raise MDMTError(f"{flag} {name}: not a PEM certificate (no '-----BEGIN CERTIFICATE-----' line)")
+        if flag == "--keyfile" and "ENCRYPTED" in text:
+            raise MDMTError(f"{flag} {name}: the key is encrypted; give it unencrypted, readable only by this user")
+        if flag == "--keyfile" and "PRIVATE KEY-----" not in text:
+            raise MDMTError(f"{flag} {name}: not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(Path(certfile).expanduser(), Path(keyfile).expanduser(), password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or exc
+        raise MDMTError(
+            f"--certfile {certfile} / --keyfile {keyfile}: cannot use them ({reason}); the key must be the "
+            "certificate's private key"
+        ) from None
+    return context
 
 
 def serve(
@@ -57,15 +115,21 @@ def serve(
     token: str | None = None,
     refresh_s: float = 2.0,
     echo: Callable[[str], None] = print,
+    session_hours: float = DEFAULT_SESSION_HOURS,
+    certfile: str | Path | None = None,
+    keyfile: str | Path | None = None,
+    behind_tls_proxy: bool = False,
 ) -> None:
-    """Check the bind and the stores, then serve until interrupted (SIGINT or SIGTERM).
+    """Check the bind, the TLS files and the stores, then serve until interrupted (SIGINT or SIGTERM).
 
-    Raises MDMTError (one line) for a non-loopback bind without a token, a missing store, a missing Dash
-    or a port in use."""
+    Raises MDMTError (one line) for a non-loopback bind without a token, a bad --session-hours, a TLS file
+    missing or unusable, a missing store, a missing Dash or a port in use."""
     token = token if token else (os.environ.get(TOKEN_ENV) or None)
     check_bind(host, token)
-    if refresh_s <= 0:
+    if not refresh_s > 0:
         raise MDMTError(f"--refresh {refresh_s}: give a positive number of seconds")
+    check_session_hours(session_hours)
+    context = tls_context(certfile, keyfile)
     for s in stores:  # before the slow imports: a missing store is a quick one-line error
         path = Path(s).expanduser()
         if not (path / "store.sqlite" if path.is_dir() else path).is_file():
@@ -73,6 +137,9 @@ def serve(
                 f"{path / 'store.sqlite' if path.is_dir() else path}: run store not found; "
                 "run an experiment first or pass --store PATH"
             )
+
+    # deferred: pandas and scikit-learn (mdmt.results.dashboard.data); building the parser needs neither
+    from mdmt.results.dashboard.data import resolve_sources
 
     sources = resolve_sources([str(s) for s in stores])
     try:
@@ -84,18 +151,20 @@ def serve(
     except ImportError as exc:
         raise MDMTError(f"the dashboard needs Dash ({exc.name} is missing): pip install -e '.[dashboard]'") from None
     app = create_app(sources, refresh_s)
-    app.server.wsgi_app = AccessGate(app.server.wsgi_app, token)
+    secure = context is not None or behind_tls_proxy
+    app.server.wsgi_app = AccessGate(app.server.wsgi_app, token, session_hours=session_hours, secure=secure)
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request (the page polls)
     try:
-        server = make_server(host, port, app.server, threaded=True)
+        server = make_server(host, port, app.server, threaded=True, ssl_context=context)
     except OSError as exc:
         raise MDMTError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port") from None
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{server.server_port}/"
+    url = f"{'https' if context else 'http'}://{shown}:{server.server_port}/"
     stores_txt = ", ".join(str(s.path) for s in sources)
+    login = f"open it with ?token=<token> to log in; a login lasts {session_hours:g} hours"
     echo(
         f"mdmt dashboard: serving {url} for {stores_txt}"
-        + (" (access token required: open it once with ?token=<token>)" if token else "")
+        + (f" (access token required: {login})" if token else "")
         + "; Ctrl-C stops it"
     )
 
@@ -116,7 +185,16 @@ def run(a: argparse.Namespace) -> None:
     """What ``mdmt dashboard`` calls with the arguments of :func:`add_arguments`."""
     stores = a.store or [Path(a.workspace) / "store.sqlite"]
     serve(
-        stores, host=a.host, port=a.port, token=a.token, refresh_s=a.refresh, echo=lambda line: print(line, flush=True)
+        stores,
+        host=a.host,
+        port=a.port,
+        token=a.token,
+        refresh_s=a.refresh,
+        echo=lambda line: print(line, flush=True),
+        session_hours=a.session_hours,
+        certfile=a.certfile,
+        keyfile=a.keyfile,
+        behind_tls_proxy=a.behind_tls_proxy,
     )
 
 
