@@ -7,11 +7,13 @@ an unregistered key (refused), and ``flwr run`` of this project's app to complet
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import random
 import re
 import shlex
+import shutil
 import socket
 import ssl
 import subprocess
@@ -26,7 +28,7 @@ from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from mdmt.errors import ConfigError, MDMTError
-from mdmt.ops.deploy import commands, files, pki, siteconfig
+from mdmt.ops.deploy import checks, commands, files, network, pki, siteconfig
 from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,8 +72,8 @@ def test_certs_have_the_sans_and_verify_against_the_ca(tmp_path, capsys):
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(out / files.SERVER_CERT, out / files.SERVER_KEY)
     assert ctx.cert_store_stats()["x509_ca"] == 1
-    for secret in (files.CA_KEY, files.SERVER_KEY):
-        assert (out / secret).stat().st_mode & 0o777 == 0o600
+    for secret in (tmp_path / "certs-ca" / files.CA_KEY, out / files.SERVER_KEY):
+        assert secret.stat().st_mode & 0o777 == 0o600
     # a certificate from another CA does not verify against this one
     other = tmp_path / "other"
     assert _run(["certs", "--out", other, "--san", "DNS:coord.example.org"]) == 0
@@ -104,6 +106,98 @@ def test_certs_refuse_to_overwrite_and_rotate_with_the_same_or_a_new_ca(tmp_path
     verify_server_cert(out / files.CA_BUNDLE, out / files.SERVER_CERT, "coord.example.org")
     with pytest.raises(MDMTError):
         verify_server_cert(out / files.CA_PREVIOUS, out / files.SERVER_CERT, "coord.example.org")
+
+
+MOUNTED = {files.CA_CERT, files.SERVER_CERT, files.SERVER_KEY}
+
+
+def _ca_key_matches(key: Path, ca: Path) -> bool:
+    from cryptography.hazmat.primitives import serialization
+
+    private = serialization.load_pem_private_key(key.read_bytes(), password=None)
+    return private.public_key() == x509.load_pem_x509_certificate(ca.read_bytes()).public_key()
+
+
+def test_certs_keep_the_ca_key_apart_from_the_mounted_folder(tmp_path, capsys):
+    out, ca_dir = tmp_path / "certs", tmp_path / "certs-ca"
+    assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org"]) == 0
+    printed = capsys.readouterr().out
+    # the folder the SuperLink reads holds the CA certificate and the server pair, nothing else
+    assert {p.name for p in out.iterdir()} == MOUNTED
+    assert {p.name for p in ca_dir.iterdir()} == {files.CA_KEY}
+    assert ca_dir.stat().st_mode & 0o777 == 0o700 and (ca_dir / files.CA_KEY).stat().st_mode & 0o777 == 0o600
+    assert _ca_key_matches(ca_dir / files.CA_KEY, out / files.CA_CERT)
+    assert str(ca_dir / files.CA_KEY) in printed
+    # --rotate signs with the key from the CA folder; the mounted folder gains only previous/
+    assert _run(["certs", "--out", out, "--rotate"]) == 0
+    verify_server_cert(out / files.CA_CERT, out / files.SERVER_CERT, "coord.example.org")
+    assert {p.name for p in out.iterdir()} == MOUNTED | {files.PREVIOUS_DIR}
+    # --new-ca: the new key in the CA folder, the old one (with its certificate) archived there, never in out
+    old_ca = (out / files.CA_CERT).read_bytes()
+    assert _run(["certs", "--out", out, "--new-ca"]) == 0
+    verify_server_cert(out / files.CA_BUNDLE, out / files.SERVER_CERT, "coord.example.org")
+    assert _ca_key_matches(ca_dir / files.CA_KEY, out / files.CA_CERT)
+    (archived,) = list((ca_dir / files.PREVIOUS_DIR).glob(f"*/{files.CA_KEY}"))
+    assert (archived.parent / files.CA_CERT).read_bytes() == old_ca
+    assert _ca_key_matches(archived, archived.parent / files.CA_CERT)
+    assert archived.stat().st_mode & 0o777 == 0o600 and archived.parent.stat().st_mode & 0o777 == 0o700
+    assert {p.name for p in out.iterdir()} == MOUNTED | {files.PREVIOUS_DIR, files.CA_BUNDLE, files.CA_PREVIOUS}
+    assert not list(out.rglob(files.CA_KEY))
+    capsys.readouterr()
+    # the SuperLink's command needs nothing from the CA folder
+    offline = tmp_path / "offline"
+    ca_dir.rename(offline)
+    assert _run(["superlink-cmd", "--certs", out, "--state-dir", tmp_path / "state"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # rotating needs the key: without it, one line naming where it is looked for; --ca-dir names another folder
+    assert _run(["certs", "--out", out, "--rotate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert str(ca_dir / files.CA_KEY) in err and "--ca-dir" in err and len(err.splitlines()) == 1
+    assert _run(["certs", "--out", out, "--rotate", "--ca-dir", offline]) == 0
+    verify_server_cert(out / files.CA_CERT, out / files.SERVER_CERT, "coord.example.org")
+    assert not ca_dir.exists()
+
+
+@pytest.mark.parametrize("inside", ["private", "."])
+def test_certs_refuse_a_ca_dir_inside_or_around_the_mounted_folder(tmp_path, capsys, inside):
+    out = tmp_path / "certs"
+    ca_dir = out / inside if inside != "." else tmp_path
+    assert _run(["certs", "--out", out, "--san", "DNS:coord.example.org", "--ca-dir", ca_dir]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("--ca-dir") >= 1 and "apart from --out" in err and len(err.splitlines()) == 1
+    assert not list(tmp_path.rglob(files.CA_KEY))
+
+
+def test_a_certificate_folder_holding_the_ca_key_is_moved_on_the_next_run(tmp_path, capsys):
+    out, ca_dir = tmp_path / "certs", tmp_path / "certs-ca"
+    pki.make_certs(out, ["DNS:coord.example.org"])
+    pki.make_certs(out, [], new_ca=True)
+    # the layout where ca.key (and archived CA keys) lay in the certificate folder
+    (ca_dir / files.CA_KEY).rename(out / files.CA_KEY)
+    (old,) = list((ca_dir / files.PREVIOUS_DIR).glob(f"*/{files.CA_KEY}"))
+    stamp = old.parent.name
+    (out / files.PREVIOUS_DIR / stamp).mkdir(parents=True, exist_ok=True)
+    old.rename(out / files.PREVIOUS_DIR / stamp / files.CA_KEY)
+    shutil.rmtree(ca_dir)
+    # it keeps working: the SuperLink starts, with a one-line warning saying how to move the key
+    assert _run(["superlink-cmd", "--certs", out, "--state-dir", tmp_path / "state"]) == 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out / files.CA_KEY) in err and f"mv {out / files.CA_KEY}" in err
+    # the next certs run moves every CA key into the CA folder and says so; rotation still verifies
+    assert _run(["certs", "--out", out, "--rotate"]) == 0
+    printed = capsys.readouterr().out
+    assert f"moved the CA key {out / files.CA_KEY}" in printed
+    assert not list(out.rglob(files.CA_KEY))
+    assert (ca_dir / files.PREVIOUS_DIR / stamp / files.CA_KEY).is_file()
+    assert ca_dir.stat().st_mode & 0o777 == 0o700 and (ca_dir / files.CA_KEY).stat().st_mode & 0o777 == 0o600
+    assert _ca_key_matches(ca_dir / files.CA_KEY, out / files.CA_CERT)
+    verify_server_cert(out / files.CA_BUNDLE, out / files.SERVER_CERT, "coord.example.org")
+    # two different keys in the two places: one line, nothing moved
+    pki.make_certs(tmp_path / "other", ["DNS:x.example.org"])
+    (out / files.CA_KEY).write_bytes((tmp_path / "other-ca" / files.CA_KEY).read_bytes())
+    assert _run(["certs", "--out", out, "--rotate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "are different keys" in err and len(err.splitlines()) == 1 and (out / files.CA_KEY).is_file()
 
 
 @pytest.mark.parametrize("san, message", [("DNS:bad name", "not a DNS name"), ("IP:10.0.0.300", "not an IP address")])
@@ -458,6 +552,157 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
         timeout=60,
     )
     assert res.returncode == 2 and "mdmt not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def _unit_directives(path: Path) -> dict[str, list[str]]:
+    """``[Service]`` of a systemd unit or drop-in: each directive's values in order (repeats accumulate)."""
+    section, found = "", {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            section = line
+        elif section == "[Service]":
+            key, sep, value = line.partition("=")
+            assert sep, f"{path}: {raw!r} is not key=value"
+            found.setdefault(key.strip(), []).append(value.strip())
+    return found
+
+
+def _bytes(size: str) -> int:
+    m = re.fullmatch(r"(\d+)([KMGT]?)", size)
+    assert m, size
+    return int(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " ")
+
+
+@pytest.mark.parametrize(
+    "unit, memory, restricted",
+    [
+        ("mdmt-superlink.service", "4G", False),
+        ("mdmt-supernode@.service", "16G", True),
+        ("mdmt-job@.service", None, False),
+    ],
+)
+def test_systemd_units_are_hardened(unit, memory, restricted):
+    d = _unit_directives(DEPLOY_DIR / "systemd" / unit)
+    # the hardening the units had
+    for key, value in [("NoNewPrivileges", "yes"), ("PrivateTmp", "yes"), ("ProtectSystem", "strict")]:
+        assert d[key] == [value], (unit, key)
+    assert d["ProtectHome"] and d["ReadWritePaths"] and d["User"] == ["mdmt"]
+    # a memory limit, sane for a federated site or coordinator
+    (limit,) = d["MemoryMax"]
+    assert 1 << 30 <= _bytes(limit) <= 1 << 40, limit
+    if memory:
+        assert limit == memory
+    # no capabilities at all (an empty assignment), the system calls of a service without the privileged ones
+    assert d["CapabilityBoundingSet"] == [""]
+    filters = " ".join(d["SystemCallFilter"]).split()
+    assert filters[0] == "@system-service" and "~@privileged" in filters
+    assert d["SystemCallErrorNumber"] == ["EPERM"] and d["SystemCallArchitectures"] == ["native"]
+    (families,) = d["RestrictAddressFamilies"]
+    assert (
+        {"AF_UNIX", "AF_INET", "AF_INET6"} <= set(families.split()) <= {"AF_UNIX", "AF_INET", "AF_INET6", "AF_NETLINK"}
+    )
+    if restricted:  # a site: loopback only, the coordinator comes from the drop-in
+        assert d["IPAddressDeny"] == ["any"] and d["IPAddressAllow"] == ["localhost"]
+    else:  # the SuperLink listens for the sites; the supervisor may use the coordinator's public address
+        assert "IPAddressDeny" not in d and "IPAddressAllow" not in d
+
+
+def test_compose_services_drop_capabilities_and_have_memory_limits():
+    import yaml
+
+    compose = yaml.safe_load((DEPLOY_DIR / "compose.yaml").read_text())
+    assert set(compose["services"]) == {"superlink", "supernode"}
+    for name, service in compose["services"].items():
+        assert service["cap_drop"] == ["ALL"], name
+        assert "no-new-privileges:true" in service["security_opt"], name
+        m = re.fullmatch(r"\$\{MDMT_[A-Z]+_MEMORY:-(\d+)([kmg])\}|(\d+)([kmg])", str(service["mem_limit"]))
+        assert m, (name, service["mem_limit"])
+        number, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        assert 1 << 30 <= int(number) * 1024 ** " kmg".index(unit) <= 1 << 40, name
+    volumes = " ".join(compose["services"]["superlink"]["volumes"])
+    assert ":/certs:ro" in volumes and "-ca:" not in volumes
+
+
+def _dropin_allows(path: Path) -> tuple[list[str], list[str]]:
+    d = _unit_directives(path)
+    return d.get("IPAddressDeny", []), d.get("IPAddressAllow", [])
+
+
+@pytest.mark.parametrize("coordinator, address", [("10.0.0.5:9092", "10.0.0.5"), ("[fd00::5]:9092", "fd00::5")])
+def test_site_network_dropin_allows_exactly_the_coordinator(tmp_path, capsys, coordinator, address):
+    units = tmp_path / "units"
+    config = _site_config(tmp_path, coordinator=coordinator)
+    assert _run(["site-network", config, "--unit-dir", units]) == 0
+    printed = capsys.readouterr().out
+    dropin = units / "mdmt-supernode@A.service.d" / "network.conf"
+    assert str(dropin) in printed and "daemon-reload" in printed
+    assert _dropin_allows(dropin) == (["any"], ["localhost", address])
+    assert dropin.stat().st_mode & 0o777 == 0o644
+    # --print shows the same text; --allow adds an address; a bad one is one line naming the flag
+    assert _run(["site-network", config, "--print"]) == 0
+    assert capsys.readouterr().out == dropin.read_text()
+    text, allowed = network.network_dropin(siteconfig.load_site_config(config), ["192.0.2.0/24"])
+    assert allowed == [address, "192.0.2.0/24"] and "IPAddressAllow=192.0.2.0/24" in text
+    assert _run(["site-network", config, "--allow", "nowhere", "--unit-dir", units]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--allow 'nowhere'" in err and len(err.splitlines()) == 1
+
+
+def test_site_network_for_a_host_name_adds_its_addresses_and_the_dns_servers(tmp_path):
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("# resolv\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nsearch example.org\n")
+    cfg = siteconfig.load_site_config(_site_config(tmp_path, coordinator="localhost:9092"))
+    text, allowed = network.network_dropin(cfg, resolv_conf=resolv)
+    assert "127.0.0.1" in allowed and allowed[-1] == "192.0.2.53" and "127.0.0.53" not in allowed
+    cfg = siteconfig.load_site_config(_site_config(tmp_path, coordinator="no-such-host.invalid:9092", name="x.toml"))
+    with pytest.raises(ConfigError, match="does not resolve") as exc:
+        network.network_dropin(cfg, resolv_conf=resolv)
+    assert "--allow" in str(exc.value) and "\n" not in str(exc.value)
+    # with --allow the address is known without resolving the name
+    assert network.network_dropin(cfg, ["10.0.0.5"], resolv_conf=resolv)[1] == ["192.0.2.53", "10.0.0.5"]
+
+
+def test_install_script_writes_the_site_dropin_and_check_compares_it(tmp_path, capsys):
+    venv = Path(sys.executable).parent.parent
+    root = tmp_path / "root"
+    (root / "etc" / "mdmt").mkdir(parents=True)
+    config = _site_config(root / "etc" / "mdmt", coordinator="10.0.0.5:9092")
+    assert config.name == "site-A.toml"
+    script = [str(DEPLOY_DIR / "scripts" / "install-units.sh"), "--root", str(root), "--venv", str(venv)]
+    res = subprocess.run(["bash", *script, "--site", "A"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    unit_dir = root / "etc" / "systemd" / "system"
+    dropin = unit_dir / "mdmt-supernode@A.service.d" / "network.conf"
+    assert _dropin_allows(dropin) == (["any"], ["localhost", "10.0.0.5"]) and str(dropin) in res.stdout
+    assert _unit_directives(unit_dir / "mdmt-supernode@.service")["IPAddressAllow"] == ["localhost"]
+    res = subprocess.run(["bash", *script, "--site", "B"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "site-B.toml not found" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    # the check: the drop-in names the coordinator; a changed address or a missing drop-in is NOT READY
+    cfg = siteconfig.load_site_config(config)
+    report = checks.CheckReport("A")
+    checks.check_network(cfg, report, unit_dir)
+    assert report.ready and "10.0.0.5" in report.items[0][2]
+    moved = dataclasses.replace(cfg, coordinator="10.0.0.6:9092")
+    report = checks.CheckReport("A")
+    checks.check_network(moved, report, unit_dir, resolve=False)
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"network: {dropin} does not allow 10.0.0.6 ")
+    assert "mdmt deploy site-network" in report.problems[0]
+    dropin.unlink()
+    report = checks.CheckReport("A")
+    checks.check_network(cfg, report, unit_dir)
+    assert not report.ready and "loopback only" in report.problems[0]
+    # where the units are not installed there is nothing to compare
+    report = checks.CheckReport("A")
+    checks.check_network(cfg, report, tmp_path / "no-units")
+    assert report.items == []
+    # a config whose file name and site disagree would give the unit a drop-in of another instance
+    (root / "etc" / "mdmt" / "site-B.toml").write_text(config.read_text())
+    assert _run(["site-network", root / "etc" / "mdmt" / "site-B.toml", "--unit-dir", unit_dir]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mdmt-supernode@B" in err and len(err.splitlines()) == 1
 
 
 # ---- a real deployment on loopback ---------------------------------------------------------------

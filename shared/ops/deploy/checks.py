@@ -1,5 +1,6 @@
 """``mdmt deploy check``: what a site checks before joining (coordinator reachable over TLS against the CA,
-key pair, data, workspace, device); the report ends READY or NOT READY with the reasons."""
+the systemd unit's network drop-in, key pair, data, workspace, device); the report ends READY or NOT READY
+with the reasons."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from mdmt.data.manifest import (
     site_role,
 )
 from mdmt.errors import DataError, DicomRejected, MDMTError
+from mdmt.ops.deploy.network import SYSTEMD_UNIT_DIR, check_dropin
 from mdmt.ops.deploy.siteconfig import SiteConfig, format_address, parse_address
 
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
@@ -312,8 +314,20 @@ def check_compute(cfg: SiteConfig, report: CheckReport) -> None:
         )
 
 
+def check_network(cfg: SiteConfig, report: CheckReport, unit_dir: str | Path, resolve: bool = True) -> None:
+    """The SuperNode unit's network drop-in (where the unit is installed): it must allow the coordinator."""
+    found = check_dropin(cfg, unit_dir, resolve)
+    if found is not None:
+        report.add(OK if found[0] else FAIL, "network", found[1])
+
+
 def check_site(
-    cfg: SiteConfig, network: bool = True, timeout: float = 5.0, sample: int = 5, compute: bool = True
+    cfg: SiteConfig,
+    network: bool = True,
+    timeout: float = 5.0,
+    sample: int = 5,
+    compute: bool = True,
+    unit_dir: str | Path = SYSTEMD_UNIT_DIR,
 ) -> CheckReport:
     """Everything a site can check before joining; the report's verdict is READY or NOT READY: reasons."""
     report = CheckReport(cfg.site)
@@ -321,6 +335,7 @@ def check_site(
         check_coordinator(cfg, report, timeout)
     else:
         report.add(INFO, "coordinator", "not checked (--offline)")
+    check_network(cfg, report, unit_dir, resolve=network)
     check_key(cfg, report)
     check_data(cfg, report, sample)
     check_workspace(cfg, report)

@@ -1,8 +1,10 @@
 """``mdmt deploy``: what a coordinator and a hospital install.
 
-- ``certs``: a CA and the SuperLink's TLS certificate (SANs given by the user), and their rotation;
+- ``certs``: a CA and the SuperLink's TLS certificate (SANs given by the user), and their rotation; the CA
+  key is kept in its own folder, apart from the one the SuperLink reads;
 - ``site-key``: a site's SuperNode authentication key (ECDSA P-384, OpenSSH format);
 - ``site-config``: a site config file (site, data folder, device, coordinator, CA, key, workspace);
+- ``site-network``: the systemd drop-in that lets a site's SuperNode unit reach only the coordinator;
 - ``supernode-cmd`` / ``superlink-cmd``: the ``flower-supernode`` / ``flower-superlink`` command lines
   (printed, or executed in place, which is what the systemd units and the compose file do);
 - ``connection``: the SuperLink connection the ``flwr`` CLI uses (``flwr run``, ``flwr supernode register``);
@@ -20,6 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mdmt.errors import ConfigError
 from mdmt.ops.deploy.checks import check_site
 from mdmt.ops.deploy.commands import (
     DEFAULT_CONNECTION,
@@ -29,7 +32,16 @@ from mdmt.ops.deploy.commands import (
     supernode_command,
     write_connection,
 )
-from mdmt.ops.deploy.files import CA_BUNDLE, CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, site_key_paths
+from mdmt.ops.deploy.files import (
+    CA_BUNDLE,
+    CA_CERT,
+    CA_KEY,
+    SERVER_CERT,
+    SERVER_KEY,
+    default_ca_dir,
+    site_key_paths,
+)
+from mdmt.ops.deploy.network import DROPIN_NAME, SYSTEMD_UNIT_DIR, network_dropin, write_network_dropin
 from mdmt.ops.deploy.siteconfig import (
     DEFAULT_SUPERLINK_PORT,
     DEFAULT_SUPERNODE_PORT,
@@ -45,18 +57,24 @@ from mdmt.ops.jobs import add_job_verbs
 def cmd_certs(a: argparse.Namespace) -> None:
     from mdmt.ops.deploy.pki import make_certs  # deferred: cryptography (only the certs and site-key verbs need it)
 
-    w = make_certs(a.out, a.san or [], days=a.days, ca_days=a.ca_days, rotate=a.rotate, new_ca=a.new_ca)
-    out = Path(w["out"])
-    print(f"CA: {out / CA_CERT} ({w['ca']}; valid until {w['ca_not_after']}), key {out / CA_KEY}")
+    w = make_certs(
+        a.out, a.san or [], days=a.days, ca_days=a.ca_days, rotate=a.rotate, new_ca=a.new_ca, ca_dir=a.ca_dir or None
+    )
+    out, key = Path(w["out"]), Path(w["ca_key"])
+    for moved in w.get("moved", []):
+        print(f"moved the CA key {moved} into {w['ca_dir']}: the folder the SuperLink reads no longer holds it")
+    print(f"CA: {out / CA_CERT} ({w['ca']}; valid until {w['ca_not_after']}), key {key} (not in {out})")
     print(f"SuperLink certificate: {out / SERVER_CERT}, key {out / SERVER_KEY} (valid until {w['server_not_after']})")
     print(f"  names: {', '.join(w['sans'])}")
     if w.get("archived"):
         print(f"replaced files moved to {w['archived']}")
+    if w.get("archived_key"):
+        print(f"the replaced CA key moved to {w['archived_key']}")
     if w.get("bundle"):
         print(f"CA bundle (new + previous CA) for sites during the switch: {w['bundle']}")
     print(
-        f"sites need only {out / (CA_BUNDLE if w.get('bundle') else CA_CERT)}; keep {out / CA_KEY} offline "
-        "when not issuing certificates"
+        f"the SuperLink reads {out}; sites need only {out / (CA_BUNDLE if w.get('bundle') else CA_CERT)}; "
+        f"keep {key} offline when not issuing certificates"
     )
 
 
@@ -93,6 +111,24 @@ def cmd_site_config(a: argparse.Namespace) -> None:
     write_site_config(cfg, out, force=a.force)
     print(f"wrote {out}")
     print(f"next: mdmt deploy check --config {out}")
+    print(f"with the systemd unit: mdmt deploy site-network {out} (as root: the unit may reach the coordinator)")
+
+
+def cmd_site_network(a: argparse.Namespace) -> None:
+    cfg = load_site_config(Path(a.config).expanduser().absolute())  # the drop-in names the file it came from
+    named = Path(a.config).name
+    if named.startswith("site-") and named.endswith(".toml") and named[5:-5] != cfg.site:
+        raise ConfigError(
+            f"{cfg.source}: the unit mdmt-supernode@{named[5:-5]} reads this file but its 'site' is "
+            f"{cfg.site!r}; make them agree (the drop-in is named after 'site')"
+        )
+    if a.print:
+        print(network_dropin(cfg, a.allow or [])[0], end="")
+        return
+    path, addresses = write_network_dropin(cfg, a.unit_dir, a.allow or [])
+    reach = f"{', '.join(addresses)} and loopback" if addresses else "loopback"
+    print(f"wrote {path}: mdmt-supernode@{cfg.site} may reach {reach} only")
+    print(f"next: systemctl daemon-reload && systemctl restart mdmt-supernode@{cfg.site}")
 
 
 def cmd_supernode_cmd(a: argparse.Namespace) -> None:
@@ -105,6 +141,14 @@ def cmd_supernode_cmd(a: argparse.Namespace) -> None:
 
 def cmd_superlink_cmd(a: argparse.Namespace) -> None:
     argv, env = superlink_command(a.certs, a.state_dir, host=a.host, port=a.port, database=not a.in_memory)
+    stray = Path(a.certs).expanduser() / CA_KEY
+    if stray.exists():
+        ca_dir = default_ca_dir(a.certs)
+        print(
+            f"warning: {stray}: the CA key is in the folder the SuperLink reads; move it out: "
+            f"install -d -m 700 {ca_dir} && mv {stray} {ca_dir}/",
+            file=sys.stderr,
+        )
     if a.exec:
         exec_command(argv, env, [Path(a.state_dir).expanduser()])
     print(command_text(argv, env))
@@ -119,7 +163,7 @@ def cmd_connection(a: argparse.Namespace) -> None:
 def cmd_check(a: argparse.Namespace, echo: Callable[[str], None] = print) -> None:
     cfg = load_site_config(a.config)
     echo(f"mdmt deploy check: site {cfg.site} ({cfg.source})")
-    report = check_site(cfg, network=not a.offline, timeout=a.timeout, sample=a.sample)
+    report = check_site(cfg, network=not a.offline, timeout=a.timeout, sample=a.sample, unit_dir=a.unit_dir)
     for line in report.lines():
         echo(line)
     if not report.ready:
@@ -129,7 +173,15 @@ def cmd_check(a: argparse.Namespace, echo: Callable[[str], None] = print) -> Non
 
 def _add_verbs(sub) -> None:
     s = sub.add_parser("certs", help="create the CA and the SuperLink's TLS certificate, or rotate them")
-    s.add_argument("--out", required=True, help="certificate folder (ca.pem, ca.key, server.pem, server.key)")
+    s.add_argument(
+        "--out", required=True, help="the folder the SuperLink reads: ca.pem, server.pem, server.key (never ca.key)"
+    )
+    s.add_argument(
+        "--ca-dir",
+        default="",
+        help="the CA key's folder, mode 700, apart from --out (default: <out>-ca, e.g. /etc/mdmt/certs-ca); "
+        "a ca.key found in --out is moved there",
+    )
     s.add_argument(
         "--san",
         action="append",
@@ -168,6 +220,26 @@ def _add_verbs(sub) -> None:
     s.add_argument("--force", action="store_true", help="replace an existing file")
     s.set_defaults(fn=cmd_site_config)
 
+    s = sub.add_parser(
+        "site-network", help="write the systemd drop-in that lets a site's unit reach only the coordinator"
+    )
+    s.add_argument("config", help="a site config file")
+    s.add_argument(
+        "--allow",
+        action="append",
+        metavar="IP[/PREFIX]",
+        help="another address the unit may reach (repeatable), e.g. the coordinator's when its name does not "
+        "resolve here",
+    )
+    s.add_argument(
+        "--unit-dir",
+        default=str(SYSTEMD_UNIT_DIR),
+        help=f"where the units are installed (default {SYSTEMD_UNIT_DIR}); writes mdmt-supernode@SITE.service.d/"
+        f"{DROPIN_NAME} there",
+    )
+    s.add_argument("--print", action="store_true", help="print the drop-in instead of writing it")
+    s.set_defaults(fn=cmd_site_network)
+
     s = sub.add_parser("supernode-cmd", help="print (or --exec) the site's flower-supernode command")
     s.add_argument("config", help="a site config file")
     s.add_argument("--exec", action="store_true", help="replace this process with the SuperNode (systemd, compose)")
@@ -194,6 +266,11 @@ def _add_verbs(sub) -> None:
     s.add_argument("--offline", action="store_true", help="skip the coordinator (data and key only)")
     s.add_argument("--timeout", type=float, default=5.0, help="seconds for the connection checks (default 5)")
     s.add_argument("--sample", type=int, default=5, help="images decoded for statistics (default 5)")
+    s.add_argument(
+        "--unit-dir",
+        default=str(SYSTEMD_UNIT_DIR),
+        help=f"where the systemd units are installed, for the network drop-in check (default {SYSTEMD_UNIT_DIR})",
+    )
     s.set_defaults(fn=cmd_check)
     add_job_verbs(sub)
 

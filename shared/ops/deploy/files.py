@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from mdmt.errors import MDMTError
+from mdmt.errors import ConfigError, MDMTError
 
 # Certificate folder layout (``mdmt deploy certs --out DIR``): what the SuperLink reads (mounts).
 CA_CERT = "ca.pem"
@@ -27,7 +27,7 @@ def default_ca_dir(out: str | Path) -> Path:
     (``/etc/mdmt/certs`` -> ``/etc/mdmt/certs-ca``)."""
     path = Path(os.path.abspath(Path(out).expanduser()))
     if not path.name:
-        raise MDMTError(f"--out {out}: give a certificate folder below the root (e.g. /etc/mdmt/certs)")
+        raise ConfigError(f"--out {out}: give a certificate folder below the root (e.g. /etc/mdmt/certs)")
     return path.with_name(path.name + CA_DIR_SUFFIX)
 
 

@@ -29,6 +29,7 @@ from mdmt.ops.deploy.files import (
     PREVIOUS_DIR,
     SERVER_CERT,
     SERVER_KEY,
+    default_ca_dir,
     make_dir,
     site_key_paths,
     write_private,
@@ -227,6 +228,31 @@ def _archive(out: Path, names: list[str]) -> Path | None:
     return dest
 
 
+def _check_apart(out: Path, ca_dir: Path) -> None:
+    o, c = Path(os.path.abspath(out)), Path(os.path.abspath(ca_dir))
+    if o == c or o in c.parents or c in o.parents:
+        raise ConfigError(
+            f"--ca-dir {ca_dir}: must be apart from --out {out} (neither inside the other); the SuperLink "
+            "reads the certificate folder and must not see the CA key"
+        )
+
+
+def _move_ca_keys(out: Path, ca_dir: Path) -> list[str]:
+    """Move CA keys left in the certificate folder (``ca.key`` and archived ``previous/*/ca.key``) into
+    ``ca_dir`` (same relative place); returns the moved paths."""
+    moved = []
+    for src in [out / CA_KEY, *sorted((out / PREVIOUS_DIR).glob(f"*/{CA_KEY}"))]:
+        if not src.is_file():
+            continue
+        dest = ca_dir / src.relative_to(out)
+        make_dir(dest.parent, "CA key", private=True)
+        if not dest.is_file():
+            write_private(dest, src.read_bytes())
+        src.unlink()
+        moved.append(str(src))
+    return moved
+
+
 def make_certs(
     out: str | Path,
     sans: list[str],
@@ -235,27 +261,47 @@ def make_certs(
     rotate: bool = False,
     new_ca: bool = False,
     ca_name: str = "MDMT federation CA",
+    ca_dir: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Create (or rotate) the CA and the SuperLink certificate in ``out``; returns what was written.
+    """Create (or rotate) the CA and the SuperLink certificate; returns what was written.
 
-    - empty folder: a new CA (``ca.pem``, ``ca.key``) and a server certificate (``server.pem``, ``server.key``);
+    ``out`` is the folder the SuperLink reads: ``ca.pem``, ``server.pem``, ``server.key`` (and during a CA
+    switch ``ca-previous.pem``, ``ca-bundle.pem``). The CA key ``ca.key`` goes to ``ca_dir`` (default: the
+    sibling ``<out>-ca``), an owner-only folder (0700) apart from ``out``.
+    - empty folders: a new CA (``ca.pem``, ``ca.key``) and a server certificate (``server.pem``, ``server.key``);
     - CA present, no server certificate: a server certificate from that CA;
     - ``rotate``: a new server key and certificate from the same CA (sites keep their ``ca.pem``);
     - ``new_ca``: a new CA and server certificate; the old CA stays in ``ca-previous.pem`` and
       ``ca-bundle.pem`` holds both, for sites to trust during the switch.
-    Replaced files are moved to ``out/previous/<UTC time>/``. Without ``sans`` a rotation reuses the SANs
-    of the current certificate. ``localhost`` and ``127.0.0.1`` are always added."""
+    Replaced files are moved to ``out/previous/<UTC time>/`` (a replaced CA key to ``ca_dir/previous/...``).
+    A CA key still in ``out`` is moved into ``ca_dir`` (``moved`` in the result). Without ``sans`` a rotation
+    reuses the SANs of the current certificate. ``localhost`` and ``127.0.0.1`` are always added."""
     out = Path(out).expanduser()
+    ca_dir = Path(ca_dir).expanduser() if ca_dir else default_ca_dir(out)
     if days <= 0 or ca_days <= 0:
         raise ConfigError("--days and --ca-days must be positive")
     if rotate and new_ca:
         raise ConfigError("give --rotate (new server certificate, same CA) or --new-ca (new CA too), not both")
-    have_ca = (out / CA_KEY).is_file() and (out / CA_CERT).is_file()
-    have_server = (out / SERVER_CERT).exists() or (out / SERVER_KEY).exists()
-    if (out / CA_CERT).is_file() and not (out / CA_KEY).is_file() and not new_ca:
+    _check_apart(out, ca_dir)
+    key_path, stray = ca_dir / CA_KEY, out / CA_KEY
+    if stray.is_file() and key_path.is_file() and stray.read_bytes() != key_path.read_bytes():
         raise ConfigError(
-            f"{out / CA_CERT} exists without {CA_KEY}: put the CA key back (it signs server "
-            "certificates) or pass --new-ca to start a new CA"
+            f"{stray} and {key_path} are different keys; the CA key belongs in {ca_dir} only: keep there the "
+            f"one that matches {out / CA_CERT} and delete the other"
+        )
+    have_key = key_path.is_file() or stray.is_file()
+    have_cert = (out / CA_CERT).is_file()
+    have_ca = have_key and have_cert
+    have_server = (out / SERVER_CERT).exists() or (out / SERVER_KEY).exists()
+    if have_cert and not have_key and not new_ca:
+        raise ConfigError(
+            f"{out / CA_CERT} exists without its key {key_path}: put the CA key there (it signs server "
+            "certificates; --ca-dir names another folder) or pass --new-ca to start a new CA"
+        )
+    if have_key and not have_cert and not new_ca:
+        raise ConfigError(
+            f"{key_path if key_path.is_file() else stray} exists without {out / CA_CERT}: restore the CA "
+            "certificate, or pass --new-ca to start a new CA (the old key is archived)"
         )
     if have_server and not (rotate or new_ca):
         raise ConfigError(
@@ -263,7 +309,7 @@ def make_certs(
             "from the same CA (sites keep their ca.pem), or --new-ca to replace the CA too"
         )
     if rotate and not have_ca:
-        raise ConfigError(f"--rotate: no CA in {out} ({CA_CERT} and {CA_KEY}); run without --rotate to create one")
+        raise ConfigError(f"--rotate: no CA ({out / CA_CERT} and {key_path}); run without --rotate to create one")
     names = [parse_san(s) for s in sans]
     if not names and (out / SERVER_CERT).is_file():
         names = [parse_san(s) for s in cert_sans(out / SERVER_CERT)]
@@ -274,25 +320,40 @@ def make_certs(
         )
     names = _dedupe_sans(names + [parse_san(s) for s in LOOPBACK_SANS])
     make_dir(out, "certificate")
+    make_dir(ca_dir, "CA key", private=True)
 
-    written: dict[str, Any] = {"out": str(out), "sans": [san_text(n) for n in names]}
+    written: dict[str, Any] = {
+        "out": str(out),
+        "ca_dir": str(ca_dir),
+        "ca_key": str(key_path),
+        "sans": [san_text(n) for n in names],
+    }
+    moved = _move_ca_keys(out, ca_dir)
+    if moved:
+        written["moved"] = moved
     if new_ca or not have_ca:
-        previous_ca = (out / CA_CERT).read_bytes() if new_ca and (out / CA_CERT).is_file() else None
-        archived = _archive(out, [CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, CA_BUNDLE, CA_PREVIOUS]) if new_ca else None
+        previous_ca = (out / CA_CERT).read_bytes() if new_ca and have_cert else None
+        if new_ca:
+            archived = _archive(out, [CA_CERT, SERVER_CERT, SERVER_KEY, CA_BUNDLE, CA_PREVIOUS])
+            archived_key = _archive(ca_dir, [CA_KEY])
+            if archived:
+                written["archived"] = str(archived)
+            if archived_key:
+                written["archived_key"] = str(archived_key)
+                if previous_ca is not None:  # the old pair stays together
+                    write_public(archived_key / CA_CERT, previous_ca)
         ca_key, ca_cert = _new_ca(ca_name, ca_days)
-        write_private(out / CA_KEY, _pem_key(ca_key))
+        write_private(key_path, _pem_key(ca_key))
         write_public(out / CA_CERT, _pem_cert(ca_cert))
         written["ca"] = "new"
         if previous_ca is not None:
             write_public(out / CA_PREVIOUS, previous_ca)
             write_public(out / CA_BUNDLE, _pem_cert(ca_cert) + previous_ca)
             written["bundle"] = str(out / CA_BUNDLE)
-        if archived:
-            written["archived"] = str(archived)
     else:
-        ca_key, ca_cert = _load_key(out / CA_KEY), _load_cert(out / CA_CERT)
+        ca_key, ca_cert = _load_key(key_path), _load_cert(out / CA_CERT)
         if _spki(ca_cert.public_key()) != _spki(ca_key.public_key()):
-            raise MDMTError(f"{out / CA_KEY} does not belong to {out / CA_CERT}; restore the matching pair")
+            raise MDMTError(f"{key_path} does not belong to {out / CA_CERT}; restore the matching pair")
         written["ca"] = "kept"
         if rotate:
             archived = _archive(out, [SERVER_CERT, SERVER_KEY])
