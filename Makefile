@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m mdmt.ops.flwr_app  # Flower never installs dependencies per run in this environment
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,22 +1,30 @@
 """ServerApp: discover which node is which site, then run every unit of the config (method x backbone x
-held-out centre) in this one Flower run, skipping units the store already has as done."""
+held-out centre) in this one Flower run, skipping units the store holds as done with the same fingerprint,
+and write the LOCO table (``<workspace>/reports``) at the end."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from mdmt.data.manifest import list_sites
+from mdmt.errors import MDMTError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import SiteInfo, UnitPlan, map_sites, plan_unit, secagg_count_scale, unit_keys
+from mdmt.fed.plan import SiteInfo, UnitPlan, expected_sites, map_sites, secagg_count_scale
 from mdmt.fed.secagg import SecAggSpec
-from mdmt.fed.units import TrainRound, run_unit
-from mdmt.logs import setup_logging
+from mdmt.fed.units import TrainRound, run_units
+from mdmt.fed.workspace import WorkspaceLock
+from mdmt.logs import log_to_workspace, setup_logging
+from mdmt.results.report.loco import report_run
 from mdmt.server.secagg import secure_train_round
 from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
 from mdmt.store import RunStore
@@ -124,36 +132,70 @@ def query_sites(grid: Grid, nodes: list[int], timeout: float) -> tuple[list[tupl
 
 
 def discover_sites(grid: Grid, cfg: RunConfig, wait_s: float = 120.0) -> tuple[dict[str, SiteInfo], dict[str, int]]:
-    """Which node is which site; start order plays no part. Waits up to ``wait_s`` for every configured
-    site, then goes on with those connected when they are at least ``min-sites``, naming the missing ones."""
-    deadline = time.monotonic() + wait_s
-    expected = set(cfg.site_list)
+    """Which node is which site; start order plays no part. Every configured site must answer. Simulated
+    nodes are all there from the start, so a simulation short of nodes stops at once; site daemons get up
+    to ``wait_s`` to connect."""
+    expected = expected_sites(cfg, list_sites)
+    start = time.monotonic()
+    deadline = start + wait_s
+    found: list[tuple[SiteInfo, int]] = []
+    asked: set[int] = set()
     while True:
-        nodes = sorted(grid.get_node_ids())
-        if nodes and (not expected or len(nodes) >= len(expected)):
-            break
-        if time.monotonic() > deadline:
+        new = sorted(set(grid.get_node_ids()) - asked)
+        if new:
+            answers, _ = query_sites(grid, new, cfg.round_timeout)
+            found += answers
+            asked |= set(new)
+        have = {info.site for info, _ in found}
+        simulated = any(info.simulated for info, _ in found)
+        if expected <= have or simulated or time.monotonic() > deadline:
             break
         time.sleep(1.0)
-    found, _ = query_sites(grid, nodes, cfg.round_timeout) if nodes else ([], {})
-    return map_sites(found, set(cfg.site_list), cfg.min_sites, wait_s)
+    return map_sites(found, expected, time.monotonic() - start)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a stopped run, an operator's stop) raises in the main thread, so the unit in progress is
+    marked interrupted on the way out."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    # Configuration: one schema, validated before any message is sent.
+    setup_logging()
+    try:
+        run(grid, context)
+    except MDMTError as exc:  # bad input, a busy workspace, a missing site: one line, no traceback
+        log.error("%s", exc)
+
+
+def run(grid: Grid, context: Context) -> None:
+    # Configuration: one schema, validated before any message is sent; one writer per workspace.
     cfg = RunConfig.from_mapping(context.run_config)
     cfg.check_server_files()
-    setup_logging()
-    sites, node_of = discover_sites(grid, cfg)
-    rounds = FlowerRounds(grid, node_of, cfg.round_timeout, cfg, sites)
-    store = RunStore(cfg.store_path)
-    try:
-        # Every unit of the config; finished ones are skipped so an interrupted sweep resumes.
-        for key in unit_keys(cfg, {s: i.role for s, i in sites.items()}):
-            if store.unit_status(key) == "done":
-                log.info("unit %s: already done, skipped", key.unit_id)
-                continue
-            run_unit(cfg, plan_unit(key, sites), sites, rounds, store, flwr_run_id=str(context.run_id))
-    finally:
-        store.close()
+    _stop_on_sigterm()
+    log.info(
+        "fed-dir %s, workspace %s (relative paths resolve against %s)", cfg.fed_path, cfg.workspace_path, Path.cwd()
+    )
+    with WorkspaceLock(cfg.workspace_path).acquire() as lock:
+        log_to_workspace(cfg.workspace_path, "serverapp")
+        store = RunStore(cfg.store_path)
+        try:
+            if lock.held_here:  # started by flwr run directly: no driver wrote the config or cleared stale units
+                cfg.write_toml(cfg.workspace_path / "configs" / f"serverapp-{time.strftime('%Y%m%d-%H%M%S')}.toml")
+                for unit in store.mark_interrupted(message="its run ended without a word (the workspace was free)"):
+                    log.info("unit %s: left running by a run that is gone; marked interrupted", unit)
+            # Discovery, then every unit of the config, decided from the store before anything trains.
+            sites, node_of = discover_sites(grid, cfg)
+            rounds = FlowerRounds(grid, node_of, cfg.round_timeout, cfg, sites)
+            run_units(cfg, sites, rounds, store, flwr_run_id=str(context.run_id))
+            if cfg.protocol == "loco":
+                _, table = report_run(store, cfg.workspace_path, cfg.methods, cfg.backbones)
+                log.info("LOCO table:\n%s", table)
+        finally:
+            store.close()

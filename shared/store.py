@@ -4,6 +4,14 @@ The unit of work is (method, backbone, protocol, fold, seed), whatever grouping 
 Every per-round, per-site, per-task metric is a row of ``metrics``; the sufficient statistics behind
 them (confusion counts, score histograms) are kept in ``eval_stats`` so pooled metrics and ROC curves
 can be recomputed without the sites.
+
+A unit's identity is its id plus its fingerprint (``units.fingerprint``, with what it covers in
+``units.recipe``): the training and evaluation sites, their manifest hashes and every recipe key that
+changes the result. A unit is done for a run only when both match (mdmt.fed.plan decides). Statuses:
+running, done, failed, interrupted.
+
+Schema versions: 1 (no fingerprints), 2. A version-1 store is migrated when opened for writing: its
+units get the fingerprint ``unknown``, which matches no run, so they are never reused.
 """
 
 from __future__ import annotations
@@ -19,7 +27,9 @@ from typing import Any
 
 from mdmt.errors import DataError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+UNKNOWN_FINGERPRINT = "unknown"  # units stored before fingerprints existed
+STATUSES = ("running", "done", "failed", "interrupted")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -27,7 +37,8 @@ CREATE TABLE IF NOT EXISTS units (
     unit_id TEXT PRIMARY KEY,
     method TEXT NOT NULL, backbone TEXT NOT NULL, protocol TEXT NOT NULL, fold TEXT NOT NULL, seed INTEGER NOT NULL,
     status TEXT NOT NULL, started REAL, ended REAL, rounds_done INTEGER NOT NULL DEFAULT 0, best_round INTEGER,
-    train_sites TEXT, eval_sites TEXT, flwr_run_id TEXT, config TEXT, manifest_hashes TEXT, message TEXT
+    train_sites TEXT, eval_sites TEXT, flwr_run_id TEXT, config TEXT, manifest_hashes TEXT, message TEXT,
+    fingerprint TEXT NOT NULL DEFAULT 'unknown', recipe TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     unit_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, task TEXT NOT NULL, split TEXT NOT NULL,
@@ -86,8 +97,24 @@ class RunStore:
         if row is None:
             with self.db:
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
-            raise DataError(f"{self.path}: run store schema v{row[0]}, this version reads v{SCHEMA_VERSION}")
+            return
+        version = int(row[0])
+        if version == 1:
+            self._migrate_from_v1()
+        elif version != SCHEMA_VERSION:
+            raise DataError(f"{self.path}: run store schema v{version}, this version reads v{SCHEMA_VERSION}")
+
+    def _migrate_from_v1(self) -> None:
+        """v1 -> v2: every stored unit gets the fingerprint 'unknown' (never reused by a run)."""
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(units)")}
+        with self.db:
+            if "fingerprint" not in columns:
+                self.db.execute(
+                    f"ALTER TABLE units ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '{UNKNOWN_FINGERPRINT}'"
+                )
+            if "recipe" not in columns:
+                self.db.execute("ALTER TABLE units ADD COLUMN recipe TEXT")
+            self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     def close(self) -> None:
         self.db.close()
@@ -110,14 +137,16 @@ class RunStore:
         config: dict[str, Any],
         manifest_hashes: dict[str, str],
         flwr_run_id: str = "",
+        fingerprint: str = UNKNOWN_FINGERPRINT,
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         with self.tx() as db:
             for table in ("metrics", "eval_stats", "participation", "events"):
                 db.execute(f"DELETE FROM {table} WHERE unit_id=?", (key.unit_id,))
             db.execute(
                 "INSERT OR REPLACE INTO units (unit_id, method, backbone, protocol, fold, seed, status, started, "
-                "rounds_done, train_sites, eval_sites, flwr_run_id, config, manifest_hashes) "
-                "VALUES (?,?,?,?,?,?, 'running', ?, 0, ?, ?, ?, ?, ?)",
+                "rounds_done, train_sites, eval_sites, flwr_run_id, config, manifest_hashes, fingerprint, recipe) "
+                "VALUES (?,?,?,?,?,?, 'running', ?, 0, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     key.unit_id,
                     key.method,
@@ -131,6 +160,8 @@ class RunStore:
                     flwr_run_id,
                     json.dumps(config),
                     json.dumps(manifest_hashes),
+                    fingerprint,
+                    json.dumps(recipe) if recipe is not None else None,
                 ),
             )
 
@@ -160,6 +191,22 @@ class RunStore:
         return self.db.execute(
             "SELECT * FROM participation WHERE unit_id=? ORDER BY round, site, kind", (unit_id,)
         ).fetchall()
+
+    def unit(self, key: UnitKey) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM units WHERE unit_id=?", (key.unit_id,)).fetchone()
+
+    def mark_interrupted(self, unit_ids: list[str] | None = None, message: str = "") -> list[str]:
+        """Running units (all of them, or those named) become interrupted; returns their ids. A unit left
+        running by a process that no longer holds the workspace was interrupted without a word (SIGKILL,
+        out of memory): the next owner calls this first."""
+        rows = self.db.execute("SELECT unit_id FROM units WHERE status='running'").fetchall()
+        ids = [r[0] for r in rows if unit_ids is None or r[0] in unit_ids]
+        with self.tx() as db:
+            db.executemany(
+                "UPDATE units SET status='interrupted', ended=?, message=? WHERE unit_id=?",
+                [(time.time(), message, u) for u in ids],
+            )
+        return ids
 
     def finish_unit(self, key: UnitKey, status: str, best_round: int | None, message: str = "") -> None:
         with self.tx() as db:

@@ -217,15 +217,29 @@ def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
     assert unit["status"] == "failed" and unit["message"] == str(exc.value) and unit["rounds_done"] == 1
 
 
-def test_discovery_goes_on_without_missing_sites_down_to_min_sites():
+def test_discovery_needs_every_configured_site_and_says_how_to_start_it():
+    from dataclasses import replace
+
+    from mdmt.errors import ConfigError
     from mdmt.fed.plan import map_sites
 
     found = [(info, n) for n, info in enumerate(_kofn_sites().values())]
-    sites, node_of = map_sites(found[:2], {"A", "B", "C"}, min_sites=2, waited_s=120)
-    assert set(sites) == {"A", "B"} and node_of == {"A": 0, "B": 1}
-    with pytest.raises(RuntimeError, match=r"only 1 of 3 sites connected within 120s \(min-sites 2\); missing: B, C"):
-        map_sites(found[:1], {"A", "B", "C"}, min_sites=2, waited_s=120)
-    with pytest.raises(RuntimeError, match="two nodes claim site 'A'"):
-        map_sites([found[0], (found[0][0], 7)], {"A"}, min_sites=1, waited_s=1)
-    with pytest.raises(RuntimeError, match="no site node connected"):
-        map_sites([], set(), min_sites=1, waited_s=5)
+    sites, node_of = map_sites(found, {"A", "B", "C"}, waited_s=120)
+    assert set(sites) == {"A", "B", "C"} and node_of == {"A": 0, "B": 1, "C": 2}
+    # a deployment: name the site daemons to start
+    with pytest.raises(ConfigError) as err:
+        map_sites(found[:1], {"A", "B", "C"}, waited_s=120)
+    assert str(err.value) == (
+        "only 1 of 3 configured sites answered within 120s (A); missing: B, C; start the site daemons of B, C "
+        "(mdmt deploy supernode-cmd), then submit again"
+    )
+    # a simulation: name num-supernodes
+    simulated = [(replace(info, simulated=True), n) for info, n in found[:2]]
+    with pytest.raises(
+        ConfigError, match=r'missing: C; run the simulation with --federation-config "num-supernodes=3"'
+    ):
+        map_sites(simulated, {"A", "B", "C"}, waited_s=0)
+    with pytest.raises(ConfigError, match="two nodes claim site 'A'"):
+        map_sites([found[0], (found[0][0], 7)], {"A"}, waited_s=1)
+    with pytest.raises(ConfigError, match="only 0 of 0 configured sites answered"):
+        map_sites([], set(), waited_s=5)

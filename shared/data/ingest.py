@@ -45,7 +45,16 @@ from mdmt.data.manifest import (
     write_rejected,
 )
 from mdmt.data.preprocess import USER_CROP_MODES
-from mdmt.data.records import LABEL_COLUMNS, RECORD_COLUMNS, Entry, Journal, journal_files, read_entries, record_key
+from mdmt.data.records import (
+    LABEL_COLUMNS,
+    RECORD_COLUMNS,
+    Entry,
+    Journal,
+    journal_files,
+    read_entries,
+    record_key,
+    removable_journals,
+)
 from mdmt.data.worker import decode_results, resolve_workers
 from mdmt.errors import DataError
 
@@ -363,7 +372,7 @@ def _build(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _write_text_atomic(cdir / META, json.dumps(meta, indent=2) + "\n")
-    for csv_path, npy_path in journal_files(cdir):  # the cache is complete: the journals are no longer needed
+    for csv_path, npy_path in removable_journals(cdir):  # the cache is complete: this run's journal is done
         csv_path.unlink(missing_ok=True)
         npy_path.unlink(missing_ok=True)
     return _summary(site, meta, cdir, False, t0, rej_file, in_cache, len(decoded), reused_images, relabelled, notes)

@@ -80,6 +80,23 @@ def journal_files(cdir: Path) -> list[tuple[Path, Path]]:
     return [(p, p.with_suffix(".npy")) for p in sorted(cdir.glob(f"{JOURNAL_PREFIX}*.csv"))]
 
 
+def journal_owner(csv_path: Path) -> int | None:
+    """The process id a journal's name carries (``partial-<pid>-<hex>.csv``), or None."""
+    head = csv_path.name[len(JOURNAL_PREFIX) :].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def removable_journals(cdir: Path) -> list[tuple[Path, Path]]:
+    """The journals a finished ingest may delete: its own and those of processes that are gone. Another
+    running ingest's journal stays (it is still writing it)."""
+    out = []
+    for csv_path, npy_path in journal_files(cdir):
+        pid = journal_owner(csv_path)
+        if pid is None or pid == os.getpid() or not Path(f"/proc/{pid}").exists():
+            out.append((csv_path, npy_path))
+    return out
+
+
 class Journal:
     """What this run decodes, written as it goes (array slot first, then its CSV line), so that an
     interrupted ingest is resumed instead of redone."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from mdmt.data.cache import MIN_IMAGE_SIZE, cache_root
 from mdmt.data.dicom import VOI_MODES
 from mdmt.data.preprocess import CROP_MODES
@@ -24,6 +26,33 @@ from mdmt.fed.compress import MODES as COMPRESSION_MODES
 from mdmt.ml.backbones import BACKBONES
 from mdmt.ml.methods import METHODS
 from mdmt.ml.options import AUGMENTS, CLASS_WEIGHTS, DEVICES, LOSS_NORMS
+
+# Keys that do not change a unit's result: where data and results are, how fast and on what it runs, how a
+# run is driven, and which units a run selects (a unit's own method, backbone, fold and seed are its id).
+# Every other key is part of a unit's fingerprint (mdmt.fed.plan.unit_recipe); the weights file counts by
+# its content.
+OPERATIONAL_KEYS = frozenset(
+    {
+        "method",
+        "backbone",
+        "holdouts",
+        "folds",
+        "sites",
+        "seed",
+        "protocol",
+        "weights",
+        "fed-dir",
+        "workspace",
+        "cache-dir",
+        "store",
+        "device",
+        "torch-compile",
+        "num-workers",
+        "round-timeout",
+        "min-sites",
+        "rerun",
+    }
+)
 
 
 def _split_list(value: str) -> tuple[str, ...]:
@@ -88,7 +117,8 @@ class RunConfig:
     torch_compile: bool = False  # local training's forward pass through torch.compile (long rounds on a GPU)
     num_workers: int = 0  # processes decoding DICOM files when a site builds its cache (0 = one per CPU core)
     round_timeout: float = 3600.0
-    min_sites: int = 1
+    min_sites: int = 1  # rounds after discovery go on with at least this many training sites (k of n)
+    rerun: bool = False  # a done unit whose fingerprint differs is run again (its stored result replaced)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -112,6 +142,12 @@ class RunConfig:
         cfg = dataclasses.replace(self, **changes)
         cfg.validate()
         return cfg
+
+    def write_toml(self, path: Path) -> Path:
+        """The full config as a TOML file of run-config keys (what ``flwr run --run-config`` reads)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(tomli_w.dumps(self.to_mapping()).encode())
+        return path
 
     def to_mapping(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}

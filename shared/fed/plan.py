@@ -1,17 +1,21 @@
 """Planning a federated run, with no Flower types: which units a config holds, which node is which site,
-and for one unit who trains and who is evaluated on which splits."""
+for one unit who trains and who is evaluated on which splits, and whether the store already holds that
+unit's result (same id and same fingerprint) or holds another result under its id."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mdmt.errors import ConfigError
 from mdmt.fed import protocol as P
-from mdmt.fed.config import RunConfig
+from mdmt.fed.config import OPERATIONAL_KEYS, RunConfig
 from mdmt.ml.methods import PROGNOSIS, TASKS, Method, get_method, local_site, role_tasks
-from mdmt.store import UnitKey
+from mdmt.store import RunStore, UnitKey
 
 log = logging.getLogger("mdmt")
 
@@ -22,11 +26,14 @@ class SiteInfo:
     role: str
     counts: dict[str, int]  # "<split>-<task>" -> labelled images
     manifest_hash: str
+    simulated: bool = False  # a simulation node (Flower's partition-id), not a site daemon
 
     @classmethod
     def from_summary(cls, s: dict[str, Any]) -> SiteInfo:
         counts = {k: int(v) for k, v in s.items() if k.endswith(("-prognosis", "-severity"))}
-        return cls(str(s["site"]), str(s["role"]), counts, str(s["manifest-hash"]))
+        return cls(
+            str(s["site"]), str(s["role"]), counts, str(s["manifest-hash"]), str(s.get(P.NODE_KIND)) == P.SIMULATION
+        )
 
 
 @dataclass
@@ -87,32 +94,30 @@ def unit_keys(cfg: RunConfig, roles: dict[str, str] | None = None) -> list[UnitK
 
 
 def map_sites(
-    found: list[tuple[SiteInfo, int]], expected: set[str], min_sites: int, waited_s: float
+    found: list[tuple[SiteInfo, int]], expected: set[str], waited_s: float
 ) -> tuple[dict[str, SiteInfo], dict[str, int]]:
-    """(site -> info, site -> node id) from the nodes that answered the discovery query. Missing configured
-    sites are named: the run goes on without them when at least ``min_sites`` answered, else it fails."""
+    """(site -> info, site -> node id) from the nodes that answered the discovery query. Every configured
+    site must answer before any training: a missing one stops the run with one line that says how to start
+    it (``num-supernodes`` in a simulation, the site's daemon in a deployment). ``min-sites`` applies to the
+    rounds after discovery only."""
     sites: dict[str, SiteInfo] = {}
     node_of: dict[str, int] = {}
     for info, node in found:
         if info.site in node_of:
-            raise RuntimeError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
+            raise ConfigError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
         sites[info.site], node_of[info.site] = info, node
     missing = sorted(expected - set(sites))
-    if missing and len(sites) < max(1, min_sites):
-        raise RuntimeError(
-            f"only {len(sites)} of {len(expected)} sites connected within {waited_s:.0f}s "
-            f"(min-sites {min_sites}); missing: {', '.join(missing)}"
+    if missing or not sites:
+        simulated = any(info.simulated for info, _ in found)
+        hint = (
+            f'run the simulation with --federation-config "num-supernodes={len(expected)}" (one node per site)'
+            if simulated
+            else f"start the site daemons of {', '.join(missing)} (mdmt deploy supernode-cmd), then submit again"
         )
-    if not sites:
-        raise RuntimeError(f"no site node connected within {waited_s:.0f}s")
-    if missing:
-        log.warning(
-            "sites not connected after %.0fs: %s; the run goes on with %d of %d (min-sites %d)",
-            waited_s,
-            ", ".join(missing),
-            len(sites),
-            len(expected),
-            min_sites,
+        answered = ", ".join(sorted(sites)) or "none"
+        raise ConfigError(
+            f"only {len(sites)} of {len(expected)} configured sites answered within {waited_s:.0f}s "
+            f"({answered}); missing: {', '.join(missing) or 'all'}; {hint}"
         )
     log.info("sites: %s", ", ".join(f"{s} ({i.role})" for s, i in sorted(sites.items())))
     return sites, node_of
@@ -168,3 +173,129 @@ def unit_rounds(cfg: RunConfig, key: UnitKey) -> int:
     if key.method == "stl_severity" and cfg.ft_phase1_rounds > 0:
         return cfg.ft_phase1_rounds
     return cfg.num_rounds
+
+
+# ---- a unit's identity: id + fingerprint ---------------------------------------------------------------
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes ('' for no file): a weights file is part of a unit by its content."""
+    if not path:
+        return ""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def unit_recipe(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], starts_from: str = "") -> dict[str, Any]:
+    """Everything that defines a unit's result: its training and evaluation sites with their manifest
+    hashes, every run-config key that changes results (all but mdmt.fed.config.OPERATIONAL_KEYS), the
+    content of the weights file, and the fingerprint of the unit it starts from (ft)."""
+    involved = sorted(set(plan.train_sites) | set(plan.eval_splits))
+    return {
+        "unit": plan.key.unit_id,
+        "train-sites": list(plan.train_sites),
+        "pooled": sorted({s for x in plan.train_messages.values() for s in str(x.get(P.CFG_POOL, "")).split(",") if s}),
+        "evaluate": {s: list(sp) for s, sp in sorted(plan.eval_splits.items())},
+        "manifests": {s: sites[s].manifest_hash for s in involved if s in sites},
+        "recipe": {k: v for k, v in sorted(cfg.to_mapping().items()) if k not in OPERATIONAL_KEYS}
+        | {"num-rounds": unit_rounds(cfg, plan.key)},
+        "weights": file_digest(cfg.weights),
+        "starts-from": starts_from,
+    }
+
+
+def fingerprint(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def recipe_differences(stored: dict[str, Any] | None, now: dict[str, Any]) -> str:
+    """What differs between a stored unit's recipe and this run's, as one short phrase."""
+    if not stored:
+        return "it was stored before fingerprints were kept (fingerprint unknown)"
+    out = []
+    for key in ("train-sites", "pooled", "evaluate", "manifests", "weights", "starts-from"):
+        if stored.get(key) != now.get(key):
+            label = {"manifests": "manifest hashes", "starts-from": "the unit it starts from"}.get(key, key)
+            out.append(f"{label} {_short(stored.get(key))} (now {_short(now.get(key))})")
+    old, new = stored.get("recipe", {}), now.get("recipe", {})
+    for key in sorted(set(old) | set(new)):
+        if old.get(key) != new.get(key):
+            out.append(f"{key} {old.get(key, '(absent)')} (now {new.get(key, '(absent)')})")
+    return "; ".join(out[:6]) + ("; ..." if len(out) > 6 else "") if out else "nothing visible"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ",".join(f"{k}:{str(v)[:8]}" for k, v in value.items()) or "none"
+    return str(value)[:16] or "none"
+
+
+@dataclass
+class Decision:
+    """What a run does with one unit: run it (from round 1), resume it, skip it (done with the same
+    fingerprint), or refuse (a done unit with another fingerprint, without ``rerun``)."""
+
+    key: UnitKey
+    action: str  # run | resume | skip | refuse
+    fingerprint: str
+    recipe: dict[str, Any]
+    reason: str = ""
+
+
+def decide_units(cfg: RunConfig, keys: list[UnitKey], sites: dict[str, SiteInfo], store: RunStore) -> list[Decision]:
+    """Decide every unit of a run from the store before anything trains. A unit is done for this run
+    only with the same id and fingerprint; a done unit with another fingerprint is refused (one line
+    naming what differs) unless ``rerun`` is set; an interrupted or running one with the same fingerprint
+    is resumed; anything else runs from round 1."""
+    planned: dict[str, str] = {}
+    out = []
+    for key in keys:
+        plan = plan_unit(key, sites)
+        source = get_method(key.method).init_from
+        src_fp = planned.get(_source_key(key, source).unit_id, "") if source else ""
+        recipe = unit_recipe(cfg, plan, sites, src_fp)
+        fp = planned[key.unit_id] = fingerprint(recipe)
+        row = store.unit(key)
+        if row is None:
+            out.append(Decision(key, "run", fp, recipe))
+            continue
+        same = row["fingerprint"] == fp
+        if same and row["status"] == "done":
+            out.append(Decision(key, "skip", fp, recipe, "already done with the same fingerprint"))
+        elif same and row["status"] in ("running", "interrupted"):
+            out.append(Decision(key, "resume", fp, recipe))
+        elif not same and row["status"] == "done" and not cfg.rerun:
+            stored = json.loads(row["recipe"]) if row["recipe"] else None
+            out.append(
+                Decision(
+                    key,
+                    "refuse",
+                    fp,
+                    recipe,
+                    f"unit {key.unit_id} in {store.path} is a result of another recipe: "
+                    f"{recipe_differences(stored, recipe)}; run with --rerun (run-config rerun = true) to "
+                    "replace it, or use another workspace",
+                )
+            )
+        else:
+            out.append(Decision(key, "run", fp, recipe))
+    return out
+
+
+def _source_key(key: UnitKey, source: str) -> UnitKey:
+    first = get_method(source)
+    fold = key.fold if (key.protocol == "cv" or first.loco) else "-"
+    return UnitKey(first.name, key.backbone, key.protocol, fold, key.seed)
+
+
+def expected_sites(cfg: RunConfig, list_sites) -> set[str]:
+    """The sites a run must find at discovery: ``sites``, else every site folder of ``fed-dir`` (read
+    with ``list_sites`` where the coordinator has that folder, as in a simulation)."""
+    if cfg.site_list:
+        return set(cfg.site_list)
+    return set(list_sites(Path(cfg.fed_path)))

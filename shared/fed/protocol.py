@@ -36,6 +36,11 @@ CFG_PROX_MU = "proximal-mu"
 CFG_COMPRESSION = "update-compression"  # how the site encodes its update (mdmt.fed.compress)
 CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
 
+# The query reply (a site's summary) says which kind of node answered.
+NODE_KIND = "node"
+SIMULATION = "simulation"  # a simulated node: Flower's partition-id names its site
+DEPLOYMENT = "deployment"  # a site daemon started with its own node config
+
 NUM_EXAMPLES = "num-examples"
 TRAIN_KEYS = (
     NUM_EXAMPLES,

@@ -40,6 +40,7 @@ class SiteLocation:
     workspace: Path  # the site's own folder for predictions and its message log; never sent anywhere
     cache_root: Path
     device: str = ""  # deployment: the site's own device choice (node_config 'device'); empty = the run config's
+    simulated: bool = False  # a simulation node (partition-id), not a site daemon
 
 
 def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
@@ -61,7 +62,7 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         device = ""
     else:
         raise ConfigError("node_config has neither 'site' (deployment) nor 'partition-id' (simulation)")
-    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device)
+    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device, simulated=SITE not in node_config)
 
 
 def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteLocation]:
@@ -139,7 +140,12 @@ def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
     """Role, manifest hash and label counts per split: what the server needs to plan, nothing more."""
 
     sd, splits = _load(cfg, loc), manifest_splits(cfg, loc)
-    out: dict[str, Any] = {"site": loc.site, "role": sd.role, "manifest-hash": manifest_hash(loc.site_dir)}
+    out: dict[str, Any] = {
+        "site": loc.site,
+        "role": sd.role,
+        "manifest-hash": manifest_hash(loc.site_dir),
+        P.NODE_KIND: P.SIMULATION if loc.simulated else P.DEPLOYMENT,
+    }
     for split in SPLIT_CHOICES:
         d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=splits)
         c = d.counts()

@@ -21,7 +21,7 @@ from mdmt.fed import protocol as P
 from mdmt.fed.aggregate import SiteUpdate, task_aware_fedavg
 from mdmt.fed.checkpoint import arrays_digest, load_checkpoint, save_checkpoint
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import SiteInfo, UnitPlan, unit_rounds
+from mdmt.fed.plan import Decision, SiteInfo, UnitPlan, decide_units, plan_unit, unit_keys, unit_rounds
 from mdmt.fed.selection import Selection, ServerLR
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS, get_method
 from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
@@ -29,7 +29,7 @@ from mdmt.ml.model import build_model
 from mdmt.ml.naming import is_bn_stat
 from mdmt.ml.outcomes import TrainResult
 from mdmt.seeding import derive_seed
-from mdmt.store import RunStore, UnitKey
+from mdmt.store import UNKNOWN_FINGERPRINT, RunStore, UnitKey
 
 log = logging.getLogger("mdmt")
 
@@ -200,17 +200,66 @@ def train_rows(tr: TrainRound) -> list[tuple[str, str, str, str, float]]:
     return rows
 
 
+def run_units(
+    cfg: RunConfig, sites: dict[str, SiteInfo], rounds: Rounds, store: RunStore, flwr_run_id: str = ""
+) -> list[Decision]:
+    """Every unit of the config, decided from the store first (mdmt.fed.plan.decide_units): a refused unit
+    stops the run before anything trains; done units are skipped; interrupted ones continue."""
+    keys = unit_keys(cfg, {s: i.role for s, i in sites.items()})
+    decisions = decide_units(cfg, keys, sites, store)
+    refused = [d for d in decisions if d.action == "refuse"]
+    if refused:
+        more = f" ({len(refused) - 1} more unit(s) likewise)" if len(refused) > 1 else ""
+        raise ConfigError(refused[0].reason + more)
+    for d in decisions:
+        if d.action == "skip":
+            log.info("unit %s: already done (fingerprint %s), skipped", d.key.unit_id, d.fingerprint)
+            continue
+        run_unit(cfg, plan_unit(d.key, sites), sites, rounds, store, flwr_run_id, d.fingerprint, d.recipe)
+    return decisions
+
+
 def run_unit(
-    cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], rounds: Rounds, store: RunStore, flwr_run_id: str = ""
+    cfg: RunConfig,
+    plan: UnitPlan,
+    sites: dict[str, SiteInfo],
+    rounds: Rounds,
+    store: RunStore,
+    flwr_run_id: str = "",
+    fingerprint: str = UNKNOWN_FINGERPRINT,
+    recipe: dict[str, Any] | None = None,
 ) -> int | None:
-    """Run one unit to completion; returns the selected round."""
+    """Run one unit to completion; returns the selected round. A unit stored as running or interrupted
+    with the same fingerprint continues after its last complete round. If the run is stopped (SIGINT,
+    SIGTERM, an exception), the unit is marked interrupted on the way out."""
+    key = plan.key
+    try:
+        return _run_unit(cfg, plan, sites, rounds, store, flwr_run_id, fingerprint, recipe)
+    except BaseException as exc:
+        if store.unit_status(key) == "running":
+            why = " ".join(str(exc).split())[:200] or exc.__class__.__name__
+            store.finish_unit(key, "interrupted", None, f"{exc.__class__.__name__}: {why}")
+            log.warning("unit %s: interrupted (%s)", key.unit_id, exc.__class__.__name__)
+        raise
+
+
+def _run_unit(
+    cfg: RunConfig,
+    plan: UnitPlan,
+    sites: dict[str, SiteInfo],
+    rounds: Rounds,
+    store: RunStore,
+    flwr_run_id: str,
+    fingerprint: str,
+    recipe: dict[str, Any] | None,
+) -> int | None:
     key = plan.key
     hashes = {s: sites[s].manifest_hash for s in plan.train_sites}
     ckpt_dir = cfg.workspace_path / "checkpoints" / key.slug
     sel = Selection(cfg.patience, cfg.select_after)
     lr = ServerLR(cfg)
     n_rounds = unit_rounds(cfg, key)
-    resumed = resume_state(cfg, key, store, ckpt_dir / "latest.pt")
+    resumed = resume_state(key, store, ckpt_dir / "latest.pt", fingerprint)
     if resumed is not None:
         arrays, conf, done = resumed["arrays"], resumed["config"], resumed["round"]
         sel.restore(resumed["selection"])
@@ -230,7 +279,14 @@ def run_unit(
             "starts-from": start,
         }
         store.start_unit(
-            key, plan.train_sites, {s: ",".join(sp) for s, sp in plan.eval_splits.items()}, conf, hashes, flwr_run_id
+            key,
+            plan.train_sites,
+            {s: ",".join(sp) for s, sp in plan.eval_splits.items()},
+            conf,
+            hashes,
+            flwr_run_id,
+            fingerprint,
+            recipe,
         )
         done = 0
     refused: list[str] = list(resumed["refused"]) if resumed is not None else []
@@ -323,25 +379,19 @@ def _note_absences(
         absent.discard(s)
 
 
-def resume_state(cfg: RunConfig, key: UnitKey, store: RunStore, latest: Path) -> dict[str, Any] | None:
+def resume_state(key: UnitKey, store: RunStore, latest: Path, fingerprint: str) -> dict[str, Any] | None:
     """What an interrupted unit continues from: its last complete round's checkpoint (global arrays,
-    selection, early-stopping and learning-rate state, sites out of privacy budget), when the store
-    still marks the unit running, the checkpoint is that unit's, and the store logged exactly that round.
-    None = start from round 1."""
-    if store.unit_status(key) != "running" or not latest.is_file():
+    selection, early-stopping and learning-rate state, sites out of privacy budget), when the store marks
+    the unit running or interrupted with this fingerprint, the checkpoint is that unit's, and the store
+    logged exactly that round. None = start from round 1."""
+    row = store.unit(key)
+    if row is None or row["status"] not in ("running", "interrupted") or not latest.is_file():
+        return None
+    if row["fingerprint"] != fingerprint:
+        log.info("unit %s: the interrupted run had another fingerprint; starting again", key.unit_id)
         return None
     ck = load_checkpoint(latest)
-    row = next((u for u in store.units() if u["unit_id"] == key.unit_id), None)
-    if (
-        ck.get("unit_id") != key.unit_id
-        or "selection" not in ck
-        or row is None
-        or int(row["rounds_done"]) < int(ck["round"])
-    ):
-        return None
-    expected = cfg.to_mapping() | {"method": key.method, "backbone": key.backbone, "num-rounds": unit_rounds(cfg, key)}
-    if {k: ck["config"].get(k) for k in expected} != expected:
-        log.info("unit %s: config changed since the interrupted run; starting again", key.unit_id)
+    if ck.get("unit_id") != key.unit_id or "selection" not in ck or int(row["rounds_done"]) < int(ck["round"]):
         return None
     return {
         "arrays": {k: v.numpy().copy() for k, v in ck["state_dict"].items()},

@@ -31,7 +31,7 @@ from typing import Any
 from mdmt.data.dicom import VOI_MODES
 from mdmt.data.preprocess import CROP_MODES
 from mdmt.errors import MDMTError
-from mdmt.fed.config import RunConfig
+from mdmt.fed.config import RunConfig, load_toml
 from mdmt.ml.options import DEVICES
 
 DEFAULTS = RunConfig()  # every flag that sets a run-config value defaults to the schema's value
@@ -141,9 +141,6 @@ def cmd_splits(a: argparse.Namespace) -> None:
 
 def cmd_loco(a: argparse.Namespace) -> None:
     # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
-    from mdmt.fed.config import load_toml
-
-    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.ops.loco import loco
 
     values: dict[str, Any] = {}
@@ -163,7 +160,9 @@ def cmd_loco(a: argparse.Namespace) -> None:
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     values.update(_kv(a.set or []))
-    loco(values, cpus_per_client=a.cpus_per_client)
+    if a.rerun:
+        values["rerun"] = True
+    loco(values, cpus_per_client=a.cpus_per_client, wait=a.wait)
 
 
 def cmd_experiment(a: argparse.Namespace) -> None:
@@ -173,7 +172,9 @@ def cmd_experiment(a: argparse.Namespace) -> None:
     overrides = _kv(a.set or [])
     if a.workspace:
         overrides["workspace"] = a.workspace
-    print(run_experiment(a.config, overrides, workers=a.workers, cpus_per_client=a.cpus_per_client))
+    if a.rerun:
+        overrides["rerun"] = True
+    print(run_experiment(a.config, overrides, workers=a.workers, cpus_per_client=a.cpus_per_client, wait=a.wait))
 
 
 def _store_path(a: argparse.Namespace) -> Path:
@@ -237,6 +238,16 @@ def cmd_dashboard(a: argparse.Namespace) -> None:
     from mdmt.results.dashboard import run
 
     run(a)
+
+
+def _add_run_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--rerun",
+        action="store_true",
+        help="run again (replacing the stored result) a done unit whose fingerprint differs from this run's; "
+        "without it such a unit stops the run with a line saying what differs",
+    )
+    s.add_argument("--wait", action="store_true", help="wait for another run that holds the workspace")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -331,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", help="TOML file of run-config keys")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
     s.add_argument("--cpus-per-client", type=float, default=1.0)
+    _add_run_flags(s)
     s.set_defaults(fn=cmd_loco)
 
     s = sub.add_parser(
@@ -343,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workspace", help="overrides the file's workspace")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="any run-config key (repeatable)")
     s.add_argument("--cpus-per-client", type=float, default=1.0)
+    _add_run_flags(s)
     s.set_defaults(fn=cmd_experiment)
 
     s = sub.add_parser("report", help="tables, statistics and plots from a run store (markdown, CSV, LaTeX, PNG)")

@@ -19,9 +19,9 @@ from mdmt.data.manifest import list_sites
 from mdmt.data.synth import format_summary, synthesize
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig, load_toml
-from mdmt.fed.plan import unit_keys
+from mdmt.fed.workspace import WorkspaceLock
 from mdmt.ops.launch import stop_all
-from mdmt.ops.loco import ingest_sites, prepare_config, run_simulation, site_roles
+from mdmt.ops.loco import ingest_sites, plan_run, prepare_config, run_simulation
 from mdmt.results.report import write_report
 from mdmt.store import RunStore
 
@@ -87,14 +87,10 @@ def plan_groups(values: dict[str, Any], workers: int) -> list[RunConfig]:
     return groups
 
 
-def unit_progress(cfg: RunConfig) -> tuple[int, int]:
-    """(units of the group, units not done yet)."""
-    keys = unit_keys(cfg, site_roles(cfg))
-    store = RunStore(cfg.store_path)
-    try:
-        return len(keys), sum(store.unit_status(k) != "done" for k in keys)
-    finally:
-        store.close()
+def unit_progress(cfg: RunConfig, store: RunStore) -> tuple[int, int]:
+    """(units of the group, units left to run): decided as the ServerApp decides (id and fingerprint)."""
+    decisions = plan_run(cfg, store)
+    return len(decisions), sum(d.action != "skip" for d in decisions)
 
 
 def run_experiment(
@@ -103,23 +99,35 @@ def run_experiment(
     workers: int = 1,
     cpus_per_client: float = 1.0,
     echo=print,
+    wait: bool = False,
 ) -> str:
-    """Run every missing unit of the experiment, then write the report; returns the report summary."""
-
+    """Run every missing unit of the experiment, then write the report; returns the report summary. The
+    experiment holds its workspace for the whole sweep; its parallel simulations run under that hold."""
     if workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {workers}")
     values, synth = read_experiment(path, overrides)
     ensure_federation(values, synth, echo)
     groups = plan_groups(values, workers)
-    progress = [unit_progress(g) for g in groups]
+    with WorkspaceLock(groups[0].workspace_path).acquire(wait=wait, echo=echo):
+        return _run_groups(path, groups, workers, cpus_per_client, echo)
+
+
+def _run_groups(path, groups: list[RunConfig], workers: int, cpus_per_client: float, echo) -> str:
+    store = RunStore(groups[0].store_path)
+    try:
+        for unit in store.mark_interrupted(message="its run ended without a word (the workspace was free)"):
+            echo(f"unit {unit}: left running by a run that is gone; it continues from its last round")
+        for g in groups:
+            ingest_sites(g, echo)  # once: later groups find the cache unless image size or crop differ
+        progress = [unit_progress(g, store) for g in groups]
+    finally:
+        store.close()
     todo = [(i, g) for i, g in enumerate(groups) if progress[i][1]]
     t0 = time.perf_counter()
     echo(
         f"experiment {path}: {sum(t for t, _ in progress)} units in {len(groups)} group(s), "
         f"{sum(n for _, n in progress)} to run"
     )
-    for _, g in todo:
-        ingest_sites(g)  # once: later groups find the cache unless image size or crop differ
     lock = threading.Lock()
 
     def run(item: tuple[int, RunConfig]) -> None:

@@ -10,6 +10,7 @@ generated ``pyproject.toml`` that names the installed components and carries the
 from __future__ import annotations
 
 import os
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -61,3 +62,21 @@ def flwr_app_dir(parent: Path) -> Path:
             fh.write(text)
         os.replace(tmp, target)
     return folder
+
+
+OFFLINE_ENV = "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"
+PTH_NAME = "mdmt-flower-offline.pth"
+
+
+def pin_runtime_installation_off() -> Path:
+    """Turn Flower's per-run dependency installation off for every Python process of this environment
+    (``flwr``, the SuperLink it auto-starts, the SuperExec and the apps): a ``.pth`` file in site-packages
+    sets ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` unless the caller's environment sets it. Every
+    dependency is installed once, with the project; a run never reaches for the network. Returns the file."""
+    path = Path(sysconfig.get_path("purelib")) / PTH_NAME
+    path.write_text(f'import os; os.environ.setdefault("{OFFLINE_ENV}", "1")\n')
+    return path
+
+
+if __name__ == "__main__":
+    print(f"wrote {pin_runtime_installation_off()}")

@@ -175,7 +175,6 @@ def submit(
     echo: Callable[[str], None] = print,
 ) -> Job:
     """Submit a run config (or resubmit the job of that config when it did not finish)."""
-    from mdmt.ops.loco import write_run_config  # deferred: torch (mdmt.ops.loco pulls the simulation stack)
 
     cfg = load_job_config(config)
     name = name or Path(config).stem
@@ -198,7 +197,7 @@ def submit(
             name, str(Path(config).resolve()), "", connection, flwr_home, str(app), str(cfg.store_path), unit_ids(cfg)
         )
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    job.run_config = str(write_run_config(cfg, cfg.workspace_path / "configs" / f"deploy-{name}-{stamp}.toml"))
+    job.run_config = str(cfg.write_toml(cfg.workspace_path / "configs" / f"deploy-{name}-{stamp}.toml"))
     return _submit_run(job, echo)
 
 

@@ -1,7 +1,9 @@
 """The LOCO driver: one Flower simulation whose ServerApp iterates every (method, held-out centre) unit.
 
-Steps: validate the config, ingest every site (cached), start a private simulation SuperLink on free
-ports, ``flwr run`` the app against it, stop every process it started, then write the result table.
+Steps: validate the config, take the workspace (one writer at a time), ingest every site (cached), decide
+from the store which units are left (the same decision the ServerApp makes: id and fingerprint), and only
+when some are, start a private simulation SuperLink on free ports, ``flwr run`` the app against it and stop
+every process it started; then write the result table.
 """
 
 from __future__ import annotations
@@ -12,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import tomli_w
 
 from mdmt.data.ingest import ingest_site
 from mdmt.data.manifest import list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import unit_keys
+from mdmt.fed.plan import Decision, SiteInfo, decide_units, unit_keys
+from mdmt.fed.site import locate_site, site_summary
+from mdmt.fed.workspace import WorkspaceLock
 from mdmt.ops.flwr_app import flwr_app_dir
 from mdmt.ops.launch import LocalSimulation
-from mdmt.results.report import to_markdown, write_loco_report
+from mdmt.results.report.loco import report_run
 from mdmt.store import RunStore
 
 
@@ -64,17 +67,11 @@ def prepare_config(values: dict[str, Any]) -> RunConfig:
     )
 
 
-def write_run_config(cfg: RunConfig, path: Path) -> Path:
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(tomli_w.dumps(cfg.to_mapping()).encode())
-    return path
-
-
-def ingest_sites(cfg: RunConfig) -> None:
-    """Decode and cache every site of the config once (later runs reuse the cache)."""
+def ingest_sites(cfg: RunConfig, echo=print) -> None:
+    """Decode and cache every site of the config once (later runs reuse the cache); says how many files
+    each site turned away and where they are listed."""
     for site in cfg.site_list:
-        ingest_site(
+        summary = ingest_site(
             cfg.fed_path / site,
             cfg.cache_path,
             image_size=cfg.image_size,
@@ -84,6 +81,29 @@ def ingest_sites(cfg: RunConfig) -> None:
             crop_source=cfg.crop_source or None,
             workers=cfg.num_workers,
         )
+        if summary["rejected"]:
+            echo(f"site {site}: {summary['rejected']} file(s) rejected, listed in {summary['rejected_file']}")
+
+
+def local_sites(cfg: RunConfig) -> dict[str, SiteInfo]:
+    """What each simulated site would answer to the discovery query, read here (all data is local)."""
+    infos = [
+        SiteInfo.from_summary(site_summary(cfg, locate_site(cfg, {"partition-id": i})))
+        for i in range(len(cfg.site_list))
+    ]
+    return {info.site: info for info in infos}
+
+
+def plan_run(cfg: RunConfig, store: RunStore) -> list[Decision]:
+    """The units of a simulation and what the run does with each (mdmt.fed.plan.decide_units); a refused
+    unit raises before anything starts."""
+    sites = local_sites(cfg)
+    decisions = decide_units(cfg, unit_keys(cfg, {s: i.role for s, i in sites.items()}), sites, store)
+    refused = [d for d in decisions if d.action == "refuse"]
+    if refused:
+        more = f" ({len(refused) - 1} more unit(s) likewise)" if len(refused) > 1 else ""
+        raise MDMTError(refused[0].reason + more)
+    return decisions
 
 
 def run_simulation(
@@ -96,9 +116,9 @@ def run_simulation(
     """
     ws = cfg.workspace_path
     if ingest:
-        ingest_sites(cfg)
+        ingest_sites(cfg, echo)
     stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{tag}" if tag else "")
-    run_cfg = write_run_config(cfg, ws / "configs" / f"run-{stamp}.toml")
+    run_cfg = cfg.write_toml(ws / "configs" / f"run-{stamp}.toml")
     log_path = ws / "logs" / f"flwr-{stamp}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     n_sites = len(cfg.site_list)
@@ -115,7 +135,12 @@ def run_simulation(
             stderr=subprocess.STDOUT,
             cwd=app_dir,
         )
-        _follow(proc, log_path, echo)
+        try:
+            _follow(proc, log_path, echo)
+        finally:
+            if proc.poll() is None:  # interrupted here: the simulation stops with this block
+                proc.terminate()
+            _mark_stale(cfg)
     if proc.returncode != 0:
         raise MDMTError(f"flwr run exited with code {proc.returncode}: {_last_error(log_path)}; see {log_path}")
     _check_units(cfg, log_path)
@@ -145,11 +170,24 @@ def _last_error(log_path: Path) -> str:
     """The most telling line of a failed run's log (Flower prints errors in a box)."""
     lines = [l.strip(" │╭╮╰╯─") for l in log_path.read_text(errors="replace").splitlines()]
     lines = [l.strip() for l in lines if l.strip()]
+    ours = [l.split(" mdmt ERROR ", 1)[1] for l in lines if " mdmt ERROR " in l]  # the ServerApp's one line
+    if ours:
+        return ours[-1][:300]
     for marker in ("Error:", "error:", "Exception", "Error"):
         hits = [l for l in lines if marker in l]
         if hits:
             return hits[-1][:300]
     return lines[-1][:300] if lines else "no output"
+
+
+def _mark_stale(cfg: RunConfig) -> None:
+    """Units of this simulation still 'running' once it has ended were interrupted (its ServerApp may
+    have been killed before it could say so)."""
+    store = RunStore(cfg.store_path)
+    try:
+        store.mark_interrupted([k.unit_id for k in unit_keys(cfg, site_roles(cfg))], "its simulation ended")
+    finally:
+        store.close()
 
 
 def _check_units(cfg: RunConfig, log_path: Path) -> None:
@@ -170,18 +208,30 @@ def _check_units(cfg: RunConfig, log_path: Path) -> None:
         )
 
 
-def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print) -> pd.DataFrame:
+def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print, wait: bool = False) -> pd.DataFrame:
+    """Run the LOCO units of a config that are not done yet, then print and write the table."""
     cfg = prepare_config(values)
     t0 = time.perf_counter()
-    run_simulation(cfg, cpus_per_client, echo)
-    store = RunStore(cfg.store_path)
-    try:
-        df, csv_path, md_path = write_loco_report(store, cfg.workspace_path / "reports")
-    finally:
-        store.close()
-    wanted = set(cfg.methods)
-    shown = df[df["method"].isin(wanted) & df["backbone"].isin(cfg.backbones)]
+    with WorkspaceLock(cfg.workspace_path).acquire(wait=wait, echo=echo):
+        store = RunStore(cfg.store_path)
+        try:
+            for unit in store.mark_interrupted(message="its run ended without a word (the workspace was free)"):
+                echo(f"unit {unit}: left running by a run that is gone; it continues from its last round")
+            ingest_sites(cfg, echo)
+            decisions = plan_run(cfg, store)
+        finally:
+            store.close()
+        left = [d for d in decisions if d.action != "skip"]
+        if left:
+            run_simulation(cfg, cpus_per_client, echo, ingest=False)
+        else:
+            echo(f"all {len(decisions)} units are done with the same fingerprint; no simulation started")
+        store = RunStore(cfg.store_path)
+        try:
+            shown, table = report_run(store, cfg.workspace_path, cfg.methods, cfg.backbones)
+        finally:
+            store.close()
     echo("")
-    echo(to_markdown(shown))
-    echo(f"\nwall time {time.perf_counter() - t0:.0f} s; table: {md_path} and {csv_path}; store: {cfg.store_path}")
+    echo(table)
+    echo(f"\nwall time {time.perf_counter() - t0:.0f} s")
     return shown

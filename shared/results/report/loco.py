@@ -133,3 +133,14 @@ def write_loco_report(
         "by the run config's 'threshold'; the held-out centre never influences it.\n\n" + to_markdown(df) + "\n"
     )
     return df, csv_path, md_path
+
+
+def report_run(
+    store: RunStore, workspace: Path, methods: tuple[str, ...], backbones: tuple[str, ...]
+) -> tuple[pd.DataFrame, str]:
+    """Write ``<workspace>/reports/loco.md`` and ``loco.csv`` from the store; return the rows of the run's
+    methods and backbones, and their markdown table with the files' paths (what ``mdmt loco`` and the
+    ServerApp print)."""
+    df, csv_path, md_path = write_loco_report(store, Path(workspace) / "reports")
+    shown = df[df["method"].isin(methods) & df["backbone"].isin(backbones)]
+    return shown, f"{to_markdown(shown)}\n\ntable: {md_path} and {csv_path}; store: {store.path}"
