@@ -124,23 +124,21 @@ def run_simulation(
     n_sites = len(cfg.site_list)
     echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg, site_roles(cfg)))}, log: {log_path}")
     app_dir = flwr_app_dir(ws / "flwr")
-    with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
-        if on_start is not None:
-            on_start(sim)
-        proc = subprocess.Popen(
-            [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client)],
-            env=sim.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=app_dir,
-        )
-        try:
+    try:
+        with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
+            if on_start is not None:
+                on_start(sim)
+            proc = subprocess.Popen(
+                [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client)],
+                env=sim.env(),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=app_dir,
+            )
             _follow(proc, log_path, echo)
-        finally:
-            if proc.poll() is None:  # interrupted here: the simulation stops with this block
-                proc.terminate()
-            _mark_stale(cfg)
+    finally:
+        _mark_stale(cfg)  # every process of the simulation has stopped by now
     if proc.returncode != 0:
         raise MDMTError(f"flwr run exited with code {proc.returncode}: {_last_error(log_path)}; see {log_path}")
     _check_units(cfg, log_path)
