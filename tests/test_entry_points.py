@@ -103,26 +103,8 @@ def test_flwr_run_from_the_checkout(small_federation, tmp_path):
 
 def test_two_runs_on_one_workspace_then_sigint_then_resume(small_federation, tmp_path):
     ws = tmp_path / "ws"
-    cmd = [
-        str(BIN / "mdmt"),
-        "loco",
-        "--fed",
-        str(small_federation),
-        "--workspace",
-        str(ws),
-        "--method",
-        "mdmt",
-        "--holdouts",
-        "A,B",
-        "--rounds",
-        "3",
-        "--image-size",
-        "32",
-        "--batch-size",
-        "16",
-        "--set",
-        "sites=A,B,C,BRIXIA",
-    ]
+    flags = "--method mdmt --holdouts A --rounds 2 --image-size 32 --batch-size 16 --set sites=A,B,C,BRIXIA"
+    cmd = [str(BIN / "mdmt"), "loco", "--fed", str(small_federation), "--workspace", str(ws), *flags.split()]
     env = {k: v for k, v in os.environ.items() if k != "MDMT_WORKSPACE_OWNER"}
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
