@@ -170,7 +170,11 @@ def test_saliency_writes_one_heatmap_per_scored_image(world, tmp_path):
     from PIL import Image
 
     out = tmp_path / "out"
-    predict(world["ckpt"], [world["inputs"]], out_dir=out, saliency=True, device="cpu", crop_source=None, workers=1)
+    text = predict(
+        world["ckpt"], [world["inputs"]], out_dir=out, saliency=True, device="cpu", crop_source=None, workers=1
+    )
+    # resnet18 at 64 px ends on a 2x2 map: the user is told, with the size that gives at least 4x4
+    assert "last feature map is 2x2 at image-size 64" in text and "image-size 128 or more" in text
     rows = _rows(out / "predictions.csv")
     ok = [r for r in rows if r["status"] == "ok"]
     pngs = sorted((out / "heatmaps").glob("*.png"))

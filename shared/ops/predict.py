@@ -294,16 +294,23 @@ def _import_grad_cam():
     return GradCAM, ClassifierOutputTarget, show_cam_on_image
 
 
+MIN_MAP_SIDE = 4  # a Grad-CAM map smaller than 4x4 is too coarse to show where the model looked
+
+
 def saliency_target_layer(backbone: nn.Module, image_size: int) -> nn.Module:
+    return target_layer_and_map(backbone, image_size)[0]
+
+
+def target_layer_and_map(backbone: nn.Module, image_size: int) -> tuple[nn.Module, tuple[int, int]]:
     """The backbone's last convolutional block: the last module, in execution order, that returns a
     feature map (N, C, H, W) and is not a pooling layer, i.e. the feature map that global pooling reduces
     (ResNet ``layer4``, DenseNet / MobileNet ``features``, timm EfficientNet ``bn2``). Found by running
     one blank image of the model's input size through it."""
-    done: list[nn.Module] = []
+    done: list[tuple[nn.Module, tuple[int, int]]] = []
 
     def hook(module, _inputs, output):
         if isinstance(output, torch.Tensor) and output.ndim == 4 and "Pool" not in type(module).__name__:
-            done.append(module)
+            done.append((module, (int(output.shape[2]), int(output.shape[3]))))
 
     handles = [m.register_forward_hook(hook) for m in backbone.modules() if m is not backbone]
     was_training = backbone.training
@@ -341,13 +348,27 @@ class Saliency:
 
     def __init__(self, model: nn.Module, image_size: int):
         GradCAM, Target, self._overlay = _import_grad_cam()
-        self.layer = saliency_target_layer(model.backbone, image_size)
+        self.layer, self.map_size = target_layer_and_map(model.backbone, image_size)
+        self.image_size = image_size
         self.cam = GradCAM(model=_SevereLogit(model), target_layers=[self.layer])
         # Registered after Grad-CAM's own hooks: the rest of the network gets a copy of the feature map, so
         # an in-place operation after the block (DenseNet's ReLU) cannot change the activations Grad-CAM
         # kept, and the map is that of the block's output on every device.
         self._copy = self.layer.register_forward_hook(_copy_output)
         self.target = Target(1)  # class 1 of the prognosis head: SEVERE
+
+    def coarse_note(self, backbone: str) -> str:
+        """A warning when the map is smaller than 4x4 (a flat heatmap), naming the smallest useful size."""
+        side = min(self.map_size)
+        if side >= MIN_MAP_SIDE:
+            return ""
+        stride = self.image_size / max(side, 1)
+        useful = int(np.ceil(MIN_MAP_SIDE * stride / 32) * 32)
+        return (
+            f"saliency: {backbone}'s last feature map is {self.map_size[0]}x{self.map_size[1]} at image-size "
+            f"{self.image_size}, so the heatmaps are nearly flat; a model trained at image-size {useful} or more "
+            f"gives a map of at least {MIN_MAP_SIDE}x{MIN_MAP_SIDE}"
+        )
 
     def maps(self, x: torch.Tensor) -> np.ndarray:
         """(N, S, S) float maps in [0, 1] for a normalised input batch."""
@@ -515,6 +536,9 @@ def predict(
         model = pred.model.to(dev)
         feed = Feeder(dev)
         cam = Saliency(model, pred.prep.image_size) if saliency else None
+        if cam is not None and cam.coarse_note(pred.backbone):
+            notes.append(cam.coarse_note(pred.backbone))
+            print(f"mdmt predict: warning: {cam.coarse_note(pred.backbone)}", file=sys.stderr)
         batch: list[_Item] = []
         try:
             with tqdm(total=len(items), desc="predict", unit="img", disable=None, file=sys.stderr) as bar:
