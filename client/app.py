@@ -11,7 +11,7 @@ from mdmt.client.secagg import secure_aggregation_mod
 from mdmt.fed import protocol as P
 from mdmt.fed.compress import encode_update
 from mdmt.fed.config import RunConfig
-from mdmt.fed.site import locate_site, run_evaluate, run_train, site_summary
+from mdmt.fed.sitedata import locate_site, site_summary
 
 # SecAgg+ first: the message log then records the one train message a secure round hands to train().
 app = ClientApp(mods=[secure_aggregation_mod, message_log_mod])
@@ -26,6 +26,9 @@ def query(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    # deferred: torch (mdmt.fed.site); a query message needs none
+    from mdmt.fed.site import run_train
+
     # Load: config, site, global model.
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
@@ -43,6 +46,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
+    # deferred: torch (mdmt.fed.site); a query message needs none
+    from mdmt.fed.site import run_evaluate
+
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
     state = msg.content[P.ARRAYS].to_torch_state_dict()

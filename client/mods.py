@@ -10,7 +10,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from mdmt.fed import protocol as P
 from mdmt.fed.audit import append_message_log, append_reply_log, value_kind
 from mdmt.fed.config import RunConfig
-from mdmt.fed.site import locate_site
+from mdmt.fed.sitedata import locate_site
 
 
 def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

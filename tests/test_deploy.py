@@ -271,7 +271,7 @@ def test_site_config_round_trips_into_flower_node_config(tmp_path, small_federat
     from flwr.common.config import parse_config_args
 
     from mdmt.fed.config import RunConfig
-    from mdmt.fed.site import locate_site
+    from mdmt.fed.sitedata import locate_site
 
     path = _site_config(tmp_path, data_dir=small_federation / "A", port=9101)
     cfg = siteconfig.load_site_config(path)

@@ -14,7 +14,8 @@ import torch
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.site import locate_site, privacy_file, run_train
+from mdmt.fed.site import privacy_file, run_train
+from mdmt.fed.sitedata import locate_site
 from mdmt.fed.units import initial_arrays
 
 ROOT = Path(__file__).resolve().parent.parent

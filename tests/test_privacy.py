@@ -31,7 +31,8 @@ from mdmt.ml.privacy import (
     steps_per_epoch,
     would_exceed,
 )
-from mdmt.ml.train import TaskData, train_local, trainable_parameters
+from mdmt.ml.taskdata import TaskData
+from mdmt.ml.train import train_local, trainable_parameters
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import pytest
 from mdmt.data.manifest import list_sites, read_manifest
 from mdmt.data.splits import federation_splits
 from mdmt.fed.config import RunConfig
-from mdmt.fed.site import SiteLocation, manifest_splits
+from mdmt.fed.sitedata import SiteLocation, manifest_splits
 
 PROG = ["A", "B", "C", "D", "E", "F"]
 

@@ -13,7 +13,8 @@ from mdmt.ml.augment import PaperAugment
 from mdmt.ml.loss import mdmt_loss
 from mdmt.ml.model import build_model
 from mdmt.ml.naming import is_bn_stat
-from mdmt.ml.train import TaskData, adapt_bn, balanced_class_weights, train_local
+from mdmt.ml.taskdata import TaskData
+from mdmt.ml.train import adapt_bn, balanced_class_weights, train_local
 
 
 def _batch(n=6, size=32, seed=0):

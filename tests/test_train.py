@@ -10,7 +10,8 @@ import torch
 
 from mdmt.ml.metrics import HIST_BINS
 from mdmt.ml.model import build_model
-from mdmt.ml.train import TaskData, evaluate, train_local
+from mdmt.ml.taskdata import TaskData
+from mdmt.ml.train import evaluate, train_local
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -23,41 +22,8 @@ from mdmt.ml.naming import NUM_CLASSES
 from mdmt.ml.options import CLASS_WEIGHTS, DEVICES
 from mdmt.ml.outcomes import EvalResult, TrainResult
 from mdmt.ml.privacy import DPRound
+from mdmt.ml.taskdata import TaskData
 from mdmt.seeding import derive_seed
-
-
-@dataclass
-class TaskData:
-    """Images and per-task targets (-1 = no label for that task, or not used by the method)."""
-
-    images: np.ndarray  # uint8 (N, S, S)
-    y_prog: np.ndarray  # int64 (N,)
-    y_sev: np.ndarray  # int64 (N,)
-    ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def subset(self, mask: np.ndarray) -> TaskData:
-        idx = np.flatnonzero(mask)
-        ids = [self.ids[i] for i in idx] if self.ids else []
-        return TaskData(np.asarray(self.images[idx]), self.y_prog[idx], self.y_sev[idx], ids)
-
-    @staticmethod
-    def concat(parts: list[TaskData]) -> TaskData:
-        return TaskData(
-            np.concatenate([p.images for p in parts]),
-            np.concatenate([p.y_prog for p in parts]),
-            np.concatenate([p.y_sev for p in parts]),
-            [i for p in parts for i in p.ids],
-        )
-
-    def labelled(self) -> TaskData:
-        """The rows that carry at least one label (the rows a site trains on)."""
-        return self.subset((self.y_prog >= 0) | (self.y_sev >= 0))
-
-    def counts(self) -> dict[str, int]:
-        return {PROGNOSIS: int((self.y_prog >= 0).sum()), SEVERITY: int((self.y_sev >= 0).sum())}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

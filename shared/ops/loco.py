@@ -20,7 +20,7 @@ from mdmt.data.manifest import list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig
 from mdmt.fed.plan import Decision, SiteInfo, decide_units, unit_keys
-from mdmt.fed.site import locate_site, site_summary
+from mdmt.fed.sitedata import locate_site, site_summary
 from mdmt.fed.workspace import WorkspaceLock
 from mdmt.ops.flwr_app import flwr_app_dir
 from mdmt.ops.launch import LocalSimulation

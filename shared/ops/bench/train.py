@@ -20,7 +20,7 @@ def _sync(device) -> None:
 
 def _random_data(n: int, size: int, seed: int = 0):
     # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
-    from mdmt.ml.train import TaskData
+    from mdmt.ml.taskdata import TaskData
 
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)

@@ -54,7 +54,7 @@ def check_bind(host: str, token: str | None) -> None:
 def check_session_hours(hours: float) -> None:
     """Refuse, in one line, a session lifetime that is not a positive number of hours up to a year."""
     if not 0 < hours <= MAX_SESSION_HOURS:  # also refuses nan
-        raise MDMTError(f"--session-hours {hours}: give a number of hours above 0 and at most {MAX_SESSION_HOURS}")
+        raise MDMTError(f"--session-hours {hours:g}: give a number of hours above 0 and at most {MAX_SESSION_HOURS}")
 
 
 def same_origin_path(environ: dict) -> str:
@@ -141,8 +141,8 @@ class Sessions:
 
 def session_cookie(value: str, max_age: int, secure: bool) -> str:
     """A Set-Cookie value: host-only, whole site, HttpOnly, SameSite=Strict, Max-Age and Expires, and
-    Secure when the browser reaches the dashboard over HTTPS. ``max_age`` 0 deletes the cookie."""
-    expires = formatdate(time.time() + max_age, usegmt=True) if max_age > 0 else "Thu, 01 Jan 1970 00:00:00 GMT"
+    Secure when the browser reaches the dashboard over HTTPS."""
+    expires = formatdate(time.time() + max_age, usegmt=True)
     parts = [f"{COOKIE}={value}", "Path=/", f"Max-Age={max_age}", f"Expires={expires}", "HttpOnly", "SameSite=Strict"]
     return "; ".join(parts + (["Secure"] if secure else []))
 
@@ -202,12 +202,13 @@ class AccessGate:
             return _deny(start_response, "401 Unauthorized", f"access token required: {LOGIN_HINT}")
         if self.sessions.valid(session):
             return self.app(environ, start_response)
+        # No Set-Cookie deleting the stale cookie here: the answer to a request sent just before a new login
+        # would then delete the new session's cookie, which has the same name.
         return _deny(
             start_response,
             "401 Unauthorized",
             f"your session has expired or is not known to this server (a session lasts {self.session_hours:g} "
             f"hours from its login, and a restart of the dashboard ends them all): {LOGIN_HINT}",
-            [("Set-Cookie", session_cookie("", 0, self._secure(environ)))],
         )
 
     def _login(self, environ: dict, start_response: Callable, query: list[tuple[str, str]]) -> list[bytes]:
@@ -231,9 +232,7 @@ class AccessGate:
         return [b""]
 
 
-def _deny(
-    start_response: Callable, status: str, message: str, extra: list[tuple[str, str]] | None = None
-) -> list[bytes]:
+def _deny(start_response: Callable, status: str, message: str) -> list[bytes]:
     body = f"mdmt dashboard: {message}\n".encode()
     headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
@@ -242,5 +241,5 @@ def _deny(
     ]
     if status.startswith("401"):
         headers.append(("WWW-Authenticate", 'Bearer realm="mdmt dashboard"'))
-    start_response(status, headers + (extra or []))
+    start_response(status, headers)
     return [body]

@@ -71,14 +71,34 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+class LazyHandshakeContext(ssl.SSLContext):
+    """A server TLS context whose connections do their handshake on the first read, in the request's thread.
+
+    werkzeug wraps its listening socket with the context. By default each accepted connection would do its
+    handshake inside accept(), in the one thread that accepts them all, so a single client that connects
+    and sends nothing would hold up every other."""
+
+    def wrap_socket(
+        self, sock, server_side=False, do_handshake_on_connect=True, suppress_ragged_eofs=True, **kwargs
+    ) -> ssl.SSLSocket:
+        return super().wrap_socket(
+            sock,
+            server_side=server_side,
+            do_handshake_on_connect=False,
+            suppress_ragged_eofs=suppress_ragged_eofs,
+            **kwargs,
+        )
+
+
 def tls_context(certfile: str | Path | None, keyfile: str | Path | None) -> ssl.SSLContext | None:
     """The server's TLS context (TLS 1.2 or later) for --certfile/--keyfile, or None for plain HTTP.
 
     Raises MDMTError (one line naming the flag and file) for one of the two alone, a file missing or
     unreadable, a file that is not PEM, an encrypted key, or a key that does not match the certificate."""
+    certfile, keyfile = certfile or None, keyfile or None
     if certfile is None and keyfile is None:
         return None
-    if not certfile or not keyfile:
+    if certfile is None or keyfile is None:
         given, other = ("--certfile", "--keyfile") if certfile else ("--keyfile", "--certfile")
         raise MDMTError(f"{given} needs {other}: give both to serve HTTPS, or neither for plain HTTP")
     for flag, name in (("--certfile", certfile), ("--keyfile", keyfile)):
@@ -95,7 +115,7 @@ def tls_context(certfile: str | Path | None, keyfile: str | Path | None) -> ssl.
             raise MDMTError(f"{flag} {name}: the key is encrypted; give it unencrypted, readable only by this user")
         if flag == "--keyfile" and "PRIVATE KEY-----" not in text:
             raise MDMTError(f"{flag} {name}: not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = LazyHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         context.load_cert_chain(Path(certfile).expanduser(), Path(keyfile).expanduser(), password=lambda: b"")
