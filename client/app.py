@@ -1,5 +1,6 @@
 """ClientApp: a site answers three kinds of message. QUERY: which site am I, what labels do I hold.
-TRAIN: local training on the site's cache. EVALUATE: sufficient statistics for both tasks."""
+TRAIN and EVALUATE: a round of one or more units (mdmt.fed.protocol): statistics of the model received on
+the requested splits, and, for a TRAIN, local training on the site's cache from that model."""
 
 from __future__ import annotations
 
@@ -24,33 +25,34 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.SITE: ConfigRecord(summary)}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def step(msg: Message, context: Context) -> Message:
+    """A round's message: for each unit it carries, evaluate the model received on the config's splits,
+    then train from it when the config says so (mdmt.fed.site.run_step holds the logic)."""
     # deferred: torch (mdmt.fed.site); a query message needs none
-    from mdmt.fed.site import run_train
+    from mdmt.fed.site import run_step
 
-    # Load: config, site, global model.
+    # Load: config and site.
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
-    state = msg.content[P.ARRAYS].to_torch_state_dict()
-    # Train locally (mdmt.fed.site holds the logic).
-    round_config = dict(msg.content[P.CONFIG])
-    new_state, metrics = run_train(cfg, loc, state, round_config)
-    # Reply: the update (fp16/int8 difference from the global model, or the weights) and counts per task.
-    update = encode_update(new_state, state, str(round_config.get(P.CFG_COMPRESSION, "none")))
-    content = RecordDict(
-        {P.ARRAYS: ArrayRecord({k: Array(v) for k, v in update.items()}), P.METRICS: MetricRecord(metrics)}
-    )
+    content = RecordDict()
+    for i in P.unit_indices(msg.content.config_records):
+        # Each unit: its global model and round config in, its statistics and update out.
+        arrays = msg.content[P.record_name(P.ARRAYS, i)]
+        round_config = dict(msg.content[P.record_name(P.CONFIG, i)])
+        state = arrays.to_torch_state_dict()
+        new_state, metrics = run_step(cfg, loc, state, round_config)
+        content[P.record_name(P.METRICS, i)] = MetricRecord(metrics)
+        if new_state is not None:  # the update: an fp16/int8 difference from the global model, or the weights
+            update = encode_update(new_state, state, str(round_config.get(P.CFG_COMPRESSION, "none")))
+            content[P.record_name(P.ARRAYS, i)] = ArrayRecord({k: Array(v) for k, v in update.items()})
     return Message(content, reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return step(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    # deferred: torch (mdmt.fed.site); a query message needs none
-    from mdmt.fed.site import run_evaluate
-
-    cfg = RunConfig.from_mapping(context.run_config)
-    loc = locate_site(cfg, context.node_config)
-    state = msg.content[P.ARRAYS].to_torch_state_dict()
-    metrics = run_evaluate(cfg, loc, state, dict(msg.content[P.CONFIG]))
-    return Message(RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return step(msg, context)

@@ -16,15 +16,17 @@ from mdmt.fed.sitedata import locate_site
 def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
-    config = dict(msg.content.config_records.get("config", {})) if msg.content else {}
-    append_message_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type, config=config)
+    records = msg.content.config_records if msg.content else {}
+    configs = [dict(records[P.record_name(P.CONFIG, i)]) for i in P.unit_indices(records)] or [{}]
+    for config in configs:  # one line per unit the message carries
+        append_message_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type, config=config)
     reply = call_next(msg, context)
     if not reply.has_error():
         append_reply_log(
             loc.workspace,
             run_id=context.run_id,
             message_type=msg.metadata.message_type,
-            unit_id=str(config.get(P.CFG_UNIT, "")),
+            unit_id=",".join(str(c.get(P.CFG_UNIT, "")) for c in configs),
             description=describe(reply),
         )
     return reply

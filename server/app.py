@@ -9,9 +9,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -19,14 +17,15 @@ from mdmt.data.manifest import list_sites
 from mdmt.errors import MDMTError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import SiteInfo, UnitPlan, expected_sites, map_sites, secagg_count_scale
+from mdmt.fed.plan import SiteInfo, expected_sites, map_sites, secagg_count_scale
 from mdmt.fed.secagg import SecAggSpec
-from mdmt.fed.units import TrainRound, run_units
+from mdmt.fed.steps import SiteReply, StepResult, UnitStep, assemble, entry_config, site_entries
+from mdmt.fed.units import run_units
 from mdmt.fed.workspace import WorkspaceLock
 from mdmt.logs import log_to_workspace, setup_logging
 from mdmt.results.report.loco import report_run
 from mdmt.server.secagg import secure_train_round
-from mdmt.server.strategy import TaskAwareFedAvg, collect, from_record, to_record
+from mdmt.server.strategy import collect, from_record, to_record
 from mdmt.store import RunStore
 
 app = ServerApp()
@@ -34,8 +33,9 @@ log = logging.getLogger("mdmt")
 
 
 class FlowerRounds:
-    """mdmt.fed.units.Rounds over a Flower Grid, one TaskAwareFedAvg per round trip (or one SecAgg+
-    round when secure aggregation is on and at least two sites train)."""
+    """mdmt.fed.steps.Rounds over a Flower Grid: one message per site per round for every unit in
+    lockstep. Under secure aggregation, each unit's training goes through its own SecAgg+ round first (the
+    sites' statistics of the model they received come back beside the masked vector)."""
 
     def __init__(
         self,
@@ -66,54 +66,95 @@ class FlowerRounds:
                 self.sites[info.site] = info
             self.node_of[info.site] = node
 
-    def train(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+    def step(self, steps: list[UnitStep]) -> list[StepResult]:
         self.refresh()
-        if self.cfg is not None and self.cfg.secure_aggregation and len(plan.train_messages) >= 2:
-            return self._secure_train(arrays, plan, config)
-        strategy = TaskAwareFedAvg(
-            plan, self.node_of, arrays, str(config[P.CFG_AGGREGATION]), str(config[P.CFG_COMPRESSION])
-        )
-        record = to_record(arrays)
-        msgs = strategy.configure_train(rnd, record, ConfigRecord(config), self.grid)
-        new, _ = strategy.aggregate_train(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
-        down = int(record.count_bytes())
-        sizes = {s: (down, strategy.bytes_up.get(s, 0)) for s in strategy.train_status}
-        return TrainRound(
-            from_record(new) if new is not None else arrays, strategy.trained, strategy.train_status, sizes
-        )
+        secure = {i for i, st in enumerate(steps) if self._secure(st)}
+        secured = {i: self._secure_train(steps[i]) for i in sorted(secure)}
+        plain = [
+            UnitStep(
+                st.key,
+                st.plan,
+                st.arrays,
+                st.config,
+                {s: t for s, t in st.tasks.items() if not (i in secure and t.train)},
+            )
+            for i, st in enumerate(steps)
+        ]
+        results = assemble(plain, self._send(plain))
+        for i, res in secured.items():  # the secure training, with the evaluations of the plain messages
+            res.evals |= results[i].evals
+            res.eval_status |= results[i].eval_status
+            results[i] = res
+        return results
 
-    def _secure_train(self, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]) -> TrainRound:
+    def _secure(self, step: UnitStep) -> bool:
+        return bool(self.cfg and self.cfg.secure_aggregation and sum(t.train for t in step.tasks.values()) >= 2)
 
-        cfg = self.cfg
-        site_of = {self.node_of[s]: s for s in plan.train_messages}
+    def _send(self, steps: list[UnitStep]) -> dict[tuple[str, int], SiteReply]:
+        """One message per site holding its part of every unit; the replies, per (site, unit)."""
+        records = [to_record(st.arrays) for st in steps]
+        msgs, layout = [], {}
+        for site, entries in site_entries(steps).items():
+            content = RecordDict()
+            for j, (i, task) in enumerate(entries):
+                content[P.record_name(P.ARRAYS, j)] = records[i]
+                content[P.record_name(P.CONFIG, j)] = ConfigRecord(entry_config(steps[i], task))
+            kind = MessageType.TRAIN if any(t.train for _, t in entries) else MessageType.EVALUATE
+            msgs.append(Message(content, dst_node_id=self.node_of[site], message_type=kind))
+            layout[site] = entries
+        good, status = collect(self.grid.send_and_receive(msgs, timeout=self.timeout), self.site_of, layout)
+        out = {}
+        for site, entries in layout.items():
+            for j, (i, _) in enumerate(entries):
+                down = int(records[i].count_bytes())
+                if site not in good:
+                    out[(site, i)] = SiteReply(status[site], bytes_down=down)
+                    continue
+                content = good[site].content
+                mname, aname = P.record_name(P.METRICS, j), P.record_name(P.ARRAYS, j)
+                if mname not in content.metric_records:
+                    out[(site, i)] = SiteReply(f"error: the reply has no {mname}", bytes_down=down)
+                    continue
+                arrays = content.array_records.get(aname)
+                update = from_record(arrays) if arrays is not None else None
+                up = int(arrays.count_bytes()) if arrays is not None else 0
+                out[(site, i)] = SiteReply("ok", dict(content[mname]), update, down, up)
+        return out
+
+    @property
+    def site_of(self) -> dict[int, str]:
+        return {n: s for s, n in self.node_of.items()}
+
+    def _secure_train(self, step: UnitStep) -> StepResult:
+        cfg, plan = self.cfg, step.plan
+        train = {s: t for s, t in step.tasks.items() if t.train}
+        site_of = {self.node_of[s]: s for s in train}
         spec = SecAggSpec(
             clip=cfg.secagg_clip, count_scale=cfg.secagg_count_scale or secagg_count_scale(plan, self.sites)
         )
         res = secure_train_round(
             self.grid,
             list(site_of),
-            arrays,
-            config,
+            step.arrays,
+            step.config,
             spec=spec,
             timeout=self.timeout,
-            extra={self.node_of[s]: x for s, x in plan.train_messages.items()},
+            extra={self.node_of[s]: entry_config(step, t) | {P.CFG_COMPRESSION: "none"} for s, t in train.items()},
         )
         # The server learns only the summed counts; per-site reports carry none.
+        ok = {n: m for n, m in res.metrics.items() if res.status.get(n) == "ok"}
         trained = {
-            site_of[n]: P.read_train(m | {P.NUM_EXAMPLES: 0, "n-prognosis": 0, "n-severity": 0})
-            for n, m in res.metrics.items()
-            if res.status.get(n) == "ok"
+            site_of[n]: P.read_train(m | {P.NUM_EXAMPLES: 0, "n-prognosis": 0, "n-severity": 0}) for n, m in ok.items()
         }
-        status = {site_of[n]: st for n, st in res.status.items()}
-        down = int(to_record(arrays).count_bytes())
+        evals = {
+            site_of[n]: P.read_split_evals(m, list(train[site_of[n]].splits))
+            for n, m in ok.items()
+            if train[site_of[n]].splits
+        }
+        down = int(to_record(step.arrays).count_bytes())
         sizes = {site_of[n]: (down, res.bytes_up.get(n, 0)) for n in site_of}
-        return TrainRound(res.arrays, trained, status, sizes, totals=dict(res.counts))
-
-    def evaluate(self, rnd: int, arrays: dict[str, np.ndarray], plan: UnitPlan, config: dict[str, Any]):
-        strategy = TaskAwareFedAvg(plan, self.node_of, arrays)
-        msgs = strategy.configure_evaluate(rnd, to_record(arrays), ConfigRecord(config), self.grid)
-        strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(msgs, timeout=self.timeout))
-        return strategy.evals, strategy.eval_status
+        status = {site_of[n]: st for n, st in res.status.items()}
+        return StepResult(res.arrays, trained, status, evals, {}, sizes, totals=dict(res.counts))
 
 
 def query_sites(grid: Grid, nodes: list[int], timeout: float) -> tuple[list[tuple[SiteInfo, int]], dict[int, str]]:

@@ -255,7 +255,7 @@ class RunStore:
                 "INSERT OR REPLACE INTO participation VALUES (?,?,?,?,?,?)",
                 [(key.unit_id, rnd, s, k, st, d) for s, k, st, d in participation],
             )
-            db.execute("UPDATE units SET rounds_done=? WHERE unit_id=?", (rnd, key.unit_id))
+            db.execute("UPDATE units SET rounds_done=MAX(rounds_done, ?) WHERE unit_id=?", (rnd, key.unit_id))
 
     def eval_stats(self, unit_id: str, rnd: int | None = None) -> list[sqlite3.Row]:
         if rnd is None:

@@ -127,41 +127,38 @@ class ScriptedRounds:
     def __init__(self, absent):
         self.absent = absent
 
-    def train(self, rnd, arrays, plan, config):
-        import numpy as np
+    def step(self, steps):
+        return [self._unit(st) for st in steps]
 
-        from mdmt.fed.units import TrainRound
-        from mdmt.ml.outcomes import TrainResult
-
-        gone = self.absent.get(rnd, set())
-        trained = {
-            s: TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
-            for s in plan.train_messages
-            if s not in gone
-        }
-        status = {s: "ok" if s in trained else "no reply" for s in plan.train_messages}
-        return TrainRound(
-            {k: v + np.asarray(rnd, v.dtype) if v.dtype.kind == "f" else v for k, v in arrays.items()}, trained, status
-        )
-
-    def evaluate(self, rnd, arrays, plan, config):
+    def _unit(self, st):
         import numpy as np
 
         from mdmt.fed import protocol as P
+        from mdmt.fed.steps import StepResult
         from mdmt.ml.metrics import HIST_BINS
+        from mdmt.ml.outcomes import TrainResult
 
+        rnd, seen = int(st.config[P.CFG_ROUND]), int(st.config[P.CFG_EVAL_ROUND])
+        gone = self.absent.get(rnd, set()) if st.trains else set()
         hist = np.zeros((2, HIST_BINS), dtype=np.int64)
         hist[0, 10], hist[1, 150] = 4, 4
         ev = P.SiteEval(
             {"prognosis": 8, "severity": 0},
-            {"prognosis": 8.0 / rnd, "severity": 0.0},
+            {"prognosis": 8.0 / max(seen, 1), "severity": 0.0},
             np.zeros((2, 2), dtype=np.int64),
             hist,
             np.zeros((4, 4), dtype=np.int64),
         )
-        gone = self.absent.get(rnd, set())
-        evals = {s: {sp: ev for sp in sps} for s, sps in plan.eval_splits.items() if s not in gone}
-        return evals, {s: "ok" if s in evals else "no reply" for s in plan.eval_splits}
+        one = TrainResult(10, {"prognosis": 10, "severity": 0}, 0.5, {"prognosis": 0.5, "severity": 0.0}, 1, 0.1)
+        trained = {s: one for s, task in st.tasks.items() if task.train and s not in gone}
+        arrays = {k: v + np.asarray(rnd, v.dtype) if v.dtype.kind == "f" else v for k, v in st.arrays.items()}
+        res = StepResult(arrays if trained else None, trained, {}, {}, {})
+        for s, task in st.tasks.items():
+            status = res.train_status if task.train else res.eval_status
+            status[s] = "no reply" if s in gone else "ok"
+            if task.splits and s not in gone:
+                res.evals[s] = {sp: ev for sp in task.splits}
+        return res
 
 
 def _kofn_sites():
@@ -173,10 +170,12 @@ def _kofn_sites():
 
 
 def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(tmp_path):
-    from mdmt.fed.units import run_unit
+    from mdmt.fed.units import run_units
     from mdmt.store import RunStore
 
     cfg = RunConfig(
+        method="mdmt",
+        holdouts="A",
         backbone="resnet18",
         image_size=32,
         num_rounds=4,
@@ -188,7 +187,7 @@ def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(t
     key = _key("mdmt", "A")
     store = RunStore(tmp_path / "store.sqlite")
     try:
-        run_unit(cfg, plan_unit(key, _kofn_sites()), _kofn_sites(), ScriptedRounds({2: {"B"}, 3: {"B"}}), store)
+        run_units(cfg, _kofn_sites(), ScriptedRounds({2: {"B"}, 3: {"B"}}), store)
         unit = {u["unit_id"]: dict(u) for u in store.units()}[key.unit_id]
         events = [(e["round"], e["kind"], e["detail"]) for e in store.events(key.unit_id)]
         part = {(p["round"], p["site"], p["kind"]): p["status"] for p in store.participation(key.unit_id)}
@@ -201,15 +200,23 @@ def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(t
 
 
 def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
-    from mdmt.fed.units import run_unit
+    from mdmt.fed.units import run_units
     from mdmt.store import RunStore
 
-    cfg = RunConfig(backbone="resnet18", image_size=32, num_rounds=3, workspace=str(tmp_path), min_sites=2)
+    cfg = RunConfig(
+        method="mdmt",
+        holdouts="A",
+        backbone="resnet18",
+        image_size=32,
+        num_rounds=3,
+        workspace=str(tmp_path),
+        min_sites=2,
+    )
     key = _key("mdmt", "A")
     store = RunStore(tmp_path / "store.sqlite")
     try:
         with pytest.raises(RuntimeError) as exc:
-            run_unit(cfg, plan_unit(key, _kofn_sites()), _kofn_sites(), ScriptedRounds({2: {"B", "C"}}), store)
+            run_units(cfg, _kofn_sites(), ScriptedRounds({2: {"B", "C"}}), store)
         unit = {u["unit_id"]: dict(u) for u in store.units()}[key.unit_id]
     finally:
         store.close()

@@ -1,10 +1,12 @@
 """No leakage from the held-out centre: it is in no training or validation split of its fold, and the
 round selection, the learning-rate schedule and the decision threshold do not depend on its data.
 
-Two real Flower simulations run the same MDMT unit; in the second the held-out centre's labels are
-flipped and its images shuffled. Everything the server decides must come out bit-identical, and so must
-the final model: the runs are deterministic (seeds from the config and the site names, replies aggregated
-in site order, never in arrival order).
+Real Flower simulations run the same MDMT and STL units three ways: cold (sites rebuild everything per
+message, one unit at a time), warm (sites keep their data and models between messages), and warm with the
+units in lockstep, where the held-out centre's labels are also flipped and its images shuffled. Everything
+the server decides must come out bit-identical between the first and the last, and the final models of all
+three runs too: the runs are deterministic (seeds from the config and the site names, replies aggregated
+in site order, never in arrival order, the same arithmetic whether a site is warm or not).
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from mdmt.fed.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 SITES = "A,B,C,BRIXIA"
-UNIT_SLUG = "mdmt__resnet18__loco__A__seed0"
+UNITS = ("mdmt__resnet18__loco__A__seed0", "stl_prognosis__resnet18__loco__A__seed0")
+MODES = {
+    "original": {"site-cache": False, "concurrent-units": 1},
+    "warm": {"site-cache": True, "concurrent-units": 1},
+    "altered": {"site-cache": True, "concurrent-units": 2},
+}
 
 
 def _decisions(store_path):
@@ -56,13 +63,13 @@ def twin_runs(small_federation, tmp_path_factory):
         f.write_bytes(b)
     write_manifest(altered / "A", man)
     out = {}
-    for name, fed in (("original", small_federation), ("altered", altered)):
+    for name, fed in (("original", small_federation), ("warm", small_federation), ("altered", altered)):
         ws = tmp_path_factory.mktemp(f"ws-{name}")
         loco(
             {
                 "fed-dir": str(fed),
                 "workspace": str(ws),
-                "method": "mdmt",
+                "method": "mdmt,stl_prognosis",
                 "backbone": "resnet18",
                 "num-rounds": 3,
                 "image-size": 32,
@@ -74,11 +81,12 @@ def twin_runs(small_federation, tmp_path_factory):
                 "patience": 0,
                 "lr-patience": 1,
                 "lr-factor": 0.5,
-            },
+            }
+            | MODES[name],
             echo=lambda *_: None,
         )
         out[name] = _decisions(ws / "store.sqlite")
-        out[name + "-model"] = load_checkpoint(ws / "checkpoints" / UNIT_SLUG / "latest.pt")["state_dict"]
+        out[name + "-models"] = [load_checkpoint(ws / "checkpoints" / u / "latest.pt")["state_dict"] for u in UNITS]
     return out
 
 
@@ -109,8 +117,9 @@ def test_selection_threshold_and_lr_ignore_the_held_out_centre(twin_runs):
     assert sum(hist_a[0]) == sum(hist_b[1]) and sum(hist_a[1]) == sum(hist_b[0])
 
 
-def test_the_final_model_is_bit_identical(twin_runs):
-    a, b = twin_runs["original-model"], twin_runs["altered-model"]
-    assert a.keys() == b.keys() and len(a) > 100
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
+@pytest.mark.parametrize("other", ["warm", "altered"])
+def test_the_final_models_are_bit_identical_cold_warm_and_in_lockstep(twin_runs, other):
+    for a, b in zip(twin_runs["original-models"], twin_runs[f"{other}-models"]):
+        assert a.keys() == b.keys() and len(a) > 100
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"

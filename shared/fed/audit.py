@@ -96,11 +96,11 @@ def reply_problems(entry: dict[str, Any], model_shapes: dict[str, list[int]]) ->
 
     problems: list[str] = []
     list_len = {"cm-prognosis": 4, "hist-prognosis": 2 * HIST_BINS, "cm-severity": 16}
-    summary_keys = {"site", "role", "manifest-hash"}
+    summary_keys = {"site", "role", "manifest-hash", P.NODE_KIND}
     for rec_name, rec in entry["records"].items():
         kind, items = rec["kind"], rec["items"]
         if kind == "ArrayRecord":
-            if rec_name != P.ARRAYS or {k: v["shape"] for k, v in items.items()} != model_shapes:
+            if rec_name.split(".")[0] != P.ARRAYS or {k: v["shape"] for k, v in items.items()} != model_shapes:
                 problems.append(f"{rec_name}: arrays differ from the model's parameter names and shapes")
             continue
         for key, v in items.items():

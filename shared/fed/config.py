@@ -51,6 +51,10 @@ OPERATIONAL_KEYS = frozenset(
         "round-timeout",
         "min-sites",
         "rerun",
+        "concurrent-units",
+        "holdout-eval-every",
+        "site-cache",
+        "site-cache-mb",
     }
 )
 
@@ -119,6 +123,10 @@ class RunConfig:
     round_timeout: float = 3600.0
     min_sites: int = 1  # rounds after discovery go on with at least this many training sites (k of n)
     rerun: bool = False  # a done unit whose fingerprint differs is run again (its stored result replaced)
+    concurrent_units: int = 6  # units the server advances together, one message per site and round for all
+    holdout_eval_every: int = 1  # held-out and test splits are evaluated every N rounds, and at the selected round
+    site_cache: bool = True  # a process serving sites keeps their data and built models between messages
+    site_cache_mb: int = 4096  # the byte budget of that cache (least recently used first out)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -196,6 +204,9 @@ class RunConfig:
             "local-steps": (self.local_steps, 0),
             "weight-decay": (self.weight_decay, 0),
             "min-sites": (self.min_sites, 1),
+            "concurrent-units": (self.concurrent_units, 1),
+            "holdout-eval-every": (self.holdout_eval_every, 1),
+            "site-cache-mb": (self.site_cache_mb, 1),
             "seed": (self.seed, 0),
             "dp-noise-multiplier": (self.dp_noise_multiplier, 0),
             "dp-target-epsilon": (self.dp_target_epsilon, 0),

@@ -1,8 +1,17 @@
 """The message contract between the ServerApp and the ClientApps, written down once.
 
-Every reply of one kind carries the same keys (Flower aggregates MetricRecords key by key), whether or
-not the site has labels for a task: absent tasks report zero counts. Nothing here imports Flower; the
-adapters in server/ and client/ wrap these plain dicts in Flower records.
+One message per site and round carries every unit the site takes part in that round (units in
+lockstep): unit i's global model is the ArrayRecord ``arrays`` (i = 0) or ``arrays.<i>``, its round
+config the ConfigRecord ``config`` / ``config.<i>``. For each unit the site first evaluates the model it
+received on the config's ``split`` (its validation rows, its test rows, or all its rows when it is held
+out), then, when ``train`` is 1, trains from that model. The reply carries, per unit, ``metrics`` /
+``metrics.<i>`` (the training report, and the evaluation statistics prefixed ``<split>/``) and, after
+training, the update ``arrays`` / ``arrays.<i>``. So one round trip gives the validation of round r-1 and
+the training of round r.
+
+Every reply of one kind carries the same keys whether or not the site has labels for a task: absent tasks
+report zero counts. Nothing here imports Flower; the adapters in server/ and client/ wrap these plain
+dicts in Flower records.
 """
 
 from __future__ import annotations
@@ -35,6 +44,26 @@ CFG_AGGREGATION = "aggregation"  # fedavg | fedprox | fedbn
 CFG_PROX_MU = "proximal-mu"
 CFG_COMPRESSION = "update-compression"  # how the site encodes its update (mdmt.fed.compress)
 CFG_POOL = "pool-sites"  # centralised reference only: the sites whose data one simulated site pools
+CFG_TRAIN = "train"  # 1: train after evaluating; 0: evaluate only
+CFG_EVAL_ROUND = "eval-round"  # the round whose model the site evaluates (the one before CFG_ROUND)
+
+
+def record_name(kind: str, unit: int) -> str:
+    """The record of unit ``unit`` in a message: ``arrays``/``config``/``metrics`` for unit 0, else
+    ``<kind>.<unit>`` (a message with one unit looks as it always did)."""
+    return kind if unit == 0 else f"{kind}.{unit}"
+
+
+def unit_indices(config_names) -> list[int]:
+    """The unit indices a message carries, from the names of its config records."""
+    out = []
+    for name in config_names:
+        if name == CONFIG:
+            out.append(0)
+        elif name.startswith(CONFIG + ".") and name[len(CONFIG) + 1 :].isdigit():
+            out.append(int(name[len(CONFIG) + 1 :]))
+    return sorted(out)
+
 
 # The query reply (a site's summary) says which kind of node answered.
 NODE_KIND = "node"
@@ -101,6 +130,15 @@ def split_eval_metrics(results: dict[str, EvalResult]) -> dict[str, Any]:
         m = eval_metrics(res)
         out[NUM_EXAMPLES] += m[NUM_EXAMPLES]
         out.update({f"{split}/{k}": v for k, v in m.items()})
+    return out
+
+
+def step_metrics(train: TrainResult | None, evals: dict[str, EvalResult]) -> dict[str, Any]:
+    """One unit's part of a reply: the evaluation statistics of the model received (``<split>/`` keys)
+    and, when the site trained, its training report (whose count is then the reply's num-examples)."""
+    out = split_eval_metrics(evals)
+    if train is not None:
+        out.update(train_metrics(train))
     return out
 
 

@@ -15,7 +15,8 @@ import torch
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
-from mdmt.fed.sitedata import SiteLocation, load_data, load_split, pooled_locations, round_splits
+from mdmt.fed.sitedata import SiteLocation, image_splits, load_split, pooled_locations
+from mdmt.fed.warm import model_for, site_rows
 from mdmt.ml.augment import get_augment
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
 from mdmt.ml.model import build_model
@@ -26,10 +27,26 @@ from mdmt.ml.train import adapt_bn, evaluate, resolve_device, train_local
 from mdmt.seeding import derive_seed
 
 
-def _model(cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor]) -> torch.nn.Module:
+def _model(
+    cfg: RunConfig, backbone: str, state: dict[str, torch.Tensor], device: torch.device
+) -> tuple[torch.nn.Module, Any]:
+    """The model holding ``state``, and its compiled forward when ``torch-compile`` is on: from this
+    process's warm cache (``site-cache``), or built afresh."""
+    if cfg.site_cache:
+        built = model_for(cfg, backbone, state, device)
+        return built.module, built.forward
     model = build_model(backbone, dp=cfg.dp)
     model.load_state_dict(state, strict=True)
-    return model
+    return model, None
+
+
+def _rows(
+    cfg: RunConfig, loc: SiteLocation, split: str, tasks: tuple[str, ...], round_config: Mapping[str, Any]
+) -> TaskData:
+    protocol, fold = str(round_config.get(P.CFG_PROTOCOL, "loco")), str(round_config.get(P.CFG_FOLD, "-"))
+    if cfg.site_cache:
+        return site_rows(cfg, loc, split, tasks, protocol, fold)
+    return load_split(cfg, loc, split, tasks, splits=image_splits(cfg, loc, protocol, fold))
 
 
 def _fedbn_file(loc: SiteLocation, round_config: Mapping[str, Any]) -> Path:
@@ -44,15 +61,14 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
     """One round of local training; returns (new state dict, train metrics dict)."""
     method = get_method(str(round_config[P.CFG_METHOD]))
     locs = pooled_locations(cfg, loc, str(round_config.get(P.CFG_POOL, "")))
-    data = TaskData.concat(
-        [load_split(cfg, l, "train", method.tasks, splits=round_splits(cfg, l, round_config)) for l in locs]
-    )
+    data = TaskData.concat([_rows(cfg, l, "train", method.tasks, round_config) for l in locs])
     bn_file = _fedbn_file(loc, round_config)
     if (
         _fedbn(round_config) and bn_file.is_file()
     ):  # FedBN: this site's own BatchNorm statistics replace the global ones
         state = state | torch.load(bn_file, map_location="cpu")
-    model = _model(cfg, str(round_config[P.CFG_BACKBONE]), state)
+    device = resolve_device(loc.device or cfg.device)
+    model, forward = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
     seed = derive_seed(cfg.seed, "train", loc.site, round_config[P.CFG_UNIT], int(round_config[P.CFG_ROUND]))
     res = train_local(
         model,
@@ -63,12 +79,13 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
         lr=float(round_config[P.CFG_LR]),
         weight_decay=cfg.weight_decay,
         loss_norm=cfg.loss_norm,
-        device=resolve_device(loc.device or cfg.device),
+        device=device,
         seed=seed,
         augment=get_augment(cfg.augment),
         class_weight=cfg.class_weight,
         prox_mu=float(round_config.get(P.CFG_PROX_MU, 0.0)),
         compile_model=cfg.torch_compile,
+        forward=forward,
         dp=dp_round(cfg, loc, data, str(round_config[P.CFG_UNIT])) if cfg.dp else None,
     )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -103,22 +120,36 @@ def run_evaluate(
     """Score both tasks on each requested split; per-sample predictions are written to the site's own
     workspace. Under FedBN a training site uses its own BatchNorm statistics and any other site (a
     held-out centre) re-estimates them on the rows it evaluates."""
-    splits = [sp for sp in str(round_config[P.CFG_SPLIT]).split(",") if sp]
-    roles = round_splits(cfg, loc, round_config)
+    splits = [sp for sp in str(round_config.get(P.CFG_SPLIT, "")).split(",") if sp]
+    if not splits:
+        return {}
     bn_file = _fedbn_file(loc, round_config)
     if _fedbn(round_config) and bn_file.is_file():
         state = state | torch.load(bn_file, map_location="cpu")
     device = resolve_device(loc.device or cfg.device)
     out_dir = loc.workspace / "predictions" / str(round_config[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
-    sd = load_data(cfg, loc)  # the site's cache, read once for every split
-    model = _model(cfg, str(round_config[P.CFG_BACKBONE]), state)
+    model, _ = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
+    rnd = int(round_config.get(P.CFG_EVAL_ROUND, round_config[P.CFG_ROUND]))
     results = {}
     for split in splits:
-        data = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=roles)
+        data = _rows(cfg, loc, split, (PROGNOSIS, SEVERITY), round_config)
         if _fedbn(round_config) and not bn_file.is_file():  # statistics reset and re-estimated per split
             adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
         res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
-        res.predictions.to_csv(out_dir / f"round-{int(round_config[P.CFG_ROUND]):03d}-{split}.csv", index=False)
+        res.predictions.to_csv(out_dir / f"round-{rnd:03d}-{split}.csv", index=False)
         results[split] = res
     return P.split_eval_metrics(results)
+
+
+def run_step(
+    cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], round_config: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """One unit's part of a round at this site: evaluate the model received on the config's splits (the
+    validation of the round before), then train from it when the config says so. Returns (the trained
+    state, or None, and the reply's metrics)."""
+    metrics = run_evaluate(cfg, loc, state, round_config)
+    if not int(round_config.get(P.CFG_TRAIN, 0)):
+        return None, metrics
+    new_state, trained = run_train(cfg, loc, state, round_config)
+    return new_state, metrics | trained

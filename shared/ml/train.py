@@ -124,6 +124,7 @@ def adapt_bn(
     if not bns or len(data) == 0:
         return
     model.to(device)
+    momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative average over all batches
@@ -133,6 +134,8 @@ def adapt_bn(
         with autocast(device):
             model(feed.take(idx))
     model.eval()
+    for m, momentum in zip(bns, momenta):  # the model may train again later in this process
+        m.momentum = momentum
 
 
 def trainable_parameters(model: torch.nn.Module, tasks: Iterable[str]) -> list[torch.nn.Parameter]:
@@ -184,6 +187,7 @@ def train_local(
     class_weight: str = "none",
     prox_mu: float = 0.0,
     compile_model: bool = False,
+    forward=None,
     dp: DPRound | None = None,
 ) -> TrainResult:
     """Train in place with Adam on the samples that carry a used label; ``steps`` > 0 overrides epochs.
@@ -191,7 +195,8 @@ def train_local(
     ``augment``: a batch transform (mdmt.ml.augment) applied on the device; ``class_weight``: none or
     balanced; ``prox_mu`` > 0 adds FedProx's (mu/2)||w - w_global||^2 with w_global the weights received;
     ``compile_model``: run the forward pass through ``torch.compile`` (pays off when a round has many steps:
-    each new process compiles once). Losses stay on the device until the round ends (no per-step sync).
+    each new process compiles once); ``forward``: an already compiled forward of ``model`` to use instead.
+    Losses stay on the device until the round ends (no per-step sync).
 
     ``dp``: DP-SGD (mdmt.ml.privacy). Opacus wraps the model and the optimiser: Poisson batches, per-sample
     clipping, Gaussian noise, the batch-normalised loss its clipping bound assumes, full precision. The
@@ -225,7 +230,10 @@ def train_local(
         seed if private is None else derive_seed(seed, "dp", "augment")
     )
     feed = Feeder(device, data.images)
-    forward = private.model if private is not None else (torch.compile(model) if compile_model else model)
+    if private is not None:
+        forward = private.model
+    elif forward is None:
+        forward = torch.compile(model) if compile_model else model
     norm = "batch" if private is not None else loss_norm  # Opacus' per-sample clipping assumes a batch mean
     y_prog = torch.from_numpy(data.y_prog).to(device)
     y_sev = torch.from_numpy(data.y_sev).to(device)
