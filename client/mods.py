@@ -1,10 +1,11 @@
-"""ClientApp mods. ``message_log_mod`` keeps the site's own record of every message it received
-(time, run, message type, unit, round, split) and of what it sent back (record names, array names and
-shapes, metric keys and value kinds): the site's audit trail of what it was asked and what left it."""
+"""ClientApp mods. ``message_log_mod`` keeps the site's own record of every message it received, one line
+per unit it carries (time, run, train or evaluate for that unit, unit, round, split), and of what it sent
+back (record names, array names and shapes, metric keys and value kinds): the site's audit trail of what
+it was asked and what left it."""
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from mdmt.fed import protocol as P
@@ -18,8 +19,11 @@ def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable
     loc = locate_site(cfg, context.node_config)
     records = msg.content.config_records if msg.content else {}
     configs = [dict(records[P.record_name(P.CONFIG, i)]) for i in P.unit_indices(records)] or [{}]
-    for config in configs:  # one line per unit the message carries
-        append_message_log(loc.workspace, run_id=context.run_id, message_type=msg.metadata.message_type, config=config)
+    for config in configs:  # one line per unit the message carries: "train" only for a unit this site trains
+        kind = msg.metadata.message_type
+        if P.CFG_TRAIN in config:
+            kind = MessageType.TRAIN if int(config[P.CFG_TRAIN]) else MessageType.EVALUATE
+        append_message_log(loc.workspace, run_id=context.run_id, message_type=kind, config=config)
     reply = call_next(msg, context)
     if not reply.has_error():
         append_reply_log(

@@ -48,6 +48,13 @@ def test_bench_measures_every_section(tmp_path, small_federation):
         assert fig[("ingest", f"mdmt ingest / bare decode, {label}")].value == pytest.approx(
             fig[("ingest", f"mdmt ingest, {label}")].value / fig[("ingest", f"bare pydicom decode, {label}")].value
         )
+    # warm: the same units cold, warm and in lockstep; each overhead per unit-round is measured
+    assert "2 LOCO units of mdmt" in fig[("warm", "cold: overhead per unit-round")].settings
+    ratio = fig[("warm", "warm + lockstep overhead / cold overhead")].value
+    assert ratio == pytest.approx(
+        fig[("warm", "warm + lockstep: overhead per unit-round")].value
+        / fig[("warm", "cold: overhead per unit-round")].value
+    )
     # scaling: round time and memory per site count
     for n in (2, 3):
         assert fig[("scaling", f"{n} sites: peak memory (PSS, all processes)")].value > 100  # MiB: Python + torch

@@ -16,6 +16,7 @@ from mdmt.ops.bench.common import SECTIONS, Bench, Settings, device_name, federa
 from mdmt.ops.bench.data import section_ingest
 from mdmt.ops.bench.simulation import section_round, section_scaling
 from mdmt.ops.bench.train import section_bytes, section_train
+from mdmt.ops.bench.warm import section_warm
 
 
 def run_bench(
@@ -51,7 +52,13 @@ def run_bench(
                 except ImportError as exc:
                     missing = exc.name or str(exc)
                     raise
-                {"ingest": section_ingest, "round": section_round, "scaling": section_scaling}[name](b, fed)
+                sections_on_fed = {
+                    "ingest": section_ingest,
+                    "round": section_round,
+                    "warm": section_warm,
+                    "scaling": section_scaling,
+                }
+                sections_on_fed[name](b, fed)
         except ImportError as exc:  # a GPU machine without Flower or pydicom
             b.add(name, "section skipped", None, "", "-", "-", note=f"needs {exc.name}")
         echo(f"{'':8} ({name}: {time.perf_counter() - start:.0f} s)")

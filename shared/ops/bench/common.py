@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("train", "bytes", "ingest", "round", "scaling")
+SECTIONS = ("train", "bytes", "ingest", "round", "warm", "scaling")
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Settings:
     rounds: int = 3
     scaling_sites: tuple[int, ...] = (2, 7, 20, 50)
     scaling_rounds: int = 2
+    warm_units: int = 0  # LOCO units of the warm section (0 = one per prognosis centre)
     workspace: Path = Path("runs/bench")
     fed_dir: Path | None = None  # an existing synthetic federation instead of making one at ``scale``
 
@@ -42,6 +43,7 @@ class Settings:
                 sim_image_size=32,
                 rounds=2,
                 scaling_rounds=1,
+                warm_units=2,
             )
             if quick
             else cls()

@@ -54,7 +54,7 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _simulate(
+def simulate(
     s: Settings,
     fed: Path,
     tag: str,
@@ -65,6 +65,7 @@ def _simulate(
     rounds: int,
     batch: int,
     echo,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, int, float]:
     """A real Flower simulation of one MDMT unit; returns (store, peak memory bytes, wall seconds)."""
     # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
@@ -92,6 +93,7 @@ def _simulate(
             "seed": 0,
             "round-timeout": 3600.0,
         }
+        | dict(extra or {})
     )
     # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     from mdmt.data.ingest import ingest_site
@@ -133,7 +135,7 @@ def section_round(b: Bench, fed: Path) -> None:
 
     s = b.settings
     sites = list_sites(fed)
-    store, _, wall = _simulate(
+    store, _, wall = simulate(
         s, fed, "round", sites, "A", s.backbone, s.sim_image_size, s.rounds, min(s.batch_size, 32), b.echo
     )
     rows = _round_rows(store)
@@ -189,7 +191,7 @@ def section_scaling(b: Bench, fed: Path) -> None:
     for n in s.scaling_sites:
         sfed = scaling_federation(s, fed, max(s.scaling_sites))
         sites = [f"S{i + 1:02d}" for i in range(n)]
-        store, peak, wall = _simulate(s, sfed, f"scaling-{n}", sites, sites[0], tiny, 32, s.scaling_rounds, 16, b.echo)
+        store, peak, wall = simulate(s, sfed, f"scaling-{n}", sites, sites[0], tiny, 32, s.scaling_rounds, 16, b.echo)
         rows = _round_rows(store)
         cfg = f"{n} virtual sites (site 1 held out), {tiny} 32 px, {s.scaling_rounds} round(s)"
         dev = f"Flower simulation on {short_device(s)}"
