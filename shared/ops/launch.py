@@ -29,6 +29,15 @@ TOKEN_VAR = "MDMT_PROCESS_TOKEN"
 _ACTIVE: set[LocalSimulation] = set()  # started in this process and not yet stopped
 
 
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray uses 127.0.0.1, for a cluster of one machine
+
+
+def on_this_machine(ray_address: str) -> bool:
+    """No Ray cluster named, or one on loopback: the simulation's Ray stays on this machine."""
+    host = ray_address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    return not ray_address or host in ("localhost", "::1") or host.startswith("127.")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -83,6 +92,9 @@ class LocalSimulation:
                 TOKEN_VAR: self.token,
             }
         )
+        if on_this_machine(env.get("RAY_ADDRESS", "")):
+            # Ray binds its processes to loopback instead of the host's network address.
+            env.setdefault(RAY_LOOPBACK_ENV, "0")
         # The SuperLink spawns Flower's other executables by name: they must come from this environment.
         bindir = str(Path(sys.executable).parent)
         env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
