@@ -1,6 +1,7 @@
 """Planning a unit (who trains, who is evaluated on what), model selection and early stopping."""
 
 import pytest
+import torch
 
 from mdmt.errors import ConfigError
 from mdmt.fed.config import RunConfig
@@ -124,8 +125,8 @@ def test_cv_units_train_every_site_and_evaluate_val_and_test():
 class ScriptedRounds:
     """A Rounds whose sites answer as scripted: ``absent[round]`` are the sites that miss that round."""
 
-    def __init__(self, absent):
-        self.absent = absent
+    def __init__(self, absent, loss=lambda seen: 8.0 / max(seen, 1)):
+        self.absent, self.loss = absent, loss
 
     def step(self, steps):
         return [self._unit(st) for st in steps]
@@ -144,7 +145,7 @@ class ScriptedRounds:
         hist[0, 10], hist[1, 150] = 4, 4
         ev = P.SiteEval(
             {"prognosis": 8, "severity": 0},
-            {"prognosis": 8.0 / max(seen, 1), "severity": 0.0},
+            {"prognosis": 8.0 * self.loss(seen), "severity": 0.0},
             np.zeros((2, 2), dtype=np.int64),
             hist,
             np.zeros((4, 4), dtype=np.int64),
@@ -250,3 +251,114 @@ def test_discovery_needs_every_configured_site_and_says_how_to_start_it():
         map_sites([found[0], (found[0][0], 7)], {"A"}, waited_s=1)
     with pytest.raises(ConfigError, match="only 0 of 0 configured sites answered"):
         map_sites([], set(), waited_s=5)
+
+
+# ---- rounds in one round trip: what is evaluated when, and resume --------------------------------
+
+
+class FlakyRounds(ScriptedRounds):
+    """ScriptedRounds that raises once, at the round trip that would train round ``fail_at``."""
+
+    def __init__(self, fail_at=None, **kw):
+        super().__init__({}, **kw)
+        self.fail_at, self.calls = fail_at, []
+
+    def step(self, steps):
+        from mdmt.fed import protocol as P
+
+        rounds = [int(s.config[P.CFG_ROUND]) for s in steps if s.trains]
+        if self.fail_at is not None and self.fail_at in rounds:
+            self.fail_at = None
+            raise KeyboardInterrupt("stopped")
+        self.calls.append([(s.key.method, int(s.config[P.CFG_ROUND]), s.trains, dict(s.tasks)) for s in steps])
+        return super().step(steps)
+
+
+def _oneshot_cfg(tmp_path, **kw):
+    values = dict(
+        method="mdmt,stl_prognosis",
+        holdouts="A",
+        backbone="resnet18",
+        image_size=32,
+        num_rounds=3,
+        workspace=str(tmp_path),
+        patience=0,
+        select_after=0,
+        lr_patience=0,
+    )
+    return RunConfig(**(values | kw))
+
+
+def test_held_out_rows_every_n_rounds_and_at_the_selected_round(tmp_path):
+    from mdmt.fed.units import run_units
+    from mdmt.store import RunStore
+
+    store = RunStore(tmp_path / "store.sqlite")
+    rounds = FlakyRounds()
+    try:
+        run_units(_oneshot_cfg(tmp_path, holdout_eval_every=2, concurrent_units=2), _kofn_sites(), rounds, store)
+        held = sorted(
+            {
+                (r["unit_id"].split("/")[0], r["round"])
+                for r in store.db.execute("SELECT unit_id, round FROM eval_stats WHERE site='A'")
+            }
+        )
+        best = {u["unit_id"].split("/")[0]: u["best_round"] for u in store.units()}
+        statuses = {u["status"] for u in store.units()}
+    finally:
+        store.close()
+    assert statuses == {"done"}
+    # the scripted validation loss falls every round: round 3 is selected; A evaluated at 2 (every 2) and 3
+    assert best == {"mdmt": 3, "stl_prognosis": 3}
+    assert held == [("mdmt", 2), ("mdmt", 3), ("stl_prognosis", 2), ("stl_prognosis", 3)]
+    # one round trip per round for both units together, then the last round's validation
+    assert len(rounds.calls) == 4 and all(len(c) == 2 for c in rounds.calls)
+    assert [c[0][2] for c in rounds.calls] == [True, True, True, False]  # trips 1-3 train, trip 4 only validates
+    first = rounds.calls[0][0][3]
+    assert "A" not in first and all(t.train and not t.splits for t in first.values())  # round 1: nothing to evaluate
+
+
+def test_an_interrupted_unit_continues_after_its_last_round_and_ends_where_an_uninterrupted_one_does(tmp_path):
+    from mdmt.fed.checkpoint import load_checkpoint
+    from mdmt.fed.units import run_units
+    from mdmt.store import RunStore
+
+    def final(ws, fail_at):
+        store = RunStore(ws / "store.sqlite")
+        try:
+            cfg = _oneshot_cfg(ws, method="mdmt")
+            if fail_at is not None:
+                with pytest.raises(KeyboardInterrupt):
+                    run_units(cfg, _kofn_sites(), FlakyRounds(fail_at), store)
+                assert store.units()[0]["status"] == "interrupted"
+            run_units(cfg, _kofn_sites(), FlakyRounds(), store)
+            unit = dict(store.units()[0])
+            events = [e["kind"] for e in store.events(unit["unit_id"])]
+        finally:
+            store.close()
+        ck = load_checkpoint(ws / "checkpoints" / "mdmt__resnet18__loco__A__seed0" / "latest.pt")
+        return unit, events, ck["state_dict"]
+
+    ref_unit, _, ref = final(tmp_path / "straight", None)
+    unit, events, got = final(tmp_path / "interrupted", 3)
+    assert unit["status"] == ref_unit["status"] == "done" and unit["best_round"] == ref_unit["best_round"] == 3
+    assert "resumed" in events
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+
+
+def test_an_earlier_selected_round_is_scored_on_the_held_out_centre_at_the_end(tmp_path):
+    from mdmt.fed.units import run_units
+    from mdmt.store import RunStore
+
+    store = RunStore(tmp_path / "store.sqlite")
+    rounds = FlakyRounds(loss=lambda seen: float(seen))  # validation gets worse: round 1 stays selected
+    try:
+        run_units(_oneshot_cfg(tmp_path, method="mdmt", holdout_eval_every=2), _kofn_sites(), rounds, store)
+        unit = store.units()[0]
+        held = sorted({r[0] for r in store.db.execute("SELECT round FROM eval_stats WHERE site='A'")})
+    finally:
+        store.close()
+    assert unit["status"] == "done" and unit["best_round"] == 1
+    assert held == [1, 2, 3]  # 2: every 2 rounds; 3: with the last validation; 1: the selected model, at the end
+    assert [c[0][2] for c in rounds.calls] == [True, True, True, False, False]
+    assert set(rounds.calls[-1][0][3]) == {"A"}  # the last trip: the held-out centre scores the selected model

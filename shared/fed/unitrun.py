@@ -107,8 +107,11 @@ class UnitRun:
         if self._training() or self.evaluated < t and not self.stopping:
             train = self._training()
             arrays, rnd = self.arrays, t
+            # the last round's validation trip also scores it on the held-out and test rows: it is often the
+            # selected one, and then no further trip is needed
+            report = self._report_due(t) or (not train and t >= 1)
             splits = {
-                s: self._splits(sp, val=t >= 1 and self.evaluated < t, report=self._report_due(t))
+                s: self._splits(sp, val=t >= 1 and self.evaluated < t, report=report)
                 for s, sp in self.plan.eval_splits.items()
             }
         else:  # the selected model on the held-out and test rows, at its round
