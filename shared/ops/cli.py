@@ -162,7 +162,7 @@ def cmd_loco(a: argparse.Namespace) -> None:
     values.update(_kv(a.set or []))
     if a.rerun:
         values["rerun"] = True
-    loco(values, cpus_per_client=a.cpus_per_client, wait=a.wait)
+    loco(values, cpus_per_client=a.cpus_per_client, wait=a.wait, gpus_per_client=a.gpus_per_client)
 
 
 def cmd_experiment(a: argparse.Namespace) -> None:
@@ -174,7 +174,16 @@ def cmd_experiment(a: argparse.Namespace) -> None:
         overrides["workspace"] = a.workspace
     if a.rerun:
         overrides["rerun"] = True
-    print(run_experiment(a.config, overrides, workers=a.workers, cpus_per_client=a.cpus_per_client, wait=a.wait))
+    print(
+        run_experiment(
+            a.config,
+            overrides,
+            workers=a.workers,
+            cpus_per_client=a.cpus_per_client,
+            wait=a.wait,
+            gpus_per_client=a.gpus_per_client,
+        )
+    )
 
 
 def _store_path(a: argparse.Namespace) -> Path:
@@ -248,6 +257,13 @@ def _add_run_flags(s: argparse.ArgumentParser) -> None:
         "without it such a unit stops the run with a line saying what differs",
     )
     s.add_argument("--wait", action="store_true", help="wait for another run that holds the workspace")
+    s.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=None,
+        help="share of a GPU each simulated site gets (default: the visible GPUs split evenly between the sites, "
+        "at most one each; 0 without a GPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

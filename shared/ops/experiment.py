@@ -100,6 +100,7 @@ def run_experiment(
     cpus_per_client: float = 1.0,
     echo=print,
     wait: bool = False,
+    gpus_per_client: float | None = None,
 ) -> str:
     """Run every missing unit of the experiment, then write the report; returns the report summary. The
     experiment holds its workspace for the whole sweep; its parallel simulations run under that hold."""
@@ -109,10 +110,10 @@ def run_experiment(
     ensure_federation(values, synth, echo)
     groups = plan_groups(values, workers)
     with WorkspaceLock(groups[0].workspace_path).acquire(wait=wait, echo=echo):
-        return _run_groups(path, groups, workers, cpus_per_client, echo)
+        return _run_groups(path, groups, workers, (cpus_per_client, gpus_per_client), echo)
 
 
-def _run_groups(path, groups: list[RunConfig], workers: int, cpus_per_client: float, echo) -> str:
+def _run_groups(path, groups: list[RunConfig], workers: int, resources: tuple[float, float | None], echo) -> str:
     store = RunStore(groups[0].store_path)
     try:
         for unit in store.mark_interrupted(message="its run ended without a word (the workspace was free)"):
@@ -138,7 +139,7 @@ def _run_groups(path, groups: list[RunConfig], workers: int, cpus_per_client: fl
             with lock:
                 echo(f"[{g.protocol}/{','.join(g.backbones)}] {line}" if workers > 1 else line)
 
-        run_simulation(g, cpus_per_client, say, tag=tag or g.protocol, ingest=False)
+        run_simulation(g, resources[0], say, tag=tag or g.protocol, ingest=False, gpus_per_client=resources[1])
 
     try:
         if workers > 1:

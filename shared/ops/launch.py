@@ -147,10 +147,23 @@ class LocalSimulation:
             return False
 
     def flwr_run_command(
-        self, app_dir: Path, run_config: Path, num_supernodes: int, cpus_per_client: float = 1.0
+        self,
+        app_dir: Path,
+        run_config: Path,
+        num_supernodes: int,
+        cpus_per_client: float = 1.0,
+        gpus_per_client: float = 0.0,
     ) -> list[str]:
-        """``flwr run`` of the app against this SuperLink, streaming its logs until the run ends."""
-        cpus = int(cpus_per_client) if float(cpus_per_client).is_integer() else cpus_per_client
+        """``flwr run`` of the app against this SuperLink, streaming its logs until the run ends. Each
+        simulated site gets ``cpus_per_client`` CPUs and ``gpus_per_client`` of a GPU (Ray hides the GPUs
+        from a site that gets none)."""
+
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        resources = f"num-supernodes={num_supernodes} client-resources-num-cpus={num(cpus_per_client)}"
+        if gpus_per_client > 0:
+            resources += f" client-resources-num-gpus={num(gpus_per_client)}"
         return [
             _bin("flwr"),
             "run",
@@ -160,7 +173,7 @@ class LocalSimulation:
             str(run_config),
             "--stream",
             "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus}",
+            resources,
         ]
 
     def run(

@@ -106,8 +106,28 @@ def plan_run(cfg: RunConfig, store: RunStore) -> list[Decision]:
     return decisions
 
 
+def gpus_for_sites(n_sites: int, gpus_per_client: float | None) -> float:
+    """The share of a GPU each simulated site gets: as asked, or with None every visible GPU split
+    evenly between the sites (at most one each); 0 without a GPU."""
+    if gpus_per_client is not None:
+        if gpus_per_client < 0:
+            raise ConfigError(f"--gpus-per-client must be >= 0, got {gpus_per_client}")
+        return float(gpus_per_client)
+    # deferred: torch (counting the GPUs); the driver loads it for the site summaries anyway
+    import torch
+
+    count = torch.cuda.device_count()
+    return min(1.0, count / max(n_sites, 1)) if count else 0.0
+
+
 def run_simulation(
-    cfg: RunConfig, cpus_per_client: float = 1.0, echo=print, tag: str = "", ingest: bool = True, on_start=None
+    cfg: RunConfig,
+    cpus_per_client: float = 1.0,
+    echo=print,
+    tag: str = "",
+    ingest: bool = True,
+    on_start=None,
+    gpus_per_client: float | None = None,
 ) -> Path:
     """Run every unit of ``cfg`` in one Flower simulation; returns the log file. Raises on failure.
 
@@ -124,12 +144,13 @@ def run_simulation(
     n_sites = len(cfg.site_list)
     echo(f"flower simulation: {n_sites} sites, units: {len(unit_keys(cfg, site_roles(cfg)))}, log: {log_path}")
     app_dir = flwr_app_dir(ws / "flwr")
+    gpus = gpus_for_sites(n_sites, gpus_per_client)
     try:
         with LocalSimulation(ws / "flwr" / (tag or "main")) as sim, open(log_path, "wb") as log:
             if on_start is not None:
                 on_start(sim)
             proc = subprocess.Popen(
-                [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client)],
+                [*sim.flwr_run_command(app_dir, run_cfg, n_sites, cpus_per_client, gpus)],
                 env=sim.env(),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -206,7 +227,13 @@ def _check_units(cfg: RunConfig, log_path: Path) -> None:
         )
 
 
-def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print, wait: bool = False) -> pd.DataFrame:
+def loco(
+    values: dict[str, Any],
+    cpus_per_client: float = 1.0,
+    echo=print,
+    wait: bool = False,
+    gpus_per_client: float | None = None,
+) -> pd.DataFrame:
     """Run the LOCO units of a config that are not done yet, then print and write the table."""
     cfg = prepare_config(values)
     t0 = time.perf_counter()
@@ -221,7 +248,7 @@ def loco(values: dict[str, Any], cpus_per_client: float = 1.0, echo=print, wait:
             store.close()
         left = [d for d in decisions if d.action != "skip"]
         if left:
-            run_simulation(cfg, cpus_per_client, echo, ingest=False)
+            run_simulation(cfg, cpus_per_client, echo, ingest=False, gpus_per_client=gpus_per_client)
         else:
             echo(f"all {len(decisions)} units are done with the same fingerprint; no simulation started")
         store = RunStore(cfg.store_path)

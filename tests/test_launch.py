@@ -1,0 +1,60 @@
+"""The simulation launcher's command line: each simulated site's CPU and GPU share, and Ray kept on
+loopback unless a cluster of several machines is named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mdmt.errors import ConfigError
+from mdmt.ops.launch import RAY_LOOPBACK_ENV, LocalSimulation, on_this_machine
+from mdmt.ops.loco import gpus_for_sites
+
+
+def _resources(cmd: list[str]) -> str:
+    return cmd[cmd.index("--federation-config") + 1]
+
+
+def test_sites_get_their_share_of_cpus_and_gpus(tmp_path):
+    sim = LocalSimulation(tmp_path / "home")
+    try:
+        assert _resources(sim.flwr_run_command(Path("app"), Path("run.toml"), 7)) == (
+            "num-supernodes=7 client-resources-num-cpus=1"
+        )
+        cmd = sim.flwr_run_command(Path("app"), Path("run.toml"), 7, cpus_per_client=0.5, gpus_per_client=0.25)
+        assert _resources(cmd) == "num-supernodes=7 client-resources-num-cpus=0.5 client-resources-num-gpus=0.25"
+    finally:
+        sim.stop()
+    assert gpus_for_sites(7, 0.25) == 0.25 and gpus_for_sites(7, 0) == 0.0
+    with pytest.raises(ConfigError, match="--gpus-per-client must be >= 0"):
+        gpus_for_sites(7, -1)
+    import torch
+
+    expected = min(1.0, torch.cuda.device_count() / 7) if torch.cuda.device_count() else 0.0
+    assert gpus_for_sites(7, None) == expected
+
+
+@pytest.mark.parametrize(
+    "address, local",
+    [
+        ("", True),
+        ("127.0.0.1:6379", True),
+        ("localhost:6379", True),
+        ("ray://127.0.0.1:10001", True),
+        ("10.1.2.3:6379", False),
+        ("head.example.org:6379", False),
+    ],
+)
+def test_ray_stays_on_loopback_unless_a_cluster_of_machines_is_named(address, local, tmp_path, monkeypatch):
+    assert on_this_machine(address) is local
+    monkeypatch.delenv(RAY_LOOPBACK_ENV, raising=False)
+    if address:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    else:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    sim = LocalSimulation(tmp_path / "home")
+    try:
+        assert (sim.env().get(RAY_LOOPBACK_ENV) == "0") is local
+    finally:
+        sim.stop()
