@@ -1,5 +1,6 @@
 """Secure aggregation (SecAgg+) inside the project's own app: a real simulation with it on gives the
-plaintext run's model within the quantisation bound, and the store keeps only summed counts."""
+plaintext run's models within the quantisation bound, and the store keeps only summed counts. The two
+units run in lockstep; each unit's training goes through its own SecAgg+ round."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 pytestmark = pytest.mark.slow
 
-UNIT = "mdmt__resnet18__loco__A__seed0"
+UNITS = ("mdmt__resnet18__loco__A__seed0", "stl_prognosis__resnet18__loco__A__seed0")
 
 
 def _run(fed, ws, secure: bool):
@@ -21,7 +22,8 @@ def _run(fed, ws, secure: bool):
         {
             "fed-dir": str(fed),
             "workspace": str(ws),
-            "method": "mdmt",
+            "method": "mdmt,stl_prognosis",
+            "concurrent-units": 2,
             "backbone": "resnet18",
             "num-rounds": 1,
             "image-size": 32,
@@ -36,21 +38,22 @@ def _run(fed, ws, secure: bool):
         },
         echo=lambda *_: None,
     )  # the plaintext reference: float32 weights
-    return torch.load(ws / "checkpoints" / UNIT / "latest.pt", weights_only=True)["state_dict"]
+    return [torch.load(ws / "checkpoints" / u / "latest.pt", weights_only=True)["state_dict"] for u in UNITS]
 
 
 def test_secure_aggregate_equals_the_plaintext_one(small_federation, tmp_path):
-    plain = _run(small_federation, tmp_path / "plain", secure=False)
-    secure = _run(small_federation, tmp_path / "secure", secure=True)
-    assert set(plain) == set(secure)
+    plains = _run(small_federation, tmp_path / "plain", secure=False)
+    secures = _run(small_federation, tmp_path / "secure", secure=True)
     worst = 0.0
-    for k, want in plain.items():
-        got = secure[k]
-        assert got.shape == want.shape and got.dtype == want.dtype, k
-        if want.dtype.is_floating_point:
-            worst = max(worst, float((got - want).abs().max()))
-        else:
-            assert torch.equal(got, want), k
+    for plain, secure in zip(plains, secures):
+        assert set(plain) == set(secure)
+        for k, want in plain.items():
+            got = secure[k]
+            assert got.shape == want.shape and got.dtype == want.dtype, k
+            if want.dtype.is_floating_point:
+                worst = max(worst, float((got - want).abs().max()))
+            else:
+                assert torch.equal(got, want), k
     # docs/secagg.md: 2 k B S / (T C) before the float32 cast (about 5e-8 here) plus one float32 ulp.
     assert worst <= 5e-8 + float(np.spacing(np.float32(4.0))), worst
     assert worst > 0.0  # the values really went through the quantised secure sum
@@ -62,5 +65,7 @@ def test_secure_aggregate_equals_the_plaintext_one(small_federation, tmp_path):
     totals = dict(
         db.execute("SELECT task, value FROM metrics WHERE split='train' AND name='n' AND site='*'").fetchall()
     )
+    held_out = db.execute("SELECT DISTINCT unit_id FROM eval_stats WHERE site='A'").fetchall()
     db.close()
     assert per_site_n == 0 and totals["all"] > 0 and totals["prognosis"] > 0 and totals["severity"] > 0
+    assert len(held_out) == 2  # both units were scored on the held-out centre
