@@ -28,6 +28,7 @@ def _write_config(path: Path, fed: Path, ws: Path) -> Path:
         f'fed-dir = "{fed}"\nworkspace = "{ws}"\nsites = "A,B,BRIXIA"\nmethod = "stl_prognosis,mdmt"\n'
         'backbone = "resnet18"\nprotocol = "loco"\nholdouts = "A,B"\nimage-size = 32\nnum-rounds = 3\n'
         "batch-size = 16\nselect-after = 0\npatience = 0\nlr-patience = 0\nseed = 0\n"
+        "concurrent-units = 1\n"  # one unit after another: the kill lands between a done unit and a running one
     )
     return path
 
@@ -90,7 +91,8 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
 
     before = _units(store)
     done_before = {u: started for u, (st, started, _) in before.items() if st == "done"}
-    interrupted = {u: n for u, (st, _, n) in before.items() if st == "running"}
+    interrupted = {u: n for u, (st, _, n) in before.items() if st == "interrupted"}
+    assert "running" not in {st for st, _, _ in before.values()}  # marked on the way out
     assert 1 <= len(done_before) < 4 and len(interrupted) == 1
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
