@@ -96,7 +96,7 @@ def reply_problems(entry: dict[str, Any], model_shapes: dict[str, list[int]]) ->
 
     problems: list[str] = []
     list_len = {"cm-prognosis": 4, "hist-prognosis": 2 * HIST_BINS, "cm-severity": 16}
-    summary_keys = {"site", "role", "manifest-hash"}
+    summary_keys = {"site", "role", "manifest-hash", P.NODE_KIND}
     for rec_name, rec in entry["records"].items():
         kind, items = rec["kind"], rec["items"]
         if kind == "ArrayRecord":
