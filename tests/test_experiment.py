@@ -90,7 +90,8 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
 
     before = _units(store)
     done_before = {u: started for u, (st, started, _) in before.items() if st == "done"}
-    interrupted = {u: n for u, (st, _, n) in before.items() if st == "running"}
+    interrupted = {u: n for u, (st, _, n) in before.items() if st == "interrupted"}
+    assert "running" not in {st for st, _, _ in before.values()}  # marked on the way out
     assert 1 <= len(done_before) < 4 and len(interrupted) == 1
 
     rerun = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
