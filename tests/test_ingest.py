@@ -18,7 +18,8 @@ from mdmt.data import worker as worker_mod
 from mdmt.data.cache import cache_dir_for, load_site
 from mdmt.data.ingest import ingest_and_load_site, ingest_federation, ingest_site
 from mdmt.data.manifest import read_rejected, write_rejected
-from mdmt.data.preprocess import CROP_MODES, preprocess, preprocess_with_info
+from mdmt.data.options import CROP_MODES
+from mdmt.data.preprocess import preprocess, preprocess_with_info
 from mdmt.data.records import Journal
 from mdmt.errors import DataError
 

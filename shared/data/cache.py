@@ -25,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdmt.data.dicom import VOI_MODES
 from mdmt.data.manifest import brixia_global, manifest_hash, read_manifest, severity_class, site_role
-from mdmt.data.preprocess import CROP_MODES
+from mdmt.data.options import CROP_MODES, MIN_IMAGE_SIZE, VOI_MODES
 from mdmt.errors import ConfigError, DataError
 
 CACHE_VERSION = 2
@@ -36,7 +35,6 @@ INDEX = "index.csv"
 META = "meta.json"
 RECORDS = "records.csv"
 JOURNAL_PREFIX = "partial-"
-MIN_IMAGE_SIZE = 32  # pixels: below it the backbones' last feature map is smaller than 1x1
 
 
 @dataclass
@@ -56,12 +54,6 @@ def check_options(image_size: int, crop: str, voi: str = "none") -> None:
         raise ConfigError(f"voi {voi!r} is not one of {', '.join(VOI_MODES)}")
     if int(image_size) != image_size or image_size < MIN_IMAGE_SIZE:
         raise ConfigError(f"image_size {image_size!r} must be an integer >= {MIN_IMAGE_SIZE}")
-
-
-def cache_root(workspace: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Where a workspace keeps its site caches: ``cache_dir`` when given, else ``<workspace>/cache``."""
-    root = Path(cache_dir) if cache_dir else Path(workspace) / "cache"
-    return root.expanduser().resolve()
 
 
 def cache_dir_for(site_dir: str | Path, cache_root: str | Path, image_size: int, crop: str, voi: str = "none") -> Path:

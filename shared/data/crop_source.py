@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from mdmt.data.preprocess import USER_CROP_MODES
+from mdmt.data.options import USER_CROP_MODES
 from mdmt.errors import ConfigError, DataError
 
 LUNG_BOXES = "lung_boxes.csv"  # default crop source of crop="boxes", in the site folder

@@ -55,12 +55,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
+from mdmt.data.options import VOI_MODES
 from mdmt.errors import DicomRejected
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 COLOUR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT")
 SUPPORTED_PHOTOMETRIC = MONOCHROME + COLOUR
-VOI_MODES = ("none", "auto")
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
 
 # Which optional package brings a decoder for a compressed transfer syntax (named in the rejection).

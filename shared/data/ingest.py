@@ -44,7 +44,7 @@ from mdmt.data.manifest import (
     unlabelled,
     write_rejected,
 )
-from mdmt.data.preprocess import USER_CROP_MODES
+from mdmt.data.options import USER_CROP_MODES
 from mdmt.data.records import (
     LABEL_COLUMNS,
     RECORD_COLUMNS,

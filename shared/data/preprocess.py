@@ -43,8 +43,8 @@ from PIL import Image
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-CROP_MODES = ("lung", "none", "boxes", "masks")
-USER_CROP_MODES = ("boxes", "masks")  # the box comes from the caller (a table or a mask)
+from mdmt.data.options import CROP_MODES
+
 CLIP_PERCENTILES = (2.0, 98.0)
 WORK_SIZE = 128
 SMOOTH_SIGMA = 1.5  # pixels of the work image

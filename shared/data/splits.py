@@ -158,9 +158,6 @@ def split_counts(df: pd.DataFrame, splits: pd.Series) -> pd.DataFrame:
 
 # ---- protocols: the split file of a federation ---------------------------------------------------------
 
-# loco: leave one centre out (the site's own train/val/test assignment, a held-out centre evaluates all rows);
-# cv: patient-level k-fold at every site.
-PROTOCOLS = ("loco", "cv")
 CONSENSUS_COLUMN = "ConsensusTestset"  # BRIXIA's 150 images scored by 5 radiologists
 SPLIT_FILE_COLUMNS = ("site", "image", "protocol", "fold", "role")
 

@@ -16,10 +16,7 @@ from typing import Any
 
 import tomli_w
 
-from mdmt.data.cache import MIN_IMAGE_SIZE, cache_root
-from mdmt.data.dicom import VOI_MODES
-from mdmt.data.preprocess import CROP_MODES
-from mdmt.data.splits import PROTOCOLS
+from mdmt.data.options import CROP_MODES, MIN_IMAGE_SIZE, PROTOCOLS, VOI_MODES, cache_root
 from mdmt.errors import ConfigError
 from mdmt.fed.aggregate import AGGREGATIONS
 from mdmt.fed.compress import MODES as COMPRESSION_MODES

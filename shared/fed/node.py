@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mdmt.data.cache import cache_root
+from mdmt.data.options import cache_root
 
 SITE, DATA_DIR, WORKSPACE, CACHE_DIR, DEVICE = "site", "data-dir", "workspace", "cache-dir", "device"
 KEYS = (SITE, DATA_DIR, WORKSPACE, CACHE_DIR, DEVICE)

@@ -4,11 +4,14 @@ these types from the replies without loading a framework."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
+
+if TYPE_CHECKING:  # only a type here: reading a reply needs no pandas
+    import pandas as pd
 
 
 @dataclass

@@ -28,8 +28,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mdmt.data.dicom import VOI_MODES
-from mdmt.data.preprocess import CROP_MODES
+from mdmt.data.options import CROP_MODES, VOI_MODES, cache_root
 from mdmt.errors import MDMTError
 from mdmt.fed.config import RunConfig, load_toml
 from mdmt.ml.options import DEVICES
@@ -84,8 +83,6 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 def cmd_ingest(a: argparse.Namespace) -> None:
     # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
-    from mdmt.data.cache import cache_root
-
     # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.ingest import ingest_federation, ingest_site
 

@@ -23,11 +23,9 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from mdmt.data.cache import MIN_IMAGE_SIZE
 from mdmt.data.crop_source import BOX_COLUMNS, crop_input, read_lung_boxes
-from mdmt.data.dicom import VOI_MODES
 from mdmt.data.manifest import SEVERITY_CLASS_NAMES
-from mdmt.data.preprocess import CROP_MODES, USER_CROP_MODES
+from mdmt.data.options import CROP_MODES, MIN_IMAGE_SIZE, USER_CROP_MODES, VOI_MODES
 from mdmt.data.worker import decode_results, resolve_workers
 from mdmt.errors import ConfigError, DataError, MDMTError
 from mdmt.fed.checkpoint import load_checkpoint

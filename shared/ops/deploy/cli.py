@@ -23,7 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mdmt.errors import ConfigError
-from mdmt.ops.deploy.checks import check_site
 from mdmt.ops.deploy.commands import (
     DEFAULT_CONNECTION,
     command_text,
@@ -163,6 +162,9 @@ def cmd_connection(a: argparse.Namespace) -> None:
 def cmd_check(a: argparse.Namespace, echo: Callable[[str], None] = print) -> None:
     cfg = load_site_config(a.config)
     echo(f"mdmt deploy check: site {cfg.site} ({cfg.source})")
+    # deferred: pydicom and pandas (mdmt.ops.deploy.checks reads the site's images); building the parser needs neither
+    from mdmt.ops.deploy.checks import check_site
+
     report = check_site(cfg, network=not a.offline, timeout=a.timeout, sample=a.sample, unit_dir=a.unit_dir)
     for line in report.lines():
         echo(line)
