@@ -90,6 +90,7 @@ def cmd_bench(a) -> None:
         device=a.device,
         backbone=a.backbone,
         image_size=a.image_size,
+        sim_image_size=a.sim_image_size,
         batch_size=a.batch_size,
         steps=a.steps,
         compile=a.compile,
@@ -111,6 +112,12 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--backbone", default=None, help="default resnet18")
     p.add_argument("--image-size", type=int, default=None, help="train section image side (default 256; quick 64)")
+    p.add_argument(
+        "--sim-image-size",
+        type=int,
+        default=None,
+        help="image side of the round and warm simulations (default 64; quick 32)",
+    )
     p.add_argument("--batch-size", type=int, default=None, help="default 128; quick 32")
     p.add_argument("--steps", type=int, default=None, help="timed training steps (default 50; quick 6)")
     p.add_argument(
