@@ -174,17 +174,7 @@ def test_a_round_goes_on_without_a_missing_site_and_logs_who_left_and_rejoined(t
     from mdmt.fed.units import run_units
     from mdmt.store import RunStore
 
-    cfg = RunConfig(
-        method="mdmt",
-        holdouts="A",
-        backbone="resnet18",
-        image_size=32,
-        num_rounds=4,
-        workspace=str(tmp_path),
-        min_sites=1,
-        patience=0,
-        select_after=0,
-    )
+    cfg = _oneshot_cfg(tmp_path, method="mdmt", num_rounds=4, min_sites=1)
     key = _key("mdmt", "A")
     store = RunStore(tmp_path / "store.sqlite")
     try:
@@ -204,15 +194,7 @@ def test_too_few_sites_fail_the_unit_naming_the_missing_ones(tmp_path):
     from mdmt.fed.units import run_units
     from mdmt.store import RunStore
 
-    cfg = RunConfig(
-        method="mdmt",
-        holdouts="A",
-        backbone="resnet18",
-        image_size=32,
-        num_rounds=3,
-        workspace=str(tmp_path),
-        min_sites=2,
-    )
+    cfg = _oneshot_cfg(tmp_path, method="mdmt", min_sites=2)
     key = _key("mdmt", "A")
     store = RunStore(tmp_path / "store.sqlite")
     try:

@@ -50,33 +50,26 @@ def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val", k: int | Non
             m["auc"] = auc_from_hist(ev.prog_hist)
             m["loss"] = ev.mean_loss(PROGNOSIS)
             metrics += [(site, PROGNOSIS, split, name, v) for name, v in m.items()]
-            stats.append(
-                {
-                    "site": site,
-                    "task": PROGNOSIS,
-                    "split": split,
-                    "n": ev.n[PROGNOSIS],
-                    "loss_sum": ev.loss_sum[PROGNOSIS],
-                    "cm": ev.prog_cm.tolist(),
-                    "hist": ev.prog_hist.tolist(),
-                }
-            )
+            stats.append(_stat(site, PROGNOSIS, split, ev, ev.prog_cm, ev.prog_hist.tolist()))
         if ev.n[SEVERITY]:
             m = multiclass_metrics(ev.sev_cm)
             m["loss"] = ev.mean_loss(SEVERITY)
             metrics += [(site, SEVERITY, split, name, v) for name, v in m.items()]
-            stats.append(
-                {
-                    "site": site,
-                    "task": SEVERITY,
-                    "split": split,
-                    "n": ev.n[SEVERITY],
-                    "loss_sum": ev.loss_sum[SEVERITY],
-                    "cm": ev.sev_cm.tolist(),
-                    "hist": None,
-                }
-            )
+            stats.append(_stat(site, SEVERITY, split, ev, ev.sev_cm, None))
     return metrics, stats
+
+
+def _stat(site: str, task: str, split: str, ev, cm, hist) -> dict:
+    """One eval_stats row: the sufficient statistics a site sent for one task and split."""
+    return {
+        "site": site,
+        "task": task,
+        "split": split,
+        "n": ev.n[task],
+        "loss_sum": ev.loss_sum[task],
+        "cm": cm.tolist(),
+        "hist": hist,
+    }
 
 
 def round_config(cfg: RunConfig, key: UnitKey, rnd: int, lr: float) -> dict[str, Any]:
