@@ -62,10 +62,17 @@ def test_secure_aggregate_equals_the_plaintext_one(small_federation, tmp_path):
     per_site_n = db.execute("SELECT count(*) FROM metrics WHERE split='train' AND name='n' AND site != '*'").fetchone()[
         0
     ]
-    totals = dict(
-        db.execute("SELECT task, value FROM metrics WHERE split='train' AND name='n' AND site='*'").fetchall()
-    )
+    totals = {  # the summed counts of each unit (the last round's, one round here)
+        unit: dict(
+            db.execute(
+                "SELECT task, value FROM metrics WHERE split='train' AND name='n' AND site='*' AND unit_id=?", (unit,)
+            ).fetchall()
+        )
+        for unit in ("mdmt/resnet18/loco/A/seed0", "stl_prognosis/resnet18/loco/A/seed0")
+    }
     held_out = db.execute("SELECT DISTINCT unit_id FROM eval_stats WHERE site='A'").fetchall()
     db.close()
-    assert per_site_n == 0 and totals["all"] > 0 and totals["prognosis"] > 0 and totals["severity"] > 0
+    mdmt, stl = totals.values()
+    assert per_site_n == 0 and mdmt["all"] > 0 and mdmt["prognosis"] > 0 and mdmt["severity"] > 0, totals
+    assert stl["prognosis"] > 0 and not stl.get("severity"), totals  # stl_prognosis trains no severity head
     assert len(held_out) == 2  # both units were scored on the held-out centre
