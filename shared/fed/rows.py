@@ -50,17 +50,18 @@ def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val", k: int | Non
             m["auc"] = auc_from_hist(ev.prog_hist)
             m["loss"] = ev.mean_loss(PROGNOSIS)
             metrics += [(site, PROGNOSIS, split, name, v) for name, v in m.items()]
-            stats.append(_stat(site, PROGNOSIS, split, ev, ev.prog_cm, ev.prog_hist.tolist()))
+            stats.append(_stat(site, PROGNOSIS, split, ev, ev.prog_cm, ev.prog_hist))
         if ev.n[SEVERITY]:
             m = multiclass_metrics(ev.sev_cm)
             m["loss"] = ev.mean_loss(SEVERITY)
             metrics += [(site, SEVERITY, split, name, v) for name, v in m.items()]
-            stats.append(_stat(site, SEVERITY, split, ev, ev.sev_cm, None))
+            stats.append(_stat(site, SEVERITY, split, ev, ev.sev_cm))
     return metrics, stats
 
 
-def _stat(site: str, task: str, split: str, ev, cm, hist) -> dict:
-    """One eval_stats row: the sufficient statistics a site sent for one task and split."""
+def _stat(site: str, task: str, split: str, ev, cm: np.ndarray, hist: np.ndarray | None = None) -> dict:
+    """One eval_stats row: the sufficient statistics a site sent for one task and split (a score histogram
+    for prognosis only)."""
     return {
         "site": site,
         "task": task,
@@ -68,7 +69,7 @@ def _stat(site: str, task: str, split: str, ev, cm, hist) -> dict:
         "n": ev.n[task],
         "loss_sum": ev.loss_sum[task],
         "cm": cm.tolist(),
-        "hist": hist,
+        "hist": None if hist is None else hist.tolist(),
     }
 
 

@@ -83,7 +83,6 @@ def cmd_import(a: argparse.Namespace) -> None:
 
 def cmd_ingest(a: argparse.Namespace) -> None:
     # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
-    # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
     from mdmt.data.ingest import ingest_federation, ingest_site
 
     # deferred: the verb's dependencies (torch, pydicom, flwr) load when it runs, so mdmt --help stays fast
