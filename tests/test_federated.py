@@ -344,3 +344,21 @@ def test_an_earlier_selected_round_is_scored_on_the_held_out_centre_at_the_end(t
     assert held == [1, 2, 3]  # 2: every 2 rounds; 3: with the last validation; 1: the selected model, at the end
     assert [c[0][2] for c in rounds.calls] == [True, True, True, False, False]
     assert set(rounds.calls[-1][0][3]) == {"A"}  # the last trip: the held-out centre scores the selected model
+
+
+def test_simulated_nodes_serve_the_largest_sites_first(small_federation, tmp_path):
+    """Flower hands a round's messages to its workers in partition-id order: the largest site is node 0,
+    whatever order the config names the sites in, and every node still serves the site it was given."""
+    from mdmt.data.manifest import read_manifest
+    from mdmt.fed.sitedata import locate_site
+    from mdmt.ops.loco import prepare_config
+
+    cfg = prepare_config({"fed-dir": str(small_federation), "workspace": str(tmp_path), "sites": "A,B,C,BRIXIA"})
+    sizes = [len(read_manifest(small_federation / s)) for s in cfg.site_list]
+    assert cfg.site_list[0] == "BRIXIA" and sorted(cfg.site_list) == ["A", "B", "BRIXIA", "C"]
+    assert sizes == sorted(sizes, reverse=True), dict(zip(cfg.site_list, sizes))
+    served = [locate_site(cfg, {"partition-id": i}).site for i in range(len(cfg.site_list))]
+    assert served == list(cfg.site_list)
+    # without a site list, the same rule over every site folder of the federation
+    bare = RunConfig.from_mapping({"fed-dir": str(small_federation), "workspace": str(tmp_path)})
+    assert locate_site(bare, {"partition-id": 0}).site == "BRIXIA"

@@ -152,6 +152,21 @@ def list_sites(fed_dir: str | Path) -> list[str]:
     return sites
 
 
+def dispatch_order(fed_dir: str | Path, sites: list[str] | None = None) -> list[str]:
+    """The sites (default: all of the federation) in the order a simulation numbers its nodes: most
+    images first, then by name.
+
+    Flower's simulation hands each round's messages to its workers in partition-id order. With fewer
+    workers than sites (two on a 2-core machine), a site waits for a free worker behind the sites before
+    it, so the longest message, the largest site's, goes first. The order decides nothing else: a site's
+    seed follows its name, and aggregation does not depend on the order of the replies.
+    """
+    fed = Path(fed_dir)
+    names = list_sites(fed) if sites is None else list(sites)
+    size = {s: len(read_manifest(fed / s)) for s in names}
+    return sorted(names, key=lambda s: (-size[s], s))
+
+
 def write_rejected(dir_: str | Path, stage: str, rows: list[tuple[str, str]]) -> Path:
     """Rewrite this stage's rows of ``dir_/rejected.csv``, keeping other stages' rows.
 

@@ -73,7 +73,7 @@ class RunConfig:
     cv_folds: int = 5  # cv: number of folds (test = fold k, validation = fold k+1)
     folds: str = ""  # cv: comma-separated folds to run (empty = all)
     fed_dir: str = "runs/demo-federation"
-    sites: str = ""  # simulation: site names in partition-id order; empty = all sites of fed-dir, sorted
+    sites: str = ""  # simulation: the sites to run (empty = all sites of fed-dir); ops.loco orders them
     workspace: str = "runs"
     cache_dir: str = ""  # empty = <workspace>/cache
     store: str = ""  # empty = <workspace>/store.sqlite

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from mdmt.data.ingest import ingest_and_load_site
-from mdmt.data.manifest import list_sites, manifest_hash, read_manifest
+from mdmt.data.manifest import dispatch_order, manifest_hash, read_manifest
 from mdmt.data.splits import cv_roles, site_splits
 from mdmt.errors import ConfigError, DataError
 from mdmt.fed import protocol as P
@@ -41,7 +41,7 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         node = NodeConfig.from_flower(node_config, cfg.fed_path, cfg.workspace_path)
         site, site_dir, ws, cache, device = node.site, node.data_dir, node.workspace, node.cache_path, node.device
     elif "partition-id" in node_config:
-        sites = list(cfg.site_list) or list_sites(cfg.fed_path)
+        sites = list(cfg.site_list) or dispatch_order(cfg.fed_path)
         pid = int(node_config["partition-id"])
         if pid >= len(sites):
             raise ConfigError(

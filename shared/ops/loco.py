@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from mdmt.data.ingest import ingest_site
-from mdmt.data.manifest import list_sites, read_manifest, site_role
+from mdmt.data.manifest import dispatch_order, list_sites, read_manifest, site_role
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig
 from mdmt.fed.plan import Decision, SiteInfo, decide_units, unit_keys
@@ -60,7 +60,7 @@ def prepare_config(values: dict[str, Any]) -> RunConfig:
     return cfg.replace(
         fed_dir=str(fed),
         workspace=str(cfg.workspace_path),
-        sites=",".join(sites),
+        sites=",".join(dispatch_order(fed, sites)),  # partition-id order
         holdouts=",".join(holdouts),
         cache_dir=str(cfg.cache_path),
         store=str(cfg.store_path),
