@@ -37,8 +37,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python tests/layers.py
 
+# The test files run on TEST_WORKERS pytest-xdist workers, longest first (see tests/conftest.py).
+TEST_WORKERS ?= 3
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 clean-demo:
 	rm -rf $(DEMO_WS) $(DEMO_FED)

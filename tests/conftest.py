@@ -11,6 +11,57 @@ import pytest
 # Nothing a test starts may touch the user's ~/.flwr, uv cache or telemetry.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+# `make test` spreads the files over pytest-xdist workers (--dist loadgroup): a file is one group, so its
+# module fixtures are built once; the modules reading `sim_run` share a group, so that run happens once.
+# The files that take longest (measured on 2 cores; the Flower deployment waits on processes most of its
+# 20 minutes) are handed out first, and the deployment's long test runs first within its file, so the
+# worker that takes it is handed nothing else until it is done.
+SHARED_RUN = {"test_dashboard.py", "test_replies.py", "test_simulation.py"}
+LONGEST_FIRST = (
+    "test_deploy.py",
+    "test_bench.py",
+    "test_experiment.py",
+    "test_entry_points.py",
+    "test_leakage.py",
+    "test_dashboard.py",
+    "test_dp_training.py",
+    "test_secure_run.py",
+    "test_privacy.py",
+    "test_layout.py",
+    "test_ray_cluster.py",
+    "test_cli_end_to_end.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("sim_run" if name in SHARED_RUN else name))
+    items.sort(
+        key=lambda it: (
+            rank.get("test_dashboard.py" if it.path.name in SHARED_RUN else it.path.name, len(rank)),
+            it.path.name,
+            it.get_closest_marker("slow") is None,
+        )
+    )
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The figures tests recorded (``record_property("figures", ...)``), printed once at the end: tests
+    running in pytest-xdist workers have no terminal of their own."""
+    lines = [
+        f"{rep.nodeid}: {value}"
+        for rep in terminalreporter.stats.get("passed", [])
+        for key, value in rep.user_properties
+        if key == "figures"
+    ]
+    if lines:
+        terminalreporter.write_sep("-", "figures")
+        for line in lines:
+            terminalreporter.write_line(line)
+
 
 @pytest.fixture(scope="session")
 def small_federation(tmp_path_factory) -> Path:

@@ -911,7 +911,7 @@ SITES = ("A", "B", "BRIXIA")  # A: the held-out prognosis centre; B: a training 
 
 
 @pytest.mark.slow
-def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, small_federation):
+def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, small_federation, record_property):
     from mdmt.fed.audit import read_message_log
     from mdmt.store import RunStore
 
@@ -1129,12 +1129,12 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert (
             "job stopped: stopped (stopped by the operator)" in status.stdout and "finished:stopped" in status.stdout
         ), status.stdout + status.stderr
-        with capsys.disabled():
-            print(
-                f"\nsupernode start order {order}; crashed {crashed} after round {k}; final model bit-identical to "
-                f"the uninterrupted run: {identical}; B missed rounds {missed}; deployment test "
-                f"{time.monotonic() - started:.0f}s"
-            )
+        record_property(
+            "figures",
+            f"supernode start order {order}; crashed {crashed} after round {k}; final model bit-identical to "
+            f"the uninterrupted run: {identical}; B missed rounds {missed}; deployment test "
+            f"{time.monotonic() - started:.0f}s",
+        )
     finally:
         procs.stop()
         leftovers = procs.alive()
