@@ -19,13 +19,13 @@ from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
 from mdmt.fed.plan import SiteInfo, expected_sites, map_sites, secagg_count_scale
 from mdmt.fed.secagg import SecAggSpec
-from mdmt.fed.steps import SiteReply, StepResult, UnitStep, assemble, entry_config, site_entries
+from mdmt.fed.steps import SiteReply, StepResult, UnitStep, assemble, entry_config, site_messages
 from mdmt.fed.units import run_units
 from mdmt.fed.workspace import WorkspaceLock
 from mdmt.logs import log_to_workspace, setup_logging
 from mdmt.results.report.loco import report_run
 from mdmt.server.secagg import secure_train_round
-from mdmt.server.strategy import collect, from_record, to_record
+from mdmt.server.strategy import collect, collect_by_message, from_record, to_record
 from mdmt.store import RunStore
 
 app = ServerApp()
@@ -33,9 +33,10 @@ log = logging.getLogger("mdmt")
 
 
 class FlowerRounds:
-    """mdmt.fed.steps.Rounds over a Flower Grid: one message per site per round for every unit in
-    lockstep. Under secure aggregation, each unit's training goes through its own SecAgg+ round first (the
-    sites' statistics of the model they received come back beside the masked vector)."""
+    """mdmt.fed.steps.Rounds over a Flower Grid: every unit in lockstep, one round trip per round (one
+    message per site, or per site and unit for simulated sites: mdmt.fed.steps.site_messages). Under
+    secure aggregation, each unit's training goes through its own SecAgg+ round first (the sites'
+    statistics of the model they received come back beside the masked vector)."""
 
     def __init__(
         self,
@@ -91,26 +92,26 @@ class FlowerRounds:
         return bool(self.cfg and self.cfg.secure_aggregation and sum(t.train for t in step.tasks.values()) >= 2)
 
     def _send(self, steps: list[UnitStep]) -> dict[tuple[str, int], SiteReply]:
-        """One message per site holding its part of every unit; the replies, per (site, unit)."""
+        """The round trip's messages (mdmt.fed.steps.site_messages); the replies, per (site, unit)."""
         records = [to_record(st.arrays) for st in steps]
-        msgs, layout = [], {}
-        for site, entries in site_entries(steps).items():
+        simulated = {s for s, info in self.sites.items() if info.simulated}
+        layout, msgs = site_messages(steps, simulated), []
+        for site, entries in layout:
             content = RecordDict()
             for j, (i, task) in enumerate(entries):
                 content[P.record_name(P.ARRAYS, j)] = records[i]
                 content[P.record_name(P.CONFIG, j)] = ConfigRecord(entry_config(steps[i], task))
             kind = MessageType.TRAIN if any(t.train for _, t in entries) else MessageType.EVALUATE
             msgs.append(Message(content, dst_node_id=self.node_of[site], message_type=kind))
-            layout[site] = entries
-        good, status = collect(self.grid.send_and_receive(msgs, timeout=self.timeout), self.site_of, layout)
+        good, status = collect_by_message(self.grid.send_and_receive(msgs, timeout=self.timeout), msgs)
         out = {}
-        for site, entries in layout.items():
+        for m, (site, entries) in enumerate(layout):
             for j, (i, _) in enumerate(entries):
                 down = int(records[i].count_bytes())
-                if site not in good:
-                    out[(site, i)] = SiteReply(status[site], bytes_down=down)
+                if m not in good:
+                    out[(site, i)] = SiteReply(status[m], bytes_down=down)
                     continue
-                content = good[site].content
+                content = good[m].content
                 mname, aname = P.record_name(P.METRICS, j), P.record_name(P.ARRAYS, j)
                 if mname not in content.metric_records:
                     out[(site, i)] = SiteReply(f"error: the reply has no {mname}", bytes_down=down)

@@ -63,6 +63,17 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+@pytest.fixture
+def task_identity():
+    """The run, node and task a Flower process would have, so that Messages can be made in a test."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
 @pytest.fixture(scope="session")
 def small_federation(tmp_path_factory) -> Path:
     """All seven sites at a small scale, DICOMs of ~96 px."""

@@ -179,16 +179,6 @@ def test_unpack_refuses_a_vector_of_another_layout():
 # --- Flower's SecAgg+ workflow and mod, in this process ------------------------------------------------------
 
 
-@pytest.fixture
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 class LocalGrid:
     """Delivers each message (a deep copy, as the wire would) to a site's mod chain in this process."""
 

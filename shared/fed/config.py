@@ -120,7 +120,7 @@ class RunConfig:
     round_timeout: float = 3600.0
     min_sites: int = 1  # rounds after discovery go on with at least this many training sites (k of n)
     rerun: bool = False  # a done unit whose fingerprint differs is run again (its stored result replaced)
-    concurrent_units: int = 6  # units the server advances together, one message per site and round for all
+    concurrent_units: int = 6  # units the server advances together, one round trip per round for all
     holdout_eval_every: int = 1  # held-out and test splits are evaluated every N rounds, and at the selected round
     site_cache: bool = True  # a process serving sites keeps their data and built models between messages
     site_cache_mb: int = 4096  # the byte budget of that cache (least recently used first out)

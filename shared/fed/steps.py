@@ -2,7 +2,8 @@
 (evaluate the model it receives on some splits, then train from it or not), what comes back, and the
 task-aware average of the trained models.
 
-server/app.py implements :class:`Rounds` with Flower: one message per site per round for every unit.
+server/app.py implements :class:`Rounds` with Flower: one round trip per round for every unit, its messages
+laid out by :func:`site_messages`.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class Rounds(Protocol):
     """Moves the units' models to the sites and back; implemented with Flower in server/."""
 
     def step(self, steps: list[UnitStep]) -> list[StepResult]:
-        """Run one round of every unit in ``steps`` (one message per site for all of them); the results
+        """Run one round of every unit in ``steps`` (one round trip for all of them); the results
         in the same order."""
 
 
@@ -102,6 +103,20 @@ def site_entries(steps: list[UnitStep]) -> dict[str, list[tuple[int, SiteTask]]]
         for site, task in sorted(step.tasks.items()):
             out.setdefault(site, []).append((i, task))
     return dict(sorted(out.items()))
+
+
+def site_messages(steps: list[UnitStep], simulated: set[str]) -> list[tuple[str, list[tuple[int, SiteTask]]]]:
+    """The messages of a round trip, as (site, [(unit index, task)]), in site name order.
+
+    A site daemon gets one message holding its part of every unit: a deployed message costs the site a
+    process start and the server a poll, whatever it carries. A simulated site gets one message per
+    unit: there a message costs little, and Flower's workers serve any node, so a large site's units
+    train side by side on workers that the small sites have left idle, instead of one after another.
+    """
+    out: list[tuple[str, list[tuple[int, SiteTask]]]] = []
+    for site, entries in site_entries(steps).items():
+        out += [(site, [e]) for e in entries] if site in simulated else [(site, entries)]
+    return out
 
 
 def entry_config(step: UnitStep, task: SiteTask) -> dict[str, Any]:
