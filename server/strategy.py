@@ -23,20 +23,26 @@ def error_text(msg: Message) -> str:
     return f"error: {msg.error.reason.strip().splitlines()[-1][:300] if msg.error.reason else msg.error.code}"
 
 
+def _sort_replies(replies: Iterable[Message], key) -> tuple[dict, dict]:
+    """Valid replies and statuses (ok or error: ...) under ``key(reply)``; a reply keyed None is dropped."""
+    good, status = {}, {}
+    for msg in replies:
+        k = key(msg)
+        if k is None:
+            continue
+        if msg.has_error():
+            status[k] = error_text(msg)
+        else:
+            good[k], status[k] = msg, "ok"
+    return good, status
+
+
 def collect(
     replies: Iterable[Message], site_of: dict[int, str], expected: Iterable[str]
 ) -> tuple[dict[str, Message], dict[str, str]]:
     """Valid replies by site, and a status for every expected site: ok, error: ..., or no reply."""
-    good: dict[str, Message] = {}
-    status = {s: "no reply" for s in expected}
-    for msg in replies:
-        site = site_of.get(msg.metadata.src_node_id, f"node-{msg.metadata.src_node_id}")
-        if msg.has_error():
-            status[site] = error_text(msg)
-        else:
-            good[site] = msg
-            status[site] = "ok"
-    return good, status
+    good, got = _sort_replies(replies, lambda m: site_of.get(m.metadata.src_node_id, f"node-{m.metadata.src_node_id}"))
+    return good, {s: "no reply" for s in expected} | got
 
 
 def collect_by_message(replies: Iterable[Message], sent: list[Message]) -> tuple[dict[int, Message], dict[int, str]]:
@@ -44,15 +50,10 @@ def collect_by_message(replies: Iterable[Message], sent: list[Message]) -> tuple
     ok, error: ..., or no reply. A reply is matched by the id of the message it answers and counts only
     when it comes from the node that message went to."""
     index = {msg.metadata.message_id: i for i, msg in enumerate(sent)}
-    good: dict[int, Message] = {}
-    status = {i: "no reply" for i in range(len(sent))}
-    for msg in replies:
+
+    def answered(msg: Message) -> int | None:
         i = index.get(msg.metadata.reply_to_message_id)
-        if i is None or msg.metadata.src_node_id != sent[i].metadata.dst_node_id:
-            continue
-        if msg.has_error():
-            status[i] = error_text(msg)
-        else:
-            good[i] = msg
-            status[i] = "ok"
-    return good, status
+        return i if i is not None and msg.metadata.src_node_id == sent[i].metadata.dst_node_id else None
+
+    good, got = _sort_replies(replies, answered)
+    return good, {i: "no reply" for i in range(len(sent))} | got
