@@ -37,10 +37,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/python tests/layers.py
 
-# The test files run on TEST_WORKERS pytest-xdist workers, longest first (see tests/conftest.py).
-TEST_WORKERS ?= 3
+# The test files run on TEST_WORKERS pytest-xdist workers, a file at a time, longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 clean-demo:
 	rm -rf $(DEMO_WS) $(DEMO_FED)

@@ -11,11 +11,10 @@ import pytest
 # Nothing a test starts may touch the user's ~/.flwr, uv cache or telemetry.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-# `make test` spreads the files over pytest-xdist workers (--dist loadgroup): a file is one group, so its
-# module fixtures are built once; the modules reading `sim_run` share a group, so that run happens once.
+# `make test` spreads the files over pytest-xdist workers. A file is one unit of work, so its module
+# fixtures are built once; the modules reading `sim_run` are one unit together, so that run happens once.
 # The files that take longest (measured on 2 cores; the Flower deployment waits on processes most of its
-# 20 minutes) are handed out first, and the deployment's long test runs first within its file, so the
-# worker that takes it is handed nothing else until it is done.
+# 20 minutes) are handed out first, and the deployment's long test runs first within its file.
 SHARED_RUN = {"test_dashboard.py", "test_replies.py", "test_simulation.py"}
 LONGEST_FIRST = (
     "test_deploy.py",
@@ -33,19 +32,38 @@ LONGEST_FIRST = (
 )
 
 
+def _unit(file_name: str) -> str:
+    return "test_dashboard.py" if file_name in SHARED_RUN else file_name
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("sim_run" if name in SHARED_RUN else name))
     items.sort(
         key=lambda it: (
-            rank.get("test_dashboard.py" if it.path.name in SHARED_RUN else it.path.name, len(rank)),
-            it.path.name,
+            rank.get(_unit(it.path.name), len(rank)),
+            _unit(it.path.name),
             it.get_closest_marker("slow") is None,
         )
     )
+
+
+try:
+    from xdist.scheduler import LoadScopeScheduling
+except ImportError:  # plain pytest: one process, the same order
+    LoadScopeScheduling = None
+
+if LoadScopeScheduling is not None:
+
+    class _ByFile(LoadScopeScheduling):
+        """Hands out whole units (see _unit) in collection order, longest first."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid.split("::", 1)[0].rsplit("/", 1)[-1])
+
+    def pytest_xdist_make_scheduler(config, log):
+        config.option.loadscopereorder = False  # keep the longest-first order of the collection
+        return _ByFile(config, log)
 
 
 def pytest_terminal_summary(terminalreporter):
