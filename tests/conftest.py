@@ -11,10 +11,10 @@ import pytest
 # Nothing a test starts may touch the user's ~/.flwr, uv cache or telemetry.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
-# `make test` spreads the files over pytest-xdist workers. A file is one unit of work, so its module
-# fixtures are built once; the modules reading `sim_run` are one unit together, so that run happens once.
-# The files that take longest (measured on 2 cores; the Flower deployment waits on processes most of its
-# 20 minutes) are handed out first, and the deployment's long test runs first within its file.
+# `make test TEST_WORKERS=N` spreads the files over N pytest-xdist workers. A file is one unit of work, so
+# its module fixtures are built once; the modules reading `sim_run` are one unit together, so that run
+# happens once. The files that take longest (measured in one process on 2 cores) are handed out first,
+# and the deployment's long test runs first within its file. In one process the order is pytest's own.
 SHARED_RUN = {"test_dashboard.py", "test_replies.py", "test_simulation.py"}
 LONGEST_FIRST = (
     "test_deploy.py",
@@ -38,6 +38,8 @@ def _unit(file_name: str) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(
         key=lambda it: (
