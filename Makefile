@@ -38,8 +38,9 @@ lint: $(STAMP)
 	$(BIN)/python tests/layers.py
 
 # TEST_WORKERS=N spreads the test files over N pytest-xdist workers, a file at a time, longest first
-# (tests/conftest.py). The default, 0, is one process: on 2 cores two workers were no faster, and the
-# load made a site miss the deployment test's 90 s round timeout.
+# (tests/conftest.py). The default, 0, is one process: on 2 cores two workers cut pytest from 56 to 44
+# minutes, but under that load a site missed the deployment test's 90 s round timeout, SecAgg+ rounds
+# timed out, and two workers shared torch.compile's cache (docs/performance.md, "The test suite").
 TEST_WORKERS ?= 0
 test: lint
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
