@@ -362,3 +362,23 @@ def test_simulated_nodes_serve_the_largest_sites_first(small_federation, tmp_pat
     # without a site list, the same rule over every site folder of the federation
     bare = RunConfig.from_mapping({"fed-dir": str(small_federation), "workspace": str(tmp_path)})
     assert locate_site(bare, {"partition-id": 0}).site == "BRIXIA"
+
+
+def test_the_node_order_follows_a_changed_manifest(small_federation, tmp_path):
+    """The order is read once per process per manifest version: a manifest that grows moves its site."""
+    import shutil
+
+    import pandas as pd
+
+    from mdmt.data.manifest import MANIFEST, dispatch_order
+
+    fed = tmp_path / "fed"
+    for site in ("A", "B", "BRIXIA"):
+        (fed / site).mkdir(parents=True)
+        shutil.copy(small_federation / site / MANIFEST, fed / site / MANIFEST)
+    assert dispatch_order(fed)[0] == "BRIXIA"
+    a = pd.read_csv(fed / "A" / MANIFEST, dtype=str, keep_default_na=False)
+    n_brixia = len(pd.read_csv(fed / "BRIXIA" / MANIFEST))
+    copies = [a.assign(image=a["image"].str.replace(".dcm", f"_{k}.dcm")) for k in range(n_brixia // len(a) + 1)]
+    pd.concat(copies).to_csv(fed / "A" / MANIFEST, index=False)
+    assert dispatch_order(fed) == ["A", "BRIXIA", "B"]

@@ -163,8 +163,25 @@ def dispatch_order(fed_dir: str | Path, sites: list[str] | None = None) -> list[
     """
     fed = Path(fed_dir)
     names = list_sites(fed) if sites is None else list(sites)
-    size = {s: len(read_manifest(fed / s)) for s in names}
+    size = {s: _manifest_rows(fed / s) for s in names}
     return sorted(names, key=lambda s: (-size[s], s))
+
+
+_ROWS: dict[tuple[str, int, int], int] = {}
+
+
+def _manifest_rows(site_dir: Path) -> int:
+    """Rows of a site's manifest, read once per process while the file keeps its size and mtime (a
+    simulation worker asks for the order on every message)."""
+    path = site_dir / MANIFEST
+    try:
+        st = path.stat()
+    except OSError:
+        return len(read_manifest(site_dir))  # names the missing file in one line
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _ROWS:
+        _ROWS[key] = len(read_manifest(site_dir))
+    return _ROWS[key]
 
 
 def write_rejected(dir_: str | Path, stage: str, rows: list[tuple[str, str]]) -> Path:
