@@ -144,6 +144,7 @@ def browser():
         yield driver
     finally:
         driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ once finished (no simulation started)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -98,6 +99,7 @@ def test_flwr_run_from_the_checkout(small_federation, tmp_path):
     finally:
         # Flower leaves its local SuperLink running: stop it and everything it started, by PID.
         end_processes(lambda: processes_with_token(token, f"RAY_TMPDIR={ray_tmp}"))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not processes_with_token(token)
 
 

@@ -4,6 +4,7 @@ the way to spread a grid over several machines, exercised here with one head on 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,4 +83,5 @@ def test_a_unit_runs_on_a_ray_head_started_beforehand(small_federation, tmp_path
         assert any("ClientAppActor" in p.read_text(errors="replace") for p in logs.glob("*") if p.is_file())
     finally:
         end_processes(lambda: processes_with_token(token))  # the head and everything it started, by PID
+        shutil.rmtree(head_tmp, ignore_errors=True)
     assert not processes_with_token(token)
