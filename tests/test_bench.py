@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -35,6 +36,10 @@ def test_bench_measures_every_section(tmp_path, small_federation):
         local, raw = fig[("train", f"local training, augment {aug}")], fig[("train", "raw step (batch on the device)")]
         assert fig[("train", f"local / raw, augment {aug}")].value == pytest.approx(local.value / raw.value)
         assert local.settings == raw.settings and "resnet18 32 px, batch 8" in raw.settings
+    # on a CPU, one single-thread raw step per core at once: the sum of the rates shown in the note
+    (side,) = [f for f in b.figures if f.name.endswith("1-thread processes at once")]
+    each = [float(r) for r in side.note.removeprefix("sum; each ").split(", ")]
+    assert len(each) == os.cpu_count() and side.value == pytest.approx(sum(each), abs=len(each))
     # bytes: fp16 halves the float arrays, 8-bit quarters them (integer buffers are a few bytes)
     fp32, fp16, int8 = (
         fig[("bytes", f"per site per round, {m}")].value for m in ("fp32 weights", "fp16 update", "8-bit update")

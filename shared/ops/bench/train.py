@@ -3,6 +3,7 @@ site's update size per round, per encoding)."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -80,6 +81,26 @@ def raw_step_rate(backbone: str, size: int, batch: int, steps: int, device, comp
     return steps * batch / (time.perf_counter() - t0)
 
 
+def _one_thread_rate(backbone: str, size: int, batch: int, steps: int) -> float:
+    # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
+    import torch
+
+    torch.set_num_threads(1)
+    return raw_step_rate(backbone, size, batch, steps, torch.device("cpu"), False)
+
+
+def side_by_side_rate(backbone: str, size: int, batch: int, steps: int, processes: int) -> list[float]:
+    """img/s of each of ``processes`` single-thread processes running the raw step at once: what a CPU
+    simulation gets from its workers (one thread each, one per core) at the arithmetic's limit."""
+    # deferred: multiprocessing only here
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn")) as pool:
+        jobs = [pool.submit(_one_thread_rate, backbone, size, batch, steps) for _ in range(processes)]
+        return [j.result() for j in jobs]
+
+
 def local_train_rate(
     backbone: str, size: int, batch: int, steps: int, device, compile_model: bool, augment: str
 ) -> float:
@@ -125,6 +146,19 @@ def section_train(b: Bench, device) -> None:
             local = local_train_rate(s.backbone, s.image_size, s.batch_size, s.steps, device, comp, aug)
             b.add("train", f"local training, augment {aug}", local, "img/s", dev, cfg)
             b.add("train", f"local / raw, augment {aug}", local / raw, "x", dev, cfg)
+    if device.type == "cpu":
+        procs = os.cpu_count() or 1
+        rates = side_by_side_rate(s.backbone, s.image_size, s.batch_size, s.steps, procs)
+        cfg = f"{s.backbone} {s.image_size} px, batch {s.batch_size}, {s.steps} steps, fp32, eager"
+        b.add(
+            "train",
+            f"raw step, {procs} 1-thread processes at once",
+            sum(rates),
+            "img/s",
+            dev,
+            cfg,
+            note="sum; each " + ", ".join(f"{r:.0f}" for r in rates),
+        )
 
 
 # ---- bytes -------------------------------------------------------------------------------------
