@@ -57,10 +57,12 @@ def test_bench_measures_every_section(tmp_path, small_federation):
         )
     # warm: the same units cold, warm and in lockstep; each overhead per unit-round is measured
     assert "2 LOCO units of mdmt" in fig[("warm", "cold: overhead per unit-round")].settings
-    for mode in ("cold", "warm", "warm + lockstep"):
+    for mode in ("cold", "warm", "warm + lockstep", "warm + lockstep, 1 local step"):
         wall = fig[("warm", f"{mode}: wall per unit-round")].value
         assert fig[("warm", f"{mode}: overhead per unit-round")].value < wall
         assert 0 < fig[("warm", f"{mode}: training summed over sites per unit-round")].value
+    one_step = fig[("warm", "warm + lockstep, 1 local step: training summed over sites per unit-round")].value
+    assert one_step < fig[("warm", "warm + lockstep: training summed over sites per unit-round")].value
     ratio = fig[("warm", "warm + lockstep overhead / cold overhead")].value
     assert ratio == pytest.approx(
         fig[("warm", "warm + lockstep: overhead per unit-round")].value
