@@ -58,3 +58,41 @@ def test_ray_stays_on_loopback_unless_a_cluster_of_machines_is_named(address, lo
         assert (sim.env().get(RAY_LOOPBACK_ENV) == "0") is local
     finally:
         sim.stop()
+
+
+def test_stopping_ends_a_process_started_after_the_first_look(tmp_path):
+    """A parent outside the token (like Ray's daemons) starts one more marked child half a second after its
+    first child is ended; stopping waits for things to settle and ends that child too."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from mdmt.ops.launch import TOKEN_VAR, end_processes, processes_with_token
+
+    token = uuid.uuid4().hex
+    marked = dict(os.environ, **{TOKEN_VAR: token})
+    script = (
+        "import subprocess, sys, time\n"
+        "env = eval(sys.argv[1])\n"
+        "child = subprocess.Popen(['sleep', '120'], env=env)\n"
+        "open(sys.argv[2], 'w').close()\n"
+        "child.wait(); time.sleep(0.5)\n"
+        "subprocess.Popen(['sleep', '120'], env=env, start_new_session=True)\n"
+    )
+    ready = tmp_path / "ready"
+    parent = subprocess.Popen([sys.executable, "-c", script, repr(marked), str(ready)])
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = processes_with_token(token)
+        assert len(first) == 1
+        end_processes(lambda: processes_with_token(token), grace=10)
+        assert parent.wait(timeout=10) == 0
+        assert processes_with_token(token) == []  # the replacement child was ended as well
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        end_processes(lambda: processes_with_token(token), grace=1)

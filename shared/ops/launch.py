@@ -216,19 +216,32 @@ def stop_all() -> None:
         _ACTIVE.discard(sim)
 
 
-def end_processes(find, grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds, every PID that ``find()`` returns (live ones only)."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in [p for p in find() if _alive(p)]:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(_alive(p) for p in find()):
-            time.sleep(0.2)
-        if not any(_alive(p) for p in find()):
-            return
+def end_processes(find, grace: float = 10.0, settle: float = 1.0) -> None:
+    """SIGTERM every PID that ``find()`` returns (live ones only), then SIGKILL what is left after ``grace``
+    seconds. The SIGKILL phase looks again every 0.2 s and kills what it finds until nothing has turned up
+    for ``settle`` seconds (at most ``grace`` seconds): a process that a dying parent (a SuperLink, Ray)
+    started after the first look is ended too."""
+    _signal_all(find, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(p) for p in find()):
+        time.sleep(0.2)
+    deadline = time.monotonic() + grace
+    quiet = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet < settle:
+        if _signal_all(find, signal.SIGKILL):
+            quiet = time.monotonic()
+        time.sleep(0.2)
+
+
+def _signal_all(find, sig: int) -> int:
+    """Send ``sig`` to every live PID of ``find()``; returns how many there were."""
+    live = [p for p in find() if _alive(p)]
+    for pid in live:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+    return len(live)
 
 
 def _alive(pid: int) -> bool:
