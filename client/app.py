@@ -12,7 +12,9 @@ from mdmt.client.secagg import secure_aggregation_mod
 from mdmt.fed import protocol as P
 from mdmt.fed.compress import encode_update
 from mdmt.fed.config import RunConfig
+from mdmt.fed.packing import PACKED, is_packed, pack_arrays, unpack_arrays
 from mdmt.fed.sitedata import locate_site, site_summary
+from mdmt.fed.timing import MessageTimer
 
 # SecAgg+ first: the message log then records the one train message a secure round hands to train().
 app = ClientApp(mods=[secure_aggregation_mod, message_log_mod])
@@ -27,24 +29,33 @@ def query(msg: Message, context: Context) -> Message:
 
 def step(msg: Message, context: Context) -> Message:
     """A round's message: for each unit it carries, evaluate the model received on the config's splits,
-    then train from it when the config says so (mdmt.fed.site.run_step holds the logic)."""
+    then train from it when the config says so (mdmt.fed.site.run_step holds the logic). The site's own
+    timing log gets where the time went (mdmt.fed.timing)."""
+    timer = MessageTimer(msg.metadata.created_at)
     # deferred: torch (mdmt.fed.site); a query message needs none
     from mdmt.fed.site import run_step
+
+    timer.mark("imported")
 
     # Load: config and site.
     cfg = RunConfig.from_mapping(context.run_config)
     loc = locate_site(cfg, context.node_config)
-    content = RecordDict()
+    content, rounds = RecordDict(), []
     for i in P.unit_indices(msg.content.config_records):
         # Each unit: its global model and round config in, its statistics and update out.
         arrays = msg.content[P.record_name(P.ARRAYS, i)]
         round_config = dict(msg.content[P.record_name(P.CONFIG, i)])
-        state = arrays.to_torch_state_dict()
+        rounds.append(int(round_config.get(P.CFG_ROUND, 0)))
+        # the model: one packed Array (mdmt.fed.packing, checked) or one Array per tensor; the reply alike
+        packed = is_packed(arrays.keys())
+        state = unpack_arrays(arrays[PACKED].numpy()) if packed else {k: v.numpy() for k, v in arrays.items()}
         new_state, metrics = run_step(cfg, loc, state, round_config)
         content[P.record_name(P.METRICS, i)] = MetricRecord(metrics)
         if new_state is not None:  # the update: an fp16/int8 difference from the global model, or the weights
             update = encode_update(new_state, state, str(round_config.get(P.CFG_COMPRESSION, "none")))
-            content[P.record_name(P.ARRAYS, i)] = ArrayRecord({k: Array(v) for k, v in update.items()})
+            items = {PACKED: pack_arrays(update)} if packed else update
+            content[P.record_name(P.ARRAYS, i)] = ArrayRecord({k: Array(v) for k, v in items.items()})
+    timer.write(loc.workspace, context.run_id, rounds)
     return Message(content, reply_to=msg)
 
 

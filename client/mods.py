@@ -11,6 +11,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from mdmt.fed import protocol as P
 from mdmt.fed.audit import append_message_log, append_reply_log, value_kind
 from mdmt.fed.config import RunConfig
+from mdmt.fed.packing import PACKED, is_packed, unpack_arrays
 from mdmt.fed.sitedata import locate_site
 
 
@@ -37,9 +38,17 @@ def message_log_mod(msg: Message, context: Context, call_next: ClientAppCallable
 
 
 def describe(reply: Message) -> dict:
-    """Names, shapes and kinds of everything in a reply; never array contents."""
+    """Names, shapes and kinds of everything in a reply; never array contents. A packed record
+    (mdmt.fed.packing) is described by the tensors it holds."""
     out = {}
     for name, rec in reply.content.items():
+        if isinstance(rec, ArrayRecord) and is_packed(rec.keys()):  # the tensors inside the one buffer
+            items = {
+                k: {"shape": list(a.shape), "dtype": str(a.dtype)}
+                for k, a in unpack_arrays(rec[PACKED].numpy()).items()
+            }
+            out[name] = {"kind": type(rec).__name__, "packed": True, "items": items}
+            continue
         if isinstance(rec, ArrayRecord):
             items = {k: {"shape": list(a.shape), "dtype": a.dtype} for k, a in rec.items()}
         else:

@@ -14,7 +14,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from mdmt.data.manifest import list_sites
-from mdmt.errors import MDMTError
+from mdmt.errors import MDMTError, ProtocolError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
 from mdmt.fed.plan import SiteInfo, expected_sites, map_sites, secagg_count_scale
@@ -93,7 +93,8 @@ class FlowerRounds:
 
     def _send(self, steps: list[UnitStep]) -> dict[tuple[str, int], SiteReply]:
         """The round trip's messages (mdmt.fed.steps.site_messages); the replies, per (site, unit)."""
-        records = [to_record(st.arrays) for st in steps]
+        packed = bool(self.cfg and self.cfg.pack_arrays)
+        records = [to_record(st.arrays, packed) for st in steps]
         simulated = {s for s, info in self.sites.items() if info.simulated}
         layout, msgs = site_messages(steps, simulated), []
         for site, entries in layout:
@@ -117,8 +118,12 @@ class FlowerRounds:
                     out[(site, i)] = SiteReply(f"error: the reply has no {mname}", bytes_down=down)
                     continue
                 arrays = content.array_records.get(aname)
-                update = from_record(arrays) if arrays is not None else None
                 up = int(arrays.count_bytes()) if arrays is not None else 0
+                try:
+                    update = from_record(arrays, f"site {site}'s {aname}") if arrays is not None else None
+                except ProtocolError as exc:
+                    out[(site, i)] = SiteReply(f"error: {exc}", bytes_down=down, bytes_up=up)
+                    continue
                 out[(site, i)] = SiteReply("ok", dict(content[mname]), update, down, up)
         return out
 

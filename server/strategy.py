@@ -9,12 +9,20 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
+from mdmt.fed.packing import PACKED, is_packed, pack_arrays, unpack_arrays
 
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+
+def to_record(arrays: dict[str, np.ndarray], packed: bool = False) -> ArrayRecord:
+    """One Flower Array per tensor, or (``packed``) one for all of them (mdmt.fed.packing)."""
+    if packed:
+        return ArrayRecord({PACKED: Array(pack_arrays(arrays))})
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def from_record(rec: ArrayRecord) -> dict[str, np.ndarray]:
+def from_record(rec: ArrayRecord, source: str = "the reply") -> dict[str, np.ndarray]:
+    """The arrays of a record in either layout; a packed one is checked (ProtocolError)."""
+    if is_packed(rec.keys()):
+        return unpack_arrays(rec[PACKED].numpy(), source)
     return {k: v.numpy() for k, v in rec.items()}
 
 

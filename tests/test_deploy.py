@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -29,7 +28,8 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.ops.deploy import checks, commands, files, network, pki, siteconfig
-from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, processes_with_token
+from mdmt.ops.deploy.loopback import Loopback
+from mdmt.ops.launch import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY_DIR = REPO / "deploy"
@@ -708,73 +708,6 @@ def test_install_script_writes_the_site_dropin_and_check_compares_it(tmp_path, c
 # ---- a real deployment on loopback ---------------------------------------------------------------
 
 
-class Processes:
-    """Processes this test starts: each carries a private token in its environment, so everything they
-    spawn (SuperExec, ServerApp and ClientApp processes) is found and stopped by PID."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.token = uuid.uuid4().hex
-        self.logs = root / "logs"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = os.environ.copy()
-        env.update(commands.BASE_ENV)
-        env.update(extra)
-        env[TOKEN_VAR] = self.token
-        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-        return env
-
-    def start(self, name: str, argv: list[str], extra: dict[str, str]) -> subprocess.Popen:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                argv,
-                env=self.env(extra),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                cwd=self.root,
-            )
-        self.procs[name] = proc
-        return proc
-
-    def run(self, name: str, argv: list[str], extra: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        with open(self.logs / f"{name}.log", "wb") as log:
-            return subprocess.run(
-                argv,
-                env=self.env(extra),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=REPO,
-                timeout=timeout,
-            )
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def alive(self) -> list[int]:
-        return [p for p in processes_with_token(self.token) if not _zombie(p)]
-
-    def stop(self, grace: float = 15.0) -> None:
-        end_processes(self.alive, grace)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _wait_healthy(port: int, ca: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
     import httpx
 
@@ -915,7 +848,9 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
     from mdmt.fed.audit import read_message_log
     from mdmt.store import RunStore
 
-    procs = Processes(tmp_path)
+    # Loopback's process handling: every process carries a private token in its environment, so all that
+    # they spawn (SuperExec, ServerApp and ClientApp processes) is found and stopped by PID
+    procs = Loopback(tmp_path, small_federation)
     started = time.monotonic()
     try:
         # The coordinator's certificates and each site's key, with the deploy verbs.
@@ -1040,6 +975,16 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         for s in ("B", "BRIXIA"):
             assert (logs[s]["message_type"] == "train").sum() == 3, s
         assert "ROGUE" not in "".join(p.read_text(errors="replace") for p in (ws / "logs").glob("*.log"))
+        # ... and where each message's time went (mdmt.fed.timing), in order from the server's send to the reply
+        from mdmt.fed.timing import read_timing_log
+
+        for s in SITES:
+            timings = read_timing_log(site_ws[s] / "sites" / s)
+            assert sorted({r for t in timings for r in t["rounds"]}) == [1, 2, 3], (s, timings)
+            for t in timings:
+                assert t["sent"] <= t["process"] <= t["handler"] <= t["imported"] <= t["done"], t
+                assert set(t["stages"]) <= {"data", "model", "train", "evaluate"} and t["stages"]["model"] > 0, t
+            assert any("train" in t["stages"] for t in timings) == (s != "A"), s
 
         # Coordinator crash: the SuperLink and its ServerApp are killed once round 1 is checkpointed, then
         # the SuperLink restarts on its database. The supervisor resubmits; the unit resumes at round k+1.

@@ -52,6 +52,7 @@ OPERATIONAL_KEYS = frozenset(
         "holdout-eval-every",
         "site-cache",
         "site-cache-mb",
+        "pack-arrays",
     }
 )
 
@@ -124,6 +125,7 @@ class RunConfig:
     holdout_eval_every: int = 1  # held-out and test splits are evaluated every N rounds, and at the selected round
     site_cache: bool = True  # a process serving sites keeps their data and built models between messages
     site_cache_mb: int = 4096  # the byte budget of that cache (least recently used first out)
+    pack_arrays: bool = True  # a unit's model and update travel as one Flower Array (mdmt.fed.packing)
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

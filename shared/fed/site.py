@@ -16,6 +16,7 @@ import torch
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
 from mdmt.fed.sitedata import SiteLocation, image_splits, load_split, pooled_locations
+from mdmt.fed.timing import stage
 from mdmt.fed.warm import model_for, site_rows
 from mdmt.ml.augment import get_augment
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, get_method
@@ -61,33 +62,36 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
     """One round of local training; returns (new state dict, train metrics dict)."""
     method = get_method(str(round_config[P.CFG_METHOD]))
     locs = pooled_locations(cfg, loc, str(round_config.get(P.CFG_POOL, "")))
-    data = TaskData.concat([_rows(cfg, l, "train", method.tasks, round_config) for l in locs])
+    with stage("data"):
+        data = TaskData.concat([_rows(cfg, l, "train", method.tasks, round_config) for l in locs])
     bn_file = _fedbn_file(loc, round_config)
     if (
         _fedbn(round_config) and bn_file.is_file()
     ):  # FedBN: this site's own BatchNorm statistics replace the global ones
         state = state | torch.load(bn_file, map_location="cpu")
     device = resolve_device(loc.device or cfg.device)
-    model, forward = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
+    with stage("model"):
+        model, forward = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
     seed = derive_seed(cfg.seed, "train", loc.site, round_config[P.CFG_UNIT], int(round_config[P.CFG_ROUND]))
-    res = train_local(
-        model,
-        data,
-        epochs=cfg.local_epochs,
-        steps=cfg.local_steps,
-        batch_size=cfg.batch_size,
-        lr=float(round_config[P.CFG_LR]),
-        weight_decay=cfg.weight_decay,
-        loss_norm=cfg.loss_norm,
-        device=device,
-        seed=seed,
-        augment=get_augment(cfg.augment),
-        class_weight=cfg.class_weight,
-        prox_mu=float(round_config.get(P.CFG_PROX_MU, 0.0)),
-        compile_model=cfg.torch_compile,
-        forward=forward,
-        dp=dp_round(cfg, loc, data, str(round_config[P.CFG_UNIT])) if cfg.dp else None,
-    )
+    with stage("train"):
+        res = train_local(
+            model,
+            data,
+            epochs=cfg.local_epochs,
+            steps=cfg.local_steps,
+            batch_size=cfg.batch_size,
+            lr=float(round_config[P.CFG_LR]),
+            weight_decay=cfg.weight_decay,
+            loss_norm=cfg.loss_norm,
+            device=device,
+            seed=seed,
+            augment=get_augment(cfg.augment),
+            class_weight=cfg.class_weight,
+            prox_mu=float(round_config.get(P.CFG_PROX_MU, 0.0)),
+            compile_model=cfg.torch_compile,
+            forward=forward,
+            dp=dp_round(cfg, loc, data, str(round_config[P.CFG_UNIT])) if cfg.dp else None,
+        )
     new_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if _fedbn(round_config):
         bn_file.parent.mkdir(parents=True, exist_ok=True)
@@ -129,15 +133,18 @@ def run_evaluate(
     device = resolve_device(loc.device or cfg.device)
     out_dir = loc.workspace / "predictions" / str(round_config[P.CFG_UNIT]).replace("/", "__")
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, _ = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
+    with stage("model"):
+        model, _ = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
     rnd = int(round_config.get(P.CFG_EVAL_ROUND, round_config[P.CFG_ROUND]))
     results = {}
     for split in splits:
-        data = _rows(cfg, loc, split, (PROGNOSIS, SEVERITY), round_config)
-        if _fedbn(round_config) and not bn_file.is_file():  # statistics reset and re-estimated per split
-            adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
-        res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
-        res.predictions.to_csv(out_dir / f"round-{rnd:03d}-{split}.csv", index=False)
+        with stage("data"):
+            data = _rows(cfg, loc, split, (PROGNOSIS, SEVERITY), round_config)
+        with stage("evaluate"):
+            if _fedbn(round_config) and not bn_file.is_file():  # statistics reset and re-estimated per split
+                adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+            res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
+            res.predictions.to_csv(out_dir / f"round-{rnd:03d}-{split}.csv", index=False)
         results[split] = res
     return P.split_eval_metrics(results)
 
@@ -146,8 +153,9 @@ def run_step(
     cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor], round_config: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """One unit's part of a round at this site: evaluate the model received on the config's splits (the
-    validation of the round before), then train from it when the config says so. Returns (the trained
-    state, or None, and the reply's metrics)."""
+    validation of the round before), then train from it when the config says so. ``state`` may hold
+    numpy arrays (as a message brings them). Returns (the trained state, or None, and the reply's metrics)."""
+    state = {k: torch.as_tensor(v) for k, v in state.items()}
     metrics = run_evaluate(cfg, loc, state, round_config)
     if not int(round_config.get(P.CFG_TRAIN, 0)):
         return None, metrics

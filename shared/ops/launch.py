@@ -223,7 +223,7 @@ def end_processes(find, grace: float = 10.0, settle: float = 1.0) -> None:
     started after the first look is ended too."""
     _signal_all(find, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(p) for p in find()):
+    while time.monotonic() < deadline and any(is_running(p) for p in find()):
         time.sleep(0.2)
     deadline = time.monotonic() + grace
     quiet = time.monotonic()
@@ -235,7 +235,7 @@ def end_processes(find, grace: float = 10.0, settle: float = 1.0) -> None:
 
 def _signal_all(find, sig: int) -> int:
     """Send ``sig`` to every live PID of ``find()``; returns how many there were."""
-    live = [p for p in find() if _alive(p)]
+    live = [p for p in find() if is_running(p)]
     for pid in live:
         try:
             os.kill(pid, sig)
@@ -244,7 +244,8 @@ def _signal_all(find, sig: int) -> int:
     return len(live)
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """Whether a PID is a live process (not gone, not a zombie)."""
     try:
         with open(f"/proc/{pid}/stat") as fh:
             return fh.read().split(") ", 1)[1][0] != "Z"

@@ -14,6 +14,7 @@ from pathlib import Path
 from mdmt.errors import ConfigError
 from mdmt.ops.bench.common import SECTIONS, Bench, Settings, device_name, federation
 from mdmt.ops.bench.data import section_ingest
+from mdmt.ops.bench.deploy import section_deploy
 from mdmt.ops.bench.simulation import section_round, section_scaling
 from mdmt.ops.bench.train import section_bytes, section_train
 from mdmt.ops.bench.warm import section_warm
@@ -57,6 +58,7 @@ def run_bench(
                     "round": section_round,
                     "warm": section_warm,
                     "scaling": section_scaling,
+                    "deploy": section_deploy,
                 }
                 sections_on_fed[name](b, fed)
         except ImportError as exc:  # a GPU machine without Flower or pydicom
@@ -98,6 +100,8 @@ def cmd_bench(a) -> None:
         workspace=Path(a.workspace),
         scaling_sites=sites,
         fed_dir=Path(a.fed_dir) if a.fed_dir else None,
+        deploy_rounds=a.deploy_rounds,
+        deploy_baseline_rounds=a.deploy_baseline_rounds,
     )
     run_bench(s, sections, command="mdmt " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "mdmt bench")
 
@@ -129,6 +133,15 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--scale", type=float, default=None, help="synthetic federation scale (default 1.0; quick 0.04)")
     p.add_argument("--fed-dir", default=None, help="use this synthetic federation instead of making one at --scale")
     p.add_argument("--scaling-sites", default="", help="virtual site counts (default 2,7,20,50)")
+    p.add_argument(
+        "--deploy-rounds", type=int, default=None, help="rounds of the deploy section's job (default 20; quick 3)"
+    )
+    p.add_argument(
+        "--deploy-baseline-rounds",
+        type=int,
+        default=None,
+        help="rounds of the same job with one Flower Array per tensor, before packing (default 3; quick 0 = skip)",
+    )
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
     p.add_argument("--workspace", default="runs/bench", help="federations, caches and the figures' JSON")
     p.set_defaults(fn=cmd_bench)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("train", "bytes", "ingest", "round", "warm", "scaling")
+SECTIONS = ("train", "bytes", "ingest", "round", "warm", "scaling", "deploy")
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Settings:
     scaling_sites: tuple[int, ...] = (2, 7, 20, 50)
     scaling_rounds: int = 2
     warm_units: int = 0  # LOCO units of the warm section (0 = one per prognosis centre)
+    deploy_rounds: int = 20  # rounds of the deploy section's job (packed arrays)
+    deploy_baseline_rounds: int = 3  # rounds of the same job with one Flower Array per tensor (0 = not run)
     workspace: Path = Path("runs/bench")
     fed_dir: Path | None = None  # an existing synthetic federation instead of making one at ``scale``
 
@@ -44,6 +46,8 @@ class Settings:
                 rounds=2,
                 scaling_rounds=1,
                 warm_units=2,
+                deploy_rounds=3,
+                deploy_baseline_rounds=0,
             )
             if quick
             else cls()
