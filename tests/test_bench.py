@@ -97,6 +97,8 @@ def test_bench_measures_every_section(tmp_path, small_federation):
     # the coordinator's state is bounded by what is in flight: a round's models and updates, and the WAL
     peak = dep["coordinator state, peak from round 2"].value
     assert 0 < peak < 4 * message + 64, (peak, message)
+    halves = [f.value for n, f in dep.items() if n.startswith("coordinator state, peak in") and "trips" in n]
+    assert len(halves) == 2 and max(halves) == peak, halves
     assert dep["coordinator state at the end"].value <= max(peak, dep["coordinator state, peak in round 1"].value)
     saved = json.loads(next((tmp_path / "bench").glob("bench-*.json")).read_text())
     assert len(saved["figures"]) == len(b.figures) and saved["command"] == "mdmt bench --quick (test)"

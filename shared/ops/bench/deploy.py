@@ -61,6 +61,10 @@ class DiskProbe:
         self._thread.join(5)
         self.samples.append((time.time(), folder_bytes(self.folder)))
 
+    def save(self, path: Path) -> None:
+        """The samples as CSV (Unix time, bytes)."""
+        path.write_text("time,bytes\n" + "".join(f"{t:.2f},{b}\n" for t, b in self.samples))
+
     def peak(self, start: float = 0.0, end: float = float("inf")) -> int:
         return max((b for t, b in self.samples if start <= t <= end), default=0)
 
@@ -179,6 +183,7 @@ def run_job(s, fed: Path, root: Path, sites: list[str], centres: list[str], roun
             job = jobs.submit(config, CONNECTION, str(lb.flwr_home), echo=lambda line: None)
             rc = jobs.watch(job, poll=2.0, echo=lambda line: None, log_dir=root / "runs")
         wall = time.time() - t0
+        disk.save(root / "coordinator" / "state-bytes.csv")
         if rc != 0:
             raise JobFailed(f"the job ended with {job.state}: {job.message}; see {root / 'runs'} and {lb.logs}")
         timings = [r for site in sites for r in read_timing_log(lb.site_workspace(site))]
@@ -238,6 +243,10 @@ def section_deploy(b: Bench, fed: Path) -> None:
         add("message to the site training 6 units", biggest / 2**20, "MiB", note="per round")
         add("coordinator state, peak in round 1", disk.peak(0, start2) / 2**20, "MiB")
         add("coordinator state, peak from round 2", disk.peak(start2) / 2**20, "MiB")
+        # bounded: the second half of the trips from round 2 needs no more than the first half
+        mid = trips[len(trips) // 2][0]["sent"]
+        add(f"coordinator state, peak in trips 1-{len(trips) // 2} from round 2", disk.peak(start2, mid) / 2**20, "MiB")
+        add(f"coordinator state, peak in the last {len(trips) - len(trips) // 2} trips", disk.peak(mid) / 2**20, "MiB")
         add("coordinator state at the end", disk.samples[-1][1] / 2**20, "MiB")
         add("job wall time", job_wall, note="submit to completed, discovery and caches included")
         add("runs resubmitted by the supervisor", restarts, "", note="a failed Flower run is submitted again")
