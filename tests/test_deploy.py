@@ -708,22 +708,6 @@ def test_install_script_writes_the_site_dropin_and_check_compares_it(tmp_path, c
 # ---- a real deployment on loopback ---------------------------------------------------------------
 
 
-def _wait_healthy(port: int, ca: Path, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    import httpx
-
-    ctx = ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"flower-superlink exited with {proc.returncode}"
-        try:
-            if httpx.get(f"https://127.0.0.1:{port}/health", verify=ctx, timeout=2).is_success:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"the SuperLink did not answer on 127.0.0.1:{port} within {timeout:.0f}s")
-
-
 UNIT = "mdmt/resnet18/loco/A/seed0"
 
 
@@ -863,13 +847,13 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         assert _run(["site-key", "--site", "ROGUE", "--out", keys]) == 0
 
         # The SuperLink: TLS, SuperNode authentication, no runtime dependency installation, loopback only.
-        port = free_port()
+        port = procs.port = free_port()  # the harness's certificate folder is the one made above
         argv_link, env_link = commands.superlink_command(
             certs, tmp_path / "coordinator" / "state", host="127.0.0.1", port=port
         )
         env_link["UV_CACHE_DIR"] = str(tmp_path / "uv-cache")
         superlink = procs.start("superlink", argv_link, env_link)
-        _wait_healthy(port, certs / files.CA_CERT, superlink)
+        procs.wait_healthy(superlink, 90.0)
 
         # The operator's flwr CLI: a TLS connection, and each site's public key registered under its name.
         cli_env = {"FLWR_HOME": str(tmp_path / "operator-flwr"), "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
@@ -999,7 +983,7 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
         k, digest = int(ckpt["round"]), arrays_digest(ckpt["state_dict"])
         assert k < 3
         superlink = procs.start("superlink-restarted", argv_link, env_link)
-        _wait_healthy(port, certs / files.CA_CERT, superlink)
+        procs.wait_healthy(superlink, 90.0)
         assert supervisor.wait(timeout=1200) == 0, procs.log("submit-resume")[-3000:]
         sup_log = procs.log("submit-resume")
         # it sees the SuperLink gone, or (when the restart falls between two polls) the run failed

@@ -148,6 +148,7 @@ def run_job(s, fed: Path, root: Path, sites: list[str], centres: list[str], roun
     # deferred: torch, pydicom and flwr load per section, which is skipped where one is missing
     import tomli_w
 
+    # deferred: the jobs and the deployment pieces import Flower's CLI helpers and cryptography
     from mdmt.fed.timing import read_timing_log
     from mdmt.ops import jobs
     from mdmt.ops.deploy.loopback import CONNECTION, Loopback
