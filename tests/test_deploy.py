@@ -964,7 +964,8 @@ def test_tls_deployment_with_registered_sites_runs_the_app(tmp_path, capsys, sma
 
         for s in SITES:
             timings = read_timing_log(site_ws[s] / "sites" / s)
-            assert sorted({r for t in timings for r in t["rounds"]}) == [1, 2, 3], (s, timings)
+            # the held-out centre first scores the model of round 1, in round 2's trip
+            assert {r for t in timings for r in t["rounds"]} == ({2, 3} if s == "A" else {1, 2, 3}), (s, timings)
             for t in timings:
                 assert t["sent"] <= t["process"] <= t["handler"] <= t["imported"] <= t["done"], t
                 assert set(t["stages"]) <= {"data", "model", "train", "evaluate"} and t["stages"]["model"] > 0, t
