@@ -16,7 +16,7 @@ def to_record(arrays: dict[str, np.ndarray], packed: bool = False) -> ArrayRecor
     """One Flower Array per tensor, or (``packed``) one for all of them (mdmt.fed.packing)."""
     if packed:
         return ArrayRecord({PACKED: Array(pack_arrays(arrays))})
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in arrays.items()})  # a 0-d buffer stays 0-d
 
 
 def from_record(rec: ArrayRecord, source: str = "the reply") -> dict[str, np.ndarray]:

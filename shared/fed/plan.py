@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mdmt.errors import ConfigError
+from mdmt.errors import ConfigError, ProtocolError
 from mdmt.fed import protocol as P
 from mdmt.fed.config import OPERATIONAL_KEYS, RunConfig
 from mdmt.ml.methods import PROGNOSIS, TASKS, Method, get_method, local_site, role_tasks
@@ -30,6 +30,14 @@ class SiteInfo:
 
     @classmethod
     def from_summary(cls, s: dict[str, Any]) -> SiteInfo:
+        """A site's query reply; one that speaks another message contract (or names none) is refused."""
+        version = s.get(P.CONTRACT_VERSION_KEY)
+        if str(version) != str(P.CONTRACT_VERSION):
+            said = "no contract version" if version is None else f"message contract {version}"
+            raise ProtocolError(
+                f"site {s.get('site', '?')}: its summary has {said}, this server speaks message contract "
+                f"{P.CONTRACT_VERSION}; run the same mdmt version at the site and the server"
+            )
         counts = {k: int(v) for k, v in s.items() if k.endswith(("-prognosis", "-severity"))}
         return cls(
             str(s["site"]), str(s["role"]), counts, str(s["manifest-hash"]), str(s.get(P.NODE_KIND)) == P.SIMULATION
@@ -103,8 +111,12 @@ def map_sites(
     sites: dict[str, SiteInfo] = {}
     node_of: dict[str, int] = {}
     for info, node in found:
-        if info.site in node_of:
-            raise ConfigError(f"two nodes claim site '{info.site}'; each site must run exactly one node")
+        if info.site in node_of and node_of[info.site] != node:
+            first = node_of[info.site]
+            raise ConfigError(
+                f"two nodes claim site '{info.site}' (nodes {first} and {node}); neither is used: each site must "
+                "run exactly one node, so stop the other one (or register the site's key), then submit again"
+            )
         sites[info.site], node_of[info.site] = info, node
     missing = sorted(expected - set(sites))
     if missing or not sites:
