@@ -7,23 +7,27 @@ from __future__ import annotations
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from mdmt.client.mods import message_log_mod
+from mdmt.client.mods import message_log_mod, site_guard_mod
 from mdmt.client.secagg import secure_aggregation_mod
 from mdmt.fed import protocol as P
 from mdmt.fed.compress import encode_update
-from mdmt.fed.config import RunConfig
 from mdmt.fed.packing import PACKED, is_packed, pack_arrays, unpack_arrays
-from mdmt.fed.sitedata import locate_site, site_summary
+from mdmt.fed.policy import check_contract, check_units, site_context
+from mdmt.fed.sitedata import site_summary
 from mdmt.fed.timing import MessageTimer
 
-# SecAgg+ first: the message log then records the one train message a secure round hands to train().
-app = ClientApp(mods=[secure_aggregation_mod, message_log_mod])
+# The guard outermost: every reply (SecAgg+ stages included) passes its contract check and reply log, and
+# every failure leaves as a scrubbed error reply. Then SecAgg+: the message log records the one train
+# message a secure round hands to train().
+app = ClientApp(mods=[site_guard_mod, secure_aggregation_mod, message_log_mod])
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    cfg = RunConfig.from_mapping(context.run_config)
-    summary = site_summary(cfg, locate_site(cfg, context.node_config))
+    cfg, loc = site_context(context.run_config, context.node_config, context.run_id)
+    config = msg.content.config_records.get(P.CONFIG) if msg.content else None
+    check_contract(dict(config or {}), loc, context.run_id)
+    summary = site_summary(cfg, loc)
     return Message(RecordDict({P.SITE: ConfigRecord(summary)}), reply_to=msg)
 
 
@@ -37,11 +41,12 @@ def step(msg: Message, context: Context) -> Message:
 
     timer.mark("imported")
 
-    # Load: config and site.
-    cfg = RunConfig.from_mapping(context.run_config)
-    loc = locate_site(cfg, context.node_config)
+    # Load: config and site; the site's policy checks every unit before any work (mdmt.fed.policy).
+    cfg, loc = site_context(context.run_config, context.node_config, context.run_id)
+    indices = P.unit_indices(msg.content.config_records)
+    check_units(cfg, loc, [dict(msg.content[P.record_name(P.CONFIG, i)]) for i in indices], context.run_id)
     content, rounds = RecordDict(), []
-    for i in P.unit_indices(msg.content.config_records):
+    for i in indices:
         # Each unit: its global model and round config in, its statistics and update out.
         arrays = msg.content[P.record_name(P.ARRAYS, i)]
         round_config = dict(msg.content[P.record_name(P.CONFIG, i)])

@@ -38,7 +38,7 @@ def _cfg(fed: Path, ws: Path, **kw) -> RunConfig:
 
 
 def _round(cfg: RunConfig, rnd: int, state=None):
-    loc = locate_site(cfg, {"site": "B"})
+    loc = locate_site(cfg, {"site": "B", "data-dir": str(cfg.fed_path / "B"), "workspace": cfg.workspace})
     state = state if state is not None else {k: torch.from_numpy(v) for k, v in initial_arrays(cfg, "resnet18").items()}
     round_config = {
         P.CFG_ROUND: rnd,

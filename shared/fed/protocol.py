@@ -48,6 +48,25 @@ CFG_TRAIN = "train"  # 1: train after evaluating; 0: evaluate only
 CFG_EVAL_ROUND = "eval-round"  # the round whose model the site evaluates (the one before CFG_ROUND)
 
 
+# The message contract's version. The server sends it in the QUERY message's ConfigRecord (``config``)
+# under CONTRACT_VERSION_KEY; the site answers with it in its summary under the same key, and refuses a
+# query that names another version. Raise it whenever a record, key or meaning of this module changes.
+CONTRACT_VERSION = 1
+CONTRACT_VERSION_KEY = "contract-version"
+
+# Keys that name files or folders. A site daemon (deployment) never takes them from the server: its data,
+# workspace, cache and crop source come from its own site config (mdmt.fed.policy says what happens to
+# each); only a simulation reads them, where every folder is the researcher's own.
+RUN_PATH_KEYS = ("fed-dir", "workspace", "cache-dir", "store", "weights", "site-registry", "crop-source")
+ROUND_PATH_KEYS = (CFG_POOL,)
+
+# Error codes of a site's error replies (Flower's own codes are below 10). The reason is one scrubbed line
+# (mdmt.fed.scrub): no path, no file name, no identifier.
+ERR_REFUSED = 20  # the site's policy refused the message (mdmt.fed.policy)
+ERR_FAILED = 21  # the site failed while serving the message
+ERR_BLOCKED = 22  # the site's reply broke the contract and was withheld (mdmt.fed.audit.reply_problems)
+
+
 def record_name(kind: str, unit: int) -> str:
     """The record of unit ``unit`` in a message: ``arrays``/``config``/``metrics`` for unit 0, else
     ``<kind>.<unit>`` (a message with one unit looks as it always did)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 
 from mdmt.fed import protocol as P
 from mdmt.fed.config import RunConfig
+from mdmt.fed.policy import privacy_dir, safe_unit_name, site_dp_settings, small_split_histogram
 from mdmt.fed.sitedata import SiteLocation, image_splits, load_split, pooled_locations
 from mdmt.fed.timing import stage
 from mdmt.fed.warm import model_for, site_rows
@@ -50,8 +52,13 @@ def _rows(
     return load_split(cfg, loc, split, tasks, splits=image_splits(cfg, loc, protocol, fold))
 
 
+def unit_file_name(loc: SiteLocation, unit_id: str) -> str:
+    """A unit's name in the site's folders (a site daemon keeps only safe characters of what it was sent)."""
+    return safe_unit_name(unit_id) if loc.node is not None else str(unit_id).replace("/", "__")
+
+
 def _fedbn_file(loc: SiteLocation, round_config: Mapping[str, Any]) -> Path:
-    return loc.workspace / "fedbn" / (str(round_config[P.CFG_UNIT]).replace("/", "__") + ".pt")
+    return loc.workspace / "fedbn" / (unit_file_name(loc, str(round_config[P.CFG_UNIT])) + ".pt")
 
 
 def _fedbn(round_config: Mapping[str, Any]) -> bool:
@@ -101,8 +108,9 @@ def run_train(cfg: RunConfig, loc: SiteLocation, state: dict[str, torch.Tensor],
 
 def privacy_file(loc: SiteLocation, unit_id: str) -> Path:
     """Where a site keeps the accountant history of one unit: on its own disk, so a restarted daemon or a
-    rerun of the unit continues the epsilon instead of starting from zero."""
-    return loc.workspace / "privacy" / (unit_id.replace("/", "__") + ".json")
+    rerun of the unit continues the epsilon instead of starting from zero. A site daemon keeps them per
+    data set (manifest hash), where its epsilon budget adds them up (mdmt.fed.policy)."""
+    return privacy_dir(loc) / (unit_file_name(loc, unit_id) + ".json")
 
 
 def dp_round(cfg: RunConfig, loc: SiteLocation, data: TaskData, unit_id: str) -> DPRound | None:
@@ -115,7 +123,9 @@ def dp_round(cfg: RunConfig, loc: SiteLocation, data: TaskData, unit_id: str) ->
     per_epoch = steps_per_epoch(n, cfg.batch_size)
     epochs = cfg.num_rounds * (cfg.local_epochs if cfg.local_steps <= 0 else math.ceil(cfg.local_steps / per_epoch))
     settings = cfg.dp_settings(epochs).resolve(n, cfg.batch_size)
-    return DPRound(settings, privacy_file(loc, unit_id), {"site": loc.site, "unit": unit_id})
+    file = privacy_file(loc, unit_id)
+    settings = site_dp_settings(loc, settings, file)
+    return DPRound(settings, file, {"site": loc.site, "unit": unit_id})
 
 
 def run_evaluate(
@@ -131,7 +141,7 @@ def run_evaluate(
     if _fedbn(round_config) and bn_file.is_file():
         state = state | torch.load(bn_file, map_location="cpu")
     device = resolve_device(loc.device or cfg.device)
-    out_dir = loc.workspace / "predictions" / str(round_config[P.CFG_UNIT]).replace("/", "__")
+    out_dir = loc.workspace / "predictions" / unit_file_name(loc, str(round_config[P.CFG_UNIT]))
     out_dir.mkdir(parents=True, exist_ok=True)
     with stage("model"):
         model, _ = _model(cfg, str(round_config[P.CFG_BACKBONE]), state, device)
@@ -145,7 +155,7 @@ def run_evaluate(
                 adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
             res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
             res.predictions.to_csv(out_dir / f"round-{rnd:03d}-{split}.csv", index=False)
-        results[split] = res
+        results[split] = replace(res, prog_hist=small_split_histogram(loc, res.prog_hist, res.n[PROGNOSIS]))
     return P.split_eval_metrics(results)
 
 

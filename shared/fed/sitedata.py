@@ -33,12 +33,13 @@ class SiteLocation:
     cache_root: Path
     device: str = ""  # deployment: the site's own device choice (node_config 'device'); empty = the run config's
     simulated: bool = False  # a simulation node (partition-id), not a site daemon
+    node: NodeConfig | None = None  # deployment: the site's own node config, its policy (mdmt.fed.policy) included
 
 
 def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
     """Deployment: node_config ``site`` (+ ``data-dir``, ``workspace``). Simulation: partition-id -> site."""
     if SITE in node_config:
-        node = NodeConfig.from_flower(node_config, cfg.fed_path, cfg.workspace_path)
+        node = NodeConfig.from_flower(node_config)
         site, site_dir, ws, cache, device = node.site, node.data_dir, node.workspace, node.cache_path, node.device
     elif "partition-id" in node_config:
         sites = list(cfg.site_list) or dispatch_order(cfg.fed_path)
@@ -51,16 +52,19 @@ def locate_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteLocation:
         site = sites[pid]
         site_dir = cfg.fed_path / site
         ws, cache = cfg.workspace_path, cfg.cache_path
-        device = ""
+        device, node = "", None
     else:
         raise ConfigError("node_config has neither 'site' (deployment) nor 'partition-id' (simulation)")
-    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device, simulated=SITE not in node_config)
+    return SiteLocation(site, site_dir, ws / "sites" / site, cache, device, simulated=node is None, node=node)
 
 
 def pooled_locations(cfg: RunConfig, loc: SiteLocation, pool: str) -> list[SiteLocation]:
-    """The sites a centralised reference pools (simulation only: every site folder is on this machine)."""
-    if not pool:
+    """The sites a centralised reference pools (simulation only: every site folder is on this machine). A
+    site daemon trains on its own data only."""
+    if not pool or (loc.node is not None and pool == loc.site):
         return [loc]
+    if loc.node is not None:
+        raise ConfigError("'pool-sites': a site trains on its own data only (pooling is for simulations)")
     out = []
     for s in pool.split(","):
         d = cfg.fed_path / s
@@ -137,6 +141,7 @@ def site_summary(cfg: RunConfig, loc: SiteLocation) -> dict[str, Any]:
         "role": sd.role,
         "manifest-hash": manifest_hash(loc.site_dir),
         P.NODE_KIND: P.SIMULATION if loc.simulated else P.DEPLOYMENT,
+        P.CONTRACT_VERSION_KEY: P.CONTRACT_VERSION,
     }
     for split in SPLIT_CHOICES:
         d = load_split(cfg, loc, split, (PROGNOSIS, SEVERITY), sd=sd, splits=splits)

@@ -363,6 +363,24 @@ def read_accountant(path: str | os.PathLike) -> dict | None:
     return {"mechanism": mechanism, "history": history, "meta": doc.get("meta", {})}
 
 
+def saved_epsilon(path: str | os.PathLike) -> float:
+    """Epsilon of the history saved at ``path``, at the delta it was saved with (0 when none yet)."""
+    doc = read_accountant(path)
+    if doc is None or not doc["history"]:
+        return 0.0
+    delta = doc["meta"].get("delta")
+    if not isinstance(delta, (int, float)) or not 0 < delta < 1:
+        raise DataError(f"privacy accountant file {path} has no delta; restore it from a backup")
+    return _epsilon(doc["history"], doc["mechanism"], float(delta))
+
+
+def composed_epsilon(paths: Sequence[str | os.PathLike]) -> float:
+    """Epsilon of one data set over several accountant files (one per unit that trained on it): the sum
+    of each file's epsilon, sequential composition (its delta is the sum of theirs). A conservative bound
+    that holds whatever mechanisms and deltas the units used."""
+    return float(sum(saved_epsilon(p) for p in paths))
+
+
 def load_accountant(engine_or_accountant: Any, path: str | os.PathLike):
     """Load the history saved at ``path`` into the accountant (nothing happens when the file does not
     exist yet); returns the accountant."""

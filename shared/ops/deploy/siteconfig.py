@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mdmt.data.options import MIN_IMAGE_SIZE
 from mdmt.errors import ConfigError
-from mdmt.fed.node import NodeConfig
+from mdmt.fed.node import DEFAULT_MAX_IMAGE_SIZE, DEFAULT_MIN_HIST_N, NodeConfig
 from mdmt.ops.deploy.files import make_dir, write_public
 
 DEFAULT_SUPERLINK_PORT = 9092
@@ -18,6 +19,7 @@ DEFAULT_SUPERNODE_PORT = 9094
 DEVICES_HELP = "auto, cpu, cuda or cuda:N"
 SITE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+SHA256_RE = re.compile(r"^([0-9a-fA-F]{64})?$")
 
 
 def check_site_name(site: str, source: str = "--site") -> str:
@@ -66,6 +68,14 @@ class SiteConfig:
     cache_dir: Path | None = None
     device: str = "auto"
     supernode_port: int = DEFAULT_SUPERNODE_PORT
+    # The site's policy (mdmt.fed.policy): what no server message can change.
+    crop_source: str = ""  # boxes/masks crop: the site's table or folder; relative = inside data-dir
+    dp_required: bool = False
+    dp_min_noise: float = 0.0
+    epsilon_budget: float = 0.0
+    max_image_size: int = DEFAULT_MAX_IMAGE_SIZE
+    min_hist_n: int = DEFAULT_MIN_HIST_N
+    approved_app: str = ""
     source: str = field(default="site config", compare=False)
 
     @property
@@ -82,6 +92,13 @@ class SiteConfig:
             self.workspace,
             self.cache_dir,
             "cuda" if self.device.startswith("cuda") else self.device,
+            crop_source=self.crop_source,
+            dp_required=self.dp_required,
+            dp_min_noise=self.dp_min_noise,
+            epsilon_budget=self.epsilon_budget,
+            max_image_size=self.max_image_size,
+            min_hist_n=self.min_hist_n,
+            approved_app=self.approved_app.lower(),
         )
 
     @property
@@ -94,7 +111,19 @@ class SiteConfig:
         check_device(self.device, f"{self.source}: 'device'")
         if not 0 < int(self.supernode_port) < 65536:
             raise ConfigError(f"{self.source}: 'supernode-port' must be 1-65535, got {self.supernode_port}")
-        for key in ("data-dir", "ca", "key", "workspace", "cache-dir"):
+        for key, low in (("dp-min-noise", 0), ("epsilon-budget", 0), ("min-hist-n", 0)):
+            value = getattr(self, key.replace("-", "_"))
+            if not value >= low or value != value or value == float("inf"):
+                raise ConfigError(f"{self.source}: '{key}' must be a finite number >= {low}, got {value}")
+        if not MIN_IMAGE_SIZE <= int(self.max_image_size):
+            raise ConfigError(
+                f"{self.source}: 'max-image-size' must be at least {MIN_IMAGE_SIZE} pixels, got {self.max_image_size}"
+            )
+        if not SHA256_RE.match(str(self.approved_app)):
+            raise ConfigError(
+                f"{self.source}: 'approved-app' must be 64 hex characters (the app bundle's sha256) or empty"
+            )
+        for key in ("data-dir", "ca", "key", "workspace", "cache-dir", "crop-source"):
             value = getattr(self, key.replace("-", "_"))
             if value is not None and any(c in str(value) for c in '"\\\n'):
                 raise ConfigError(
@@ -114,7 +143,21 @@ SITE_CONFIG_KEYS = (
     "cache-dir",
     "device",
     "supernode-port",
+    "crop-source",
+    "dp-required",
+    "dp-min-noise",
+    "epsilon-budget",
+    "max-image-size",
+    "min-hist-n",
+    "approved-app",
 )
+_POLICY_TYPES = {
+    "dp-required": (bool,),
+    "dp-min-noise": (int, float),
+    "epsilon-budget": (int, float),
+    "max-image-size": (int,),
+    "min-hist-n": (int,),
+}
 _REQUIRED_KEYS = ("site", "data-dir", "coordinator", "ca", "key", "workspace")
 
 
@@ -135,6 +178,15 @@ def site_config_text(cfg: SiteConfig) -> str:
         f"cache-dir = {_toml_str(cfg.cache_dir or '')}  # empty: <workspace>/cache",
         f"device = {_toml_str(cfg.device)}  # {DEVICES_HELP}",
         f"supernode-port = {int(cfg.supernode_port)}  # the SuperNode's local API (loopback; unique per host)",
+        "# The site's policy: no server message changes it (docs/privacy.md, 'The site's policy').",
+        f"crop-source = {_toml_str(cfg.crop_source)}  # boxes/masks crop table or folder; relative = inside "
+        "data-dir; empty = the default name",
+        f"dp-required = {str(bool(cfg.dp_required)).lower()}  # true: refuse to train without DP-SGD",
+        f"dp-min-noise = {float(cfg.dp_min_noise)}  # refuse to train with a lower noise multiplier; 0 = no floor",
+        f"epsilon-budget = {float(cfg.epsilon_budget)}  # epsilon this site's data may spend over all units; 0 = none",
+        f"max-image-size = {int(cfg.max_image_size)}  # refuse a run whose image-size is larger",
+        f"min-hist-n = {int(cfg.min_hist_n)}  # a split with fewer labelled rows sends a coarsened score histogram",
+        f"approved-app = {_toml_str(cfg.approved_app)}  # sha256 of the approved app bundle; empty = none named",
     ]
     return "\n".join(lines) + "\n"
 
@@ -173,6 +225,11 @@ def load_site_config(path: str | Path) -> SiteConfig:
         if k == "supernode-port":
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 raise ConfigError(f"{path}: 'supernode-port' must be an integer, got {v!r}")
+        elif k in _POLICY_TYPES:
+            kinds = _POLICY_TYPES[k]
+            if v is not None and (not isinstance(v, kinds) or (bool not in kinds and isinstance(v, bool))):
+                what = "true or false" if bool in kinds else "an integer" if kinds == (int,) else "a number"
+                raise ConfigError(f"{path}: '{k}' must be {what}, got {v!r}")
         elif v is not None and not isinstance(v, str):
             raise ConfigError(f"{path}: '{k}' must be a string, got {v!r}")
     base = path.resolve().parent
@@ -191,6 +248,13 @@ def load_site_config(path: str | Path) -> SiteConfig:
         cache_dir=p("cache-dir"),
         device=str(values.get("device", "auto") or "auto"),
         supernode_port=int(values.get("supernode-port", DEFAULT_SUPERNODE_PORT)),
+        crop_source=str(values.get("crop-source", "") or "").strip(),
+        dp_required=bool(values.get("dp-required", False)),
+        dp_min_noise=float(values.get("dp-min-noise", 0.0)),
+        epsilon_budget=float(values.get("epsilon-budget", 0.0)),
+        max_image_size=int(values.get("max-image-size", DEFAULT_MAX_IMAGE_SIZE)),
+        min_hist_n=int(values.get("min-hist-n", DEFAULT_MIN_HIST_N)),
+        approved_app=str(values.get("approved-app", "") or "").strip(),
         source=str(path),
     )
     return cfg.validate()
