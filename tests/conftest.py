@@ -19,6 +19,8 @@ SHARED_RUN = {"test_dashboard.py", "test_replies.py", "test_simulation.py"}
 LONGEST_FIRST = (
     "test_deploy.py",
     "test_bench.py",
+    "test_hostile_replies.py",
+    "test_control_plane.py",
     "test_experiment.py",
     "test_entry_points.py",
     "test_leakage.py",

@@ -524,7 +524,7 @@ def test_systemd_units_and_compose_run_the_deploy_verbs(tmp_path):
         verbs.add(args.deploy_verb)
         assert service.get("restart") in ("always", "unless-stopped", "on-failure"), name
         assert str(service["environment"]["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"]) == "1", name
-    assert verbs == {"superlink-cmd", "supernode-cmd"}
+    assert verbs == {"superlink-cmd", "supernode-cmd", "proxy-cmd"}
     siteconfig.load_site_config(DEPLOY_DIR / "examples" / "site-A.toml")
     # the install script writes the units with the given environment's mdmt
     venv = Path(sys.executable).parent.parent
@@ -614,7 +614,7 @@ def test_compose_services_drop_capabilities_and_have_memory_limits():
     import yaml
 
     compose = yaml.safe_load((DEPLOY_DIR / "compose.yaml").read_text())
-    assert set(compose["services"]) == {"superlink", "supernode"}
+    assert set(compose["services"]) == {"superlink", "supernode", "proxy"}
     for name, service in compose["services"].items():
         assert service["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in service["security_opt"], name

@@ -8,12 +8,14 @@ import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import tomli_w
 
 from mdmt.errors import ConfigError, MDMTError
+from mdmt.ops.deploy.appguard import install_guard
 from mdmt.ops.deploy.files import CA_CERT, SERVER_CERT, SERVER_KEY, make_dir
 from mdmt.ops.deploy.siteconfig import DEFAULT_SUPERLINK_PORT, SiteConfig, format_address, parse_address
 
@@ -50,7 +52,8 @@ def device_env(device: str) -> dict[str, str]:
 
 def supernode_command(cfg: SiteConfig) -> tuple[list[str], dict[str, str]]:
     """(argv, environment additions) of the site's ``flower-supernode``. Runtime dependency installation
-    stays off (the SuperNode's default; ``--allow-runtime-dependency-installation`` is never passed)."""
+    stays off (the SuperNode's default; ``--allow-runtime-dependency-installation`` is never passed). Its
+    PATH starts with the site's ``flwr-clientapp`` guard (:mod:`mdmt.ops.deploy.appguard`), written here."""
     host, port = parse_address(cfg.coordinator)
     argv = [
         _bin("flower-supernode"),
@@ -72,7 +75,13 @@ def supernode_command(cfg: SiteConfig) -> tuple[list[str], dict[str, str]]:
     env = dict(BASE_ENV)
     env.update({"FLWR_HOME": str(cfg.workspace / "flwr-home"), "UV_CACHE_DIR": str(cfg.workspace / "uv-cache")})
     env.update(device_env(cfg.device))
+    # The SuperExec starts flwr-clientapp by name: ours (the approved-app check) comes first on PATH.
+    env["PATH"] = os.pathsep.join([str(install_guard(cfg.workspace)), _bindir(), os.environ.get("PATH", "")])
     return argv, env
+
+
+def _bindir() -> str:
+    return str(Path(sys.executable).parent)
 
 
 def superlink_command(
@@ -129,8 +138,8 @@ def exec_command(argv: list[str], env: dict[str, str], dirs: list[Path]) -> None
         make_dir(d, "state")
     full = os.environ.copy()
     full.update(env)
-    bindir = str(Path(sys.executable).parent)  # Flower starts its helpers by name: use this environment's
-    full["PATH"] = bindir + os.pathsep + full.get("PATH", "")
+    if "PATH" not in env:  # Flower starts its helpers by name: use this environment's (a given PATH has it)
+        full["PATH"] = _bindir() + os.pathsep + full.get("PATH", "")
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -167,3 +176,41 @@ def write_connection(flwr_home: str | Path, name: str, address: str, ca: str | P
         link["default"] = name
     path.write_text(tomli_w.dumps(data))
     return path
+
+
+def register_site(
+    public_key: str | Path,
+    site: str,
+    connection: str,
+    registry: str | Path,
+    env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> int:
+    """Register a site's public key with the SuperLink (``flwr supernode register KEY CONNECTION --name
+    SITE``, on the operator's Control API) and record the node id Flower gave it for the site in
+    ``registry`` (:mod:`mdmt.fed.identity`); returns the node id."""
+    import json  # deferred: only registration parses flwr's JSON answer
+
+    from mdmt.fed.identity import record_node  # deferred: the registry is written only here
+
+    public = Path(public_key).expanduser()
+    try:
+        key = public.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{public}: cannot read the public key ({exc.strerror or exc})") from None
+    argv = [_bin("flwr"), "supernode", "register", str(public), connection, "--name", site, "--format", "json"]
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    try:
+        answer = json.loads(res.stdout[res.stdout.index("{") :])
+        node_id = int(answer["node-id"])
+    except (ValueError, KeyError, TypeError):
+        detail = " ".join((res.stdout + res.stderr).split())[-400:]
+        hint = (
+            "; it was registered before: record it with --node-id N (N from 'flwr supernode list')"
+            if "already in use" in detail
+            else ""
+        )
+        detail = detail or f"exit {res.returncode}"
+        raise MDMTError(f"registering site {site} ({public}) failed: {detail}{hint}") from None
+    record_node(registry, node_id, site, key)
+    return node_id

@@ -84,7 +84,11 @@ def _partitions(grid: Grid, n: int, wait_s: float = 120.0) -> dict[int, int]:
             raise RuntimeError(f"only {len(list(grid.get_node_ids()))} of {n} nodes connected")
         time.sleep(0.5)
     msgs = [
-        Message(RecordDict({P.CONFIG: ConfigRecord({})}), dst_node_id=node, message_type=MessageType.QUERY)
+        Message(
+            RecordDict({P.CONFIG: ConfigRecord({P.CONTRACT_VERSION_KEY: P.CONTRACT_VERSION})}),
+            dst_node_id=node,
+            message_type=MessageType.QUERY,
+        )
         for node in grid.get_node_ids()
     ]
     return {int(r.content[P.SITE]["partition"]): r.metadata.src_node_id for r in grid.send_and_receive(msgs)}
