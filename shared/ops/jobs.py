@@ -178,6 +178,11 @@ def submit(
 
     cfg = load_job_config(config)
     name = name or Path(config).stem
+    if not cfg.site_registry:
+        echo(
+            f"job {name}: the config sets no site-registry, so a node's claimed site is not checked against "
+            "its key (docs/security.md); record the sites' keys with 'mdmt deploy register-site'"
+        )
     path = job_path(cfg.workspace_path, name)
     flwr_home = flwr_home or os.environ.get("FLWR_HOME", "")
     if path.is_file():
