@@ -260,6 +260,7 @@ def coarsening_effect(csv_paths: Iterable[Path], bins: int = COARSE_BINS) -> lis
     import pandas as pd
     from sklearn.metrics import roc_auc_score
 
+    # deferred: with the two above, for this measurement only
     from mdmt.ml.metrics import auc_from_hist
 
     edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
