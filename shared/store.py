@@ -60,6 +60,15 @@ CREATE TABLE IF NOT EXISTS events (
 """
 
 
+def sparse_counts(table: list[list[int]]) -> dict[str, Any]:
+    """A table of counts (a score histogram: one row per class) as the store keeps it: its shape and its
+    nonzero cells as [row, column, count]. A split's few hundred scores fill few of the thousands of bins,
+    so this is what keeps the store small (mdmt.ml.metrics.as_layout reads it back)."""
+    rows = [list(map(int, row)) for row in table]
+    cells = [[i, j, c] for i, row in enumerate(rows) for j, c in enumerate(row) if c]
+    return {"shape": [len(rows), len(rows[0]) if rows else 0], "nonzero": cells}
+
+
 @dataclass(frozen=True)
 class UnitKey:
     method: str
@@ -246,7 +255,7 @@ class RunStore:
                         int(r["n"]),
                         float(r["loss_sum"]),
                         json.dumps(r["cm"]),
-                        json.dumps(r["hist"]) if r.get("hist") is not None else None,
+                        json.dumps(sparse_counts(r["hist"])) if r.get("hist") is not None else None,
                     )
                     for r in stats
                 ],

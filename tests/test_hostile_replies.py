@@ -52,6 +52,7 @@ def _eval(n_prog: int = 3, n_sev: int = 0) -> dict:
         "loss-sum-severity": 0.0,
         "cm-prognosis": [n_prog, 0, 0, 0],
         "hist-prognosis": hist,
+        P.AUC_KEY: float("nan"),  # one class only
         "cm-severity": cm_sev,
     }
 
@@ -107,6 +108,8 @@ def test_an_honest_reply_passes():
         ({"val/hist-prognosis": [4] + [0] * (2 * HIST_BINS - 1)}, "'hist-prognosis' has an entry outside [0, 3]"),
         ({"val/n-prognosis": 10**12}, "split val: 'n-prognosis' is 1000000000000, above the 3"),
         ({"val/loss-sum-prognosis": -1.0}, "'loss-sum-prognosis' must be a finite number >= 0"),
+        ({"val/auc-prognosis": 0.7}, "'auc-prognosis' is 0.7 but a prognosis class has no rows; it must be NaN"),
+        ({"val/auc-prognosis": "0.7"}, "'auc-prognosis' must be a number"),
         ({"dp-refused": 2}, "'dp-refused' must be 0 or 1"),
     ],
 )
@@ -116,12 +119,40 @@ def test_hostile_metrics_are_rejected_with_one_line(changes, reason):
     assert reason in str(exc.value) and "\n" not in str(exc.value)
 
 
-@pytest.mark.parametrize("key", ["n-prognosis", "train-loss", "val/cm-severity", "val/num-examples"])
+@pytest.mark.parametrize(
+    "key", ["n-prognosis", "train-loss", "val/cm-severity", "val/num-examples", "val/auc-prognosis"]
+)
 def test_a_missing_key_is_rejected(key):
     m = _metrics()
     del m[key]
     with pytest.raises(Rejected, match=f"lack '{key.split('/')[-1]}'"):
         _check(m)
+
+
+def test_a_split_auc_must_be_one_its_histogram_allows():
+    """Both classes: MILD in bins 10 and 3500, SEVERE in 3500 and 5000. Of the 4 pairs 3 are won outright and
+    1 is a tie inside bin 3500, so the exact AUC lies in [0.75, 1]."""
+    hist = [0] * (2 * HIST_BINS)
+    hist[10] = hist[3500] = hist[HIST_BINS + 3500] = hist[HIST_BINS + 5000] = 1
+    ev = {f"val/{k}": v for k, v in _eval().items()} | {
+        "val/n-prognosis": 4,
+        "val/num-examples": 4,
+        "val/cm-prognosis": [1, 1, 1, 1],
+        "val/hist-prognosis": hist,
+    }
+    limits = {"val": {"prognosis": 4, "severity": 0}}
+    for ok in (0.75, 0.875, 1.0):
+        check_metrics(ev | {"val/auc-prognosis": ok}, train=False, splits=("val",), limits=limits)
+    for bad, reason in (
+        (0.5, "the split's histogram allows [0.750000, 1.000000] only"),
+        (float("nan"), "must be a number in [0, 1] when both prognosis classes have rows"),
+        (float("inf"), "must be a finite number"),
+        (-0.1, "must be a finite number >= 0"),
+        (1.5, "must be a number in [0, 1]"),
+    ):
+        with pytest.raises(Rejected) as exc:
+            check_metrics(ev | {"val/auc-prognosis": bad}, train=False, splits=("val",), limits=limits)
+        assert reason in str(exc.value) and "\n" not in str(exc.value), bad
 
 
 def test_count_limits_pool_the_pooled_sites_and_all_is_the_sum_of_the_splits():

@@ -27,6 +27,9 @@ def test_every_reply_of_the_run_holds_only_allowed_content(sim_run):
             assert reply_problems(e, shapes) == [], (site, e["message_type"], reply_problems(e, shapes))
             seen.setdefault(site, set()).add(e["message_type"])
     assert seen["A"] == {"query", "evaluate"}  # the held-out centre never trains
+    # every evaluated split carries its exact AUC: one float beside its histogram
+    evals = [e for e in read_reply_log(cfg.workspace_path / "sites" / "A") if e["message_type"] == "evaluate"]
+    assert evals and all(e["records"]["metrics"]["items"]["all/auc-prognosis"]["type"] == "float" for e in evals)
     assert {"query", "train", "evaluate"} <= seen["B"] and {"query", "train", "evaluate"} <= seen["BRIXIA"]
     trains = [e for e in read_reply_log(cfg.workspace_path / "sites" / "B") if e["message_type"] == "train"]
     assert all(set(e["records"]["arrays"]["items"]) == set(shapes) for e in trains)
@@ -52,5 +55,16 @@ def test_the_check_catches_images_per_sample_values_and_paths():
         }
     }
     extra_key = {"records": {"metrics": {"kind": "MetricRecord", "items": {"p-severe": {"type": "float"}}}}}
-    for bad in (image, per_sample, path, extra_key):
+    scores_as_auc = {
+        "records": {
+            "metrics": {
+                "kind": "MetricRecord",
+                "items": {"val/auc-prognosis": {"type": "list", "len": 37, "items": ["float"]}},
+            }
+        }
+    }
+    auc_as_int = {"records": {"metrics": {"kind": "MetricRecord", "items": {"val/auc-prognosis": {"type": "int"}}}}}
+    one_auc = {"records": {"metrics": {"kind": "MetricRecord", "items": {"val/auc-prognosis": {"type": "float"}}}}}
+    assert reply_problems(one_auc, shapes) == []
+    for bad in (image, per_sample, path, extra_key, scores_as_auc, auc_as_int):
         assert reply_problems(bad, shapes), bad

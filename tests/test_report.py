@@ -15,11 +15,14 @@ from imblearn.metrics import geometric_mean_score
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from mdmt.ml.metrics import HIST_BINS, auc_ci
+from mdmt.ml.metrics import LEGACY_HIST_BINS, as_layout, auc_ci, edge_p
 from mdmt.results import report
 from mdmt.store import RunStore, UnitKey
 
 N_BOOT = 50
+# Scores are fabricated on 200 equal bins of P(SEVERE) (bin k: scores in [k / 200, (k + 1) / 200)) and written
+# to the store in the histogram layout sites send (mdmt.ml.metrics.as_layout keeps order and counts).
+HIST_BINS = LEGACY_HIST_BINS
 CENTRES = ("A", "B", "C")
 BACKBONES = ("resnet18", "densenet121", "mobilenet_v2")
 SEPARATION = {
@@ -55,7 +58,7 @@ def prog_stat(site: str, split: str, hist: np.ndarray) -> dict:
         "n": int(hist.sum()),
         "loss_sum": 1.0,
         "cm": cm,
-        "hist": hist.tolist(),
+        "hist": as_layout(hist).tolist(),
     }
 
 
@@ -223,7 +226,7 @@ def test_backbone_table_pools_folds_and_keeps_fold_spread(loco_report):
     for k, v in exp.items():
         assert row[k] == pytest.approx(v), k
     pooled = sum(truth["held"][("stl_prognosis", "mobilenet_v2", c)] for c in CENTRES)
-    assert (row["auc_lo"], row["auc_hi"]) == pytest.approx(auc_ci(pooled, n_boot=N_BOOT, seed=0))
+    assert (row["auc_lo"], row["auc_hi"]) == pytest.approx(auc_ci(as_layout(pooled), n_boot=N_BOOT, seed=0))
     per_fold = [expected(truth["held"][("stl_prognosis", "mobilenet_v2", c)], 100)["acc"] for c in CENTRES]
     assert row["acc_fold_mean"] == pytest.approx(np.mean(per_fold))
     assert row["acc_fold_std"] == pytest.approx(np.std(per_fold, ddof=1))
@@ -248,8 +251,9 @@ def test_method_table_is_the_mean_over_backbones_of_pooled_metrics(loco_report):
 def test_mean_auc_ci_reduces_to_auc_ci_and_covers_the_mean():
     rng = np.random.default_rng(1)
     h1, h2 = score_hist(rng, 60, 50, 20), score_hist(rng, 80, 30, 35)
-    assert report.mean_auc_ci([h1], [1.0], n_boot=200, seed=3) == pytest.approx(auc_ci(h1, n_boot=200, seed=3))
-    lo, hi = report.mean_auc_ci([h1, h2], [1.0, 1.0], n_boot=400, seed=0)
+    single = report.mean_auc_ci([as_layout(h1)], [1.0], n_boot=200, seed=3)
+    assert single == pytest.approx(auc_ci(as_layout(h1), n_boot=200, seed=3))
+    lo, hi = report.mean_auc_ci([as_layout(h1), as_layout(h2)], [1.0, 1.0], n_boot=400, seed=0)
     mean = (roc_auc_score(*samples(h1)[::2]) + roc_auc_score(*samples(h2)[::2])) / 2
     assert lo < mean < hi
 
@@ -266,6 +270,31 @@ def test_centre_table_and_loco_outputs(loco_report):
     assert {"mean", "pooled"} <= set(loco["centre"]) and (d / "out" / "loco.md").is_file()
     pooled = loco[(loco.method == "mdmt") & (loco.backbone == "resnet18") & (loco.centre == "pooled")].iloc[0]
     assert pooled["acc"] == pytest.approx(_pooled_expected(truth, "mdmt", "resnet18")["acc"])
+
+
+def test_centre_auc_is_the_one_its_site_sent_and_pooled_comes_from_histograms(tmp_path):
+    """A store whose held-out sites sent their exact AUC (metric 'auc' of the centre's split): the LOCO
+    table and the per-centre tables show it; the pooled row and the intervals use the histograms."""
+    rng = np.random.default_rng(11)
+    st = RunStore(tmp_path / "s.sqlite")
+    held, sent = {}, {"A": 0.71234, "B": 0.65432}
+    for fold, other in (("A", "B"), ("B", "A")):
+        key = UnitKey("mdmt", "resnet18", "loco", fold, 0)
+        st.start_unit(key, [other], {fold: "all"}, {"threshold": "0.5"}, {})
+        held[fold] = score_hist(rng, 40, 30, 20)
+        rows = [prog_stat(fold, "all", held[fold]), prog_stat(other, "val", score_hist(rng, 10, 10, 20))]
+        st.log_round(key, 1, [(fold, "prognosis", "all", "auc", sent[fold])], rows, [])
+        st.finish_unit(key, "done", 1)
+    table = report.loco_table(st, n_boot=N_BOOT)
+    records = report.prognosis_records(st, report.finished_units(st))
+    st.close()
+    by_centre = table.set_index("centre")
+    assert by_centre.loc["A", "auc"] == sent["A"] and by_centre.loc["B", "auc"] == sent["B"]
+    assert by_centre.loc["mean", "auc"] == pytest.approx((sent["A"] + sent["B"]) / 2)
+    assert by_centre.loc["pooled", "auc"] == pytest.approx(expected(held["A"] + held["B"], 100)["auc"])
+    assert by_centre.loc["A", "auc_lo"] == pytest.approx(auc_ci(as_layout(held["A"]), n_boot=N_BOOT, seed=0)[0])
+    per_centre = report.summarise(records, ["method", "site"], n_boot=N_BOOT)
+    assert sorted(per_centre["auc"]) == sorted(sent.values())
 
 
 # ---- severity --------------------------------------------------------------------------------------------
@@ -368,7 +397,9 @@ def test_cv_pools_test_sites_at_the_validation_threshold(tmp_path):
     st.close()
     folds = pd.read_csv(tmp_path / "out" / "folds_cv.csv", dtype={"fold": str})
     row = folds[(folds.method == "mdmt") & (folds.fold == "1")].iloc[0]
-    assert row["threshold"] == pytest.approx(61 / HIST_BINS)
+    # the cut-off falls between the scores of fabricated bins 60 and 61, at the edge nearest 0.5
+    assert 60.5 / HIST_BINS < row["threshold"] <= 61.5 / HIST_BINS
+    assert row["threshold"] == pytest.approx(edge_p(as_layout(val).sum(axis=0).nonzero()[0][31]))
     exp = expected(tests[("mdmt", "1", "A")] + tests[("mdmt", "1", "B")], 61)
     assert row["acc"] == pytest.approx(exp["acc"]) and row["n"] == exp["n"]
     centres = pd.read_csv(tmp_path / "out" / "centres_cv.csv")

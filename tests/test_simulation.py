@@ -123,3 +123,44 @@ def _zombie(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().split(") ", 1)[1][0] == "Z"
     except OSError:
         return True
+
+
+def test_every_loco_auc_matches_sklearn_on_the_sites_predictions(sim_run):
+    """The sites' per-sample predictions stay in their own workspace; the AUCs the server reports must
+    still be theirs: a centre's AUC exactly (its site sent it), the pooled one within the stated bound
+    (from the logit-binned histograms), and every per-site AUC in the store."""
+    import numpy as np
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from mdmt.ml.metrics import POOLED_AUC_BOUND
+
+    cfg, table, _ = sim_run
+    sites_ws = cfg.workspace_path / "sites"
+
+    def exact(site: str, unit_id: str, rnd: int, split: str) -> float:
+        df = pd.read_csv(sites_ws / site / "predictions" / unit_id.replace("/", "__") / f"round-{rnd:03d}-{split}.csv")
+        df = df[df["y_prog"] >= 0]
+        return roc_auc_score(df["y_prog"], df["p_severe"]) if df["y_prog"].nunique() == 2 else float("nan")
+
+    checked = 0
+    for method in ("mdmt", "stl_prognosis", "centralised_mdmt"):
+        rows = table[table["method"] == method].set_index("centre")
+        unit_id = f"{method}/resnet18/loco/A/seed0"
+        truth = exact("A", unit_id, int(rows.loc["A", "round"]), "all")
+        assert not np.isnan(truth), method  # the small federation's centre A has both classes
+        assert rows.loc["A", "auc"] == pytest.approx(truth, abs=1e-12), method
+        assert rows.loc["mean", "auc"] == pytest.approx(truth, abs=1e-12), method
+        assert abs(rows.loc["pooled", "auc"] - truth) <= POOLED_AUC_BOUND, method
+        db = sqlite3.connect(cfg.store_path)
+        stored = db.execute(
+            "SELECT round, site, split, value FROM metrics WHERE unit_id=? AND task='prognosis' AND name='auc'",
+            (unit_id,),
+        ).fetchall()
+        db.close()
+        assert {(r, s) for r, s, _, _ in stored} >= {(1, "A"), (2, "A"), (1, "B"), (2, "B")}
+        for rnd, site, split, value in stored:
+            want = exact(site, unit_id, rnd, split)
+            assert (value is None and np.isnan(want)) or value == pytest.approx(want, abs=1e-12), (unit_id, rnd, site)
+            checked += 1
+    assert checked >= 12

@@ -25,6 +25,7 @@ from mdmt.fed.plan import SiteInfo
 from mdmt.fed.policy import COARSE_BINS, POLICY_LOG, unit_roles
 from mdmt.fed.scrub import scrub_exception, scrub_text
 from mdmt.fed.units import initial_arrays
+from mdmt.fed.validate import check_eval
 from mdmt.ops.deploy.siteconfig import SiteConfig
 
 U1, U2 = "mdmt/resnet18/loco/A/seed0", "mdmt/resnet18/loco/A/seed1"
@@ -135,6 +136,9 @@ def test_the_server_as_attacker_is_refused_and_the_site_keeps_serving(small_fede
     assert hist.sum() == reply.content[P.METRICS]["val/n-prognosis"] > 0
     width = hist.shape[1] // COARSE_BINS  # every count sits in the middle bin of a coarse bin
     assert (np.flatnonzero(hist.sum(axis=0)) % width == width // 2).all()
+    # its exact AUC is sent as for any split, and agrees with the coarse histogram (the server's check)
+    assert isinstance(reply.content[P.METRICS][f"val/{P.AUC_KEY}"], float)
+    check_eval(dict(reply.content[P.METRICS]), "val", None)
 
     # The unit it trained in never evaluates its train rows or all of them.
     _refused(site.send(MessageType.EVALUATE, _round_config(U1, train=0, split="val,train")), "val and test")
@@ -227,10 +231,11 @@ def test_a_reply_that_breaks_the_contract_is_withheld(small_federation, tmp_path
 
 def test_the_server_refuses_a_summary_of_another_contract():
     summary = {"site": "B", "role": "both", "manifest-hash": "ab", P.NODE_KIND: P.DEPLOYMENT}
-    with pytest.raises(ProtocolError, match=r"site B: its summary has no contract version.* contract 1"):
+    now, other = P.CONTRACT_VERSION, P.CONTRACT_VERSION + 1
+    with pytest.raises(ProtocolError, match=rf"site B: its summary has no contract version.* contract {now}"):
         SiteInfo.from_summary(summary)
-    with pytest.raises(ProtocolError, match=r"site B: its summary has message contract 2, this server .* 1"):
-        SiteInfo.from_summary(summary | {P.CONTRACT_VERSION_KEY: 2})
+    with pytest.raises(ProtocolError, match=rf"site B: its summary has message contract {other}, this server .* {now}"):
+        SiteInfo.from_summary(summary | {P.CONTRACT_VERSION_KEY: other})
     assert SiteInfo.from_summary(summary | {P.CONTRACT_VERSION_KEY: P.CONTRACT_VERSION}).site == "B"
 
 

@@ -150,7 +150,8 @@ def reply_problems(
     with exactly the model's names and shapes (``record_shapes``: per record name, the arrays the
     request carried; otherwise ``model_shapes``), an int8 update's scales beside them; scalar metrics of
     the protocol's keys; the evaluation's fixed-size aggregate counts (confusion matrices, score
-    histograms); the query reply's identifiers and counts; SecAgg+ stage replies."""
+    histograms) and each split's exact prognosis AUC (one float, ``auc-prognosis``); the query reply's
+    identifiers and counts; SecAgg+ stage replies."""
 
     problems: list[str] = []
     list_len = {"cm-prognosis": 4, "hist-prognosis": 2 * HIST_BINS, "cm-severity": 16}
@@ -176,6 +177,8 @@ def reply_problems(
                     problems.append(f"{rec_name}.{key}: a list of {v['len']} values (per-sample data?)")
                 elif v["type"] == "str":
                     problems.append(f"{rec_name}.{key}: a string metric")
+                elif base == P.AUC_KEY and v["type"] != "float":
+                    problems.append(f"{rec_name}.{key}: the split's AUC must be one float")
             elif kind == "ConfigRecord" and rec_name == P.SITE:
                 if not (key in summary_keys or key.endswith(("-prognosis", "-severity"))):
                     problems.append(f"{rec_name}.{key}: not part of the site summary")

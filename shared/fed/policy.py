@@ -261,9 +261,8 @@ def coarsening_effect(csv_paths: Iterable[Path], bins: int = COARSE_BINS) -> lis
     from sklearn.metrics import roc_auc_score
 
     # deferred: with the two above, for this measurement only
-    from mdmt.ml.metrics import auc_from_hist
+    from mdmt.ml.metrics import auc_from_hist, score_histogram
 
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
     rows = []
     for path in csv_paths:
         df = pd.read_csv(path)
@@ -271,7 +270,7 @@ def coarsening_effect(csv_paths: Iterable[Path], bins: int = COARSE_BINS) -> lis
         y, p = df["y_prog"].to_numpy(), df["p_severe"].to_numpy()
         if len(set(y)) < 2:
             continue
-        hist = np.stack([np.histogram(p[y == c], bins=edges)[0] for c in (0, 1)])
+        hist = score_histogram(y, p)
         rows.append(
             {
                 "file": str(path),

@@ -51,7 +51,7 @@ CFG_EVAL_ROUND = "eval-round"  # the round whose model the site evaluates (the o
 # The message contract's version. The server sends it in the QUERY message's ConfigRecord (``config``)
 # under CONTRACT_VERSION_KEY; the site answers with it in its summary under the same key, and refuses a
 # query that names another version. Raise it whenever a record, key or meaning of this module changes.
-CONTRACT_VERSION = 1
+CONTRACT_VERSION = 2  # 2: histograms in logit bins (mdmt.ml.metrics), the split's exact AUC (AUC_KEY)
 CONTRACT_VERSION_KEY = "contract-version"
 
 # Keys that name files or folders. A site daemon (deployment) never takes them from the server: its data,
@@ -110,8 +110,10 @@ EVAL_KEYS = (
     "loss-sum-severity",
     "cm-prognosis",
     "hist-prognosis",
+    "auc-prognosis",
     "cm-severity",
 )
+AUC_KEY = "auc-prognosis"  # the split's exact prognosis AUC, computed by the site (NaN when a class is absent)
 
 
 def train_metrics(res: TrainResult) -> dict[str, Any]:
@@ -138,6 +140,7 @@ def eval_metrics(res: EvalResult) -> dict[str, Any]:
         "loss-sum-severity": float(res.loss_sum[SEVERITY]),
         "cm-prognosis": [int(v) for v in res.prog_cm.ravel()],
         "hist-prognosis": [int(v) for v in res.prog_hist.ravel()],
+        AUC_KEY: float(res.prog_auc),
         "cm-severity": [int(v) for v in res.sev_cm.ravel()],
     }
 
@@ -175,6 +178,7 @@ class SiteEval:
     prog_cm: np.ndarray
     prog_hist: np.ndarray
     sev_cm: np.ndarray
+    prog_auc: float | None = None  # the exact AUC the site sent (None: not sent; NaN: a class has no rows)
 
     def mean_loss(self, task: str) -> float:
         return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")
@@ -201,4 +205,5 @@ def read_eval(m: dict[str, Any]) -> SiteEval:
         prog_cm=np.asarray(m["cm-prognosis"], dtype=np.int64).reshape(2, 2),
         prog_hist=np.asarray(m["hist-prognosis"], dtype=np.int64).reshape(2, HIST_BINS),
         sev_cm=np.asarray(m["cm-severity"], dtype=np.int64).reshape(4, 4),
+        prog_auc=float(m[AUC_KEY]) if AUC_KEY in m else None,
     )

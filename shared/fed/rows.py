@@ -13,7 +13,7 @@ from mdmt.fed.config import RunConfig
 from mdmt.fed.plan import UnitPlan
 from mdmt.fed.steps import Evals, StepResult
 from mdmt.ml.methods import PROGNOSIS, SEVERITY, TASKS
-from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, threshold_bin
+from mdmt.ml.metrics import auc_from_hist, binary_metrics, cm_at_bin, edge_p, multiclass_metrics, threshold_bin
 from mdmt.store import UnitKey
 
 
@@ -43,11 +43,11 @@ def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val", k: int | Non
     metrics, stats = [], []
     if k is None:
         k = threshold_bin(threshold, validation_hist(plan, evals))
-        metrics.append(("*", PROGNOSIS, "val", "threshold", k / HIST_BINS))
+        metrics.append(("*", PROGNOSIS, "val", "threshold", edge_p(k)))
     for site, split, ev in ((s, sp, e) for s, per in sorted(evals.items()) for sp, e in sorted(per.items())):
         if ev.n[PROGNOSIS]:
             m = binary_metrics(cm_at_bin(ev.prog_hist, k))
-            m["auc"] = auc_from_hist(ev.prog_hist)
+            m["auc"] = split_auc(ev)
             m["loss"] = ev.mean_loss(PROGNOSIS)
             metrics += [(site, PROGNOSIS, split, name, v) for name, v in m.items()]
             stats.append(_stat(site, PROGNOSIS, split, ev, ev.prog_cm, ev.prog_hist))
@@ -57,6 +57,11 @@ def eval_rows(plan: UnitPlan, evals: Evals, threshold: str = "val", k: int | Non
             metrics += [(site, SEVERITY, split, name, v) for name, v in m.items()]
             stats.append(_stat(site, SEVERITY, split, ev, ev.sev_cm))
     return metrics, stats
+
+
+def split_auc(ev: P.SiteEval) -> float:
+    """The AUC of one site's split: the exact value the site sent, or (a reply without it) its histogram's."""
+    return auc_from_hist(ev.prog_hist) if ev.prog_auc is None else ev.prog_auc
 
 
 def _stat(site: str, task: str, split: str, ev, cm: np.ndarray, hist: np.ndarray | None = None) -> dict:

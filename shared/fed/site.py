@@ -155,6 +155,8 @@ def run_evaluate(
                 adapt_bn(model, data, batch_size=max(cfg.batch_size, 64), device=device)
             res = evaluate(model, data, batch_size=max(cfg.batch_size, 64), device=device)
             res.predictions.to_csv(out_dir / f"round-{rnd:03d}-{split}.csv", index=False)
+        # A small split's histogram is coarsened; its exact AUC (one number, res.prog_auc) is sent as for
+        # any split: the full histogram a larger split sends gives that number too (docs/privacy.md).
         results[split] = replace(res, prog_hist=small_split_histogram(loc, res.prog_hist, res.n[PROGNOSIS]))
     return P.split_eval_metrics(results)
 

@@ -28,7 +28,7 @@ from mdmt.fed.plan import SiteInfo, UnitPlan, unit_rounds
 from mdmt.fed.rows import eval_rows, monitored_val_loss, round_config, train_rows
 from mdmt.fed.selection import Selection, ServerLR
 from mdmt.fed.steps import SiteTask, StepResult, UnitStep
-from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.metrics import edge_bin
 from mdmt.ml.outcomes import TrainResult
 from mdmt.store import UNKNOWN_FINGERPRINT, RunStore, UnitKey
 
@@ -157,7 +157,7 @@ class UnitRun:
         """The validation of round ``rnd`` (and its held-out / test rows when they were due)."""
         key = self.key
         metrics, stats = eval_rows(self.plan, res.evals, self.cfg.threshold)
-        self.thresholds[rnd] = int(round(_threshold_value(metrics) * HIST_BINS))
+        self.thresholds[rnd] = edge_bin(_threshold_value(metrics))
         val_loss = monitored_val_loss(self.plan, res.evals)
         metrics.append(("*", self.plan.method.monitor, "val", "monitored_loss", val_loss))
         improved = self.sel.update(rnd, val_loss)

@@ -7,7 +7,9 @@ carry. What the server accepts:
   ``<split>/`` statistics of every split it was asked to evaluate), whole numbers for counts, finite
   numbers for losses and times, no count above what the site declared at discovery (a pooled unit: the
   pooled sites' sum), confusion matrices and histograms of the contract's lengths whose entries lie in
-  [0, n] and add up to n;
+  [0, n] and add up to n; the split's exact prognosis AUC (``auc-prognosis``) NaN when a class has no
+  rows, else a finite number in [0, 1] that the split's own histogram allows (between the AUC with every
+  tie inside a bin counted as a loss and as a win);
 - update: exactly the global model's tensors (plus the int8 scales), each of its shape and of a numeric
   kind that fits the tensor (a scalar for a matrix is refused, never broadcast), every value finite after
   decoding, and the L2 norm of (site weights - global weights) over the floating-point tensors within the
@@ -100,6 +102,24 @@ def _counts_list(m: Mapping[str, Any], key: str, length: int, n: int) -> None:
         raise Rejected(f"'{key}' adds up to {sum(int(x) for x in v)}, its count is {n}")
 
 
+def _split_auc(sub: Mapping[str, Any]) -> None:
+    """The site's exact AUC against its (already checked) confusion counts and histogram."""
+    v = _number(sub, P.AUC_KEY, allow_nan=True)
+    per_class = np.asarray(sub["cm-prognosis"], dtype=np.int64).reshape(2, 2).sum(axis=1)
+    if not per_class.all():
+        if not math.isnan(v):
+            raise Rejected(f"'{P.AUC_KEY}' is {v} but a prognosis class has no rows; it must be NaN")
+        return
+    if math.isnan(v) or v > 1:
+        raise Rejected(f"'{P.AUC_KEY}' must be a number in [0, 1] when both prognosis classes have rows, got {v}")
+    hist = np.asarray(sub["hist-prognosis"], dtype=np.int64).reshape(2, HIST_BINS)
+    pairs = float(per_class[0] * per_class[1])
+    wins = float((hist[1] * (np.cumsum(hist[0]) - hist[0])).sum()) / pairs  # ties inside a bin counted as losses
+    ties = float((hist[1] * hist[0]).sum()) / pairs
+    if not wins - 1e-9 <= v <= wins + ties + 1e-9:
+        raise Rejected(f"'{P.AUC_KEY}' is {v:.6f}; the split's histogram allows [{wins:.6f}, {wins + ties:.6f}] only")
+
+
 def check_eval(m: Mapping[str, Any], split: str, declared: Mapping[str, int] | None) -> int:
     """The ``<split>/`` statistics of one split; returns the split's number of scored rows."""
     sub = {k.split("/", 1)[1]: v for k, v in m.items() if isinstance(k, str) and k.startswith(f"{split}/")}
@@ -116,6 +136,7 @@ def check_eval(m: Mapping[str, Any], split: str, declared: Mapping[str, int] | N
         _counts_list(sub, "cm-prognosis", _EVAL_LISTS["cm-prognosis"], n[PROGNOSIS])
         _counts_list(sub, "hist-prognosis", _EVAL_LISTS["hist-prognosis"], n[PROGNOSIS])
         _counts_list(sub, "cm-severity", _EVAL_LISTS["cm-severity"], n[SEVERITY])
+        _split_auc(sub)
     except Rejected as exc:
         raise Rejected(f"split {split}: {exc}") from None
     return total

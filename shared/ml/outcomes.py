@@ -50,6 +50,7 @@ class EvalResult:
     prog_hist: np.ndarray  # 2 x HIST_BINS: histogram of P(SEVERE) for true MILD (row 0) and SEVERE (row 1)
     sev_cm: np.ndarray  # 4x4 [true, pred]
     predictions: pd.DataFrame  # per-sample, stays at the site
+    prog_auc: float = float("nan")  # the exact prognosis AUC of these rows (NaN when a class is absent)
 
     def mean_loss(self, task: str) -> float:
         return self.loss_sum[task] / self.n[task] if self.n[task] else float("nan")

@@ -16,7 +16,7 @@ import torch
 from mdmt.errors import ConfigError
 from mdmt.ml.loss import mdmt_loss
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
-from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.metrics import exact_auc, score_histogram
 from mdmt.ml.model import IMAGENET_MEAN, IMAGENET_STD
 from mdmt.ml.naming import NUM_CLASSES
 from mdmt.ml.options import CLASS_WEIGHTS, DEVICES
@@ -295,8 +295,7 @@ def evaluate(
     sev_pred = sp.argmax(1) if len(sp) else np.zeros(0, dtype=int)
     loss_p = float(-np.log(np.clip(np.where(yp == 1, ps[mp], 1 - ps[mp]), eps, 1)).sum())
     loss_s = float(-np.log(np.clip(sp[ms, ys] if len(ys) else np.zeros(0), eps, 1)).sum())
-    edges = np.linspace(0.0, 1.0, HIST_BINS + 1)
-    hist = np.stack([np.histogram(ps[mp][yp == c], bins=edges)[0] for c in (0, 1)])
+    hist = score_histogram(yp, ps[mp])
     prog_cm = np.zeros((2, 2), dtype=np.int64)
     np.add.at(prog_cm, (yp, prog_pred[mp]), 1)
     sev_cm = np.zeros((4, 4), dtype=np.int64)
@@ -314,7 +313,8 @@ def evaluate(
         n={PROGNOSIS: int(mp.sum()), SEVERITY: int(ms.sum())},
         loss_sum={PROGNOSIS: loss_p, SEVERITY: loss_s},
         prog_cm=prog_cm,
-        prog_hist=hist.astype(np.int64),
+        prog_hist=hist,
         sev_cm=sev_cm,
         predictions=preds,
+        prog_auc=exact_auc(yp, ps[mp]),
     )

@@ -22,7 +22,18 @@ import pandas as pd
 
 from mdmt.errors import DataError, MDMTError
 from mdmt.ml.methods import PROGNOSIS, SEVERITY
-from mdmt.ml.metrics import HIST_BINS, auc_from_hist, binary_metrics, cm_at_bin, multiclass_metrics, roc_from_hist
+from mdmt.ml.metrics import (
+    HIST_BINS,
+    LEGACY_HIST_BINS,
+    as_layout,
+    auc_from_hist,
+    binary_metrics,
+    cm_at_bin,
+    dense_counts,
+    edge_bin,
+    multiclass_metrics,
+    roc_from_hist,
+)
 from mdmt.results.report import compare_methods, finished_units, loco_table, prognosis_records, prognosis_tables
 from mdmt.store import RunStore, UnitKey
 
@@ -176,7 +187,7 @@ def load_unit(sources: list[Source], store_index: int, unit_id: str) -> UnitData
                 "n": r["n"],
                 "loss_sum": r["loss_sum"],
                 "cm": np.asarray(_loads(r["cm"], []), dtype=np.int64),
-                "hist": None if r["hist"] is None else np.asarray(_loads(r["hist"], []), dtype=np.int64),
+                "hist": None if r["hist"] is None else _stored_hist(_loads(r["hist"], [])),
             }
             for r in st.eval_stats(unit_id)
         ]
@@ -189,6 +200,20 @@ def load_unit(sources: list[Source], store_index: int, unit_id: str) -> UnitData
     return UnitData(_unit_dict(store_index, src, row), metrics, stats, part)
 
 
+def _stored_hist(values) -> np.ndarray:
+    """A stored score histogram in the current bin layout (a store's older layout is converted); any other
+    length is kept as it is, and left out where histograms are summed."""
+    hist = dense_counts(values) if isinstance(values, dict) else np.asarray(values, dtype=np.int64)
+    return as_layout(hist) if hist.size in (2 * HIST_BINS, 2 * LEGACY_HIST_BINS) else hist
+
+
+def _site_auc(ud: UnitData, rnd: int, site: str, split: str) -> float | None:
+    """The prognosis AUC stored for one site's split (the exact one the site sent), None when absent."""
+    m = ud.metrics
+    hit = m[(m["round"] == rnd) & (m.site == site) & (m.task == PROGNOSIS) & (m.split == split) & (m.name == "auc")]
+    return None if hit.empty else float(hit["value"].iloc[0])
+
+
 def round_thresholds(ud: UnitData) -> dict[int, float]:
     m = ud.metrics
     t = m[(m.site == "*") & (m.name == "threshold")]
@@ -197,8 +222,9 @@ def round_thresholds(ud: UnitData) -> dict[int, float]:
 
 def global_metrics(ud: UnitData) -> pd.DataFrame:
     """Per round and evaluated split: prognosis metrics on the split's sites pooled (summed histograms, cut
-    at the round's decision threshold when one is logged, else the stored 0.5 confusion counts) and
-    severity accuracy/F1 on the summed confusion matrices."""
+    at the round's decision threshold when one is logged, else the stored 0.5 confusion counts; a split
+    of one site keeps the exact AUC that site sent) and severity accuracy/F1 on the summed confusion
+    matrices."""
     thresholds = round_thresholds(ud)
     groups: dict[tuple[int, str], dict[str, list[dict]]] = {}
     for s in ud.stats:
@@ -213,10 +239,14 @@ def global_metrics(ud: UnitData) -> pd.DataFrame:
             hist = sum(hists) if hists and len(hists) == len(prog) else None
             thr = thresholds.get(rnd)
             if hist is not None and thr is not None:
-                cm = cm_at_bin(hist, int(round(thr * HIST_BINS)))
+                cm = cm_at_bin(hist, edge_bin(thr))
             else:
                 cm, thr = sum(s["cm"].reshape(2, 2) for s in prog), 0.5
             m = binary_metrics(cm)
+            auc = auc_from_hist(hist) if hist is not None else float("nan")
+            if len(prog) == 1:
+                sent = _site_auc(ud, rnd, prog[0]["site"], split)
+                auc = auc if sent is None else sent
             row.update(
                 {
                     "threshold": thr,
@@ -224,7 +254,7 @@ def global_metrics(ud: UnitData) -> pd.DataFrame:
                     "prog_acc": m["acc"],
                     "prog_f1": m["f1"],
                     "prog_gmean": m["gmean"],
-                    "prog_auc": auc_from_hist(hist) if hist is not None else float("nan"),
+                    "prog_auc": auc,
                 }
             )
         sev = by_task.get(SEVERITY, [])
@@ -398,10 +428,10 @@ def loco_curves(sources: list[Source], table: pd.DataFrame) -> list[dict]:
             ).fetchone()
         if row is None or row["hist"] is None:
             continue
-        hist = np.asarray(json.loads(row["hist"]), dtype=np.int64).reshape(2, HIST_BINS)
+        hist = as_layout(json.loads(row["hist"]))
         thr = getattr(r, "threshold", 0.5)
         thr = 0.5 if thr is None or pd.isna(thr) else float(thr)
-        cm = cm_at_bin(hist, int(round(thr * HIST_BINS)))
+        cm = cm_at_bin(hist, edge_bin(thr))
         fpr, tpr = roc_from_hist(hist) if hist[0].sum() and hist[1].sum() else (np.array([]), np.array([]))
         out.append(
             {
@@ -416,7 +446,7 @@ def loco_curves(sources: list[Source], table: pd.DataFrame) -> list[dict]:
                 "hist": hist,
                 "fpr": fpr,
                 "tpr": tpr,
-                "auc": auc_from_hist(hist),
+                "auc": float(r.auc),  # the table's: the exact AUC the centre's site sent
             }
         )
         pooled.setdefault((r.store, r.method, r.backbone, int(r.seed)), []).append((cm, hist))

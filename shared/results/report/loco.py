@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mdmt.ml.metrics import HIST_BINS, cm_at_bin, prognosis_summary
+from mdmt.ml.metrics import POOLED_AUC_BOUND, cm_at_bin, edge_p, prognosis_summary
 from mdmt.results.report.records import unit_prognosis
 from mdmt.store import RunStore
 
@@ -32,7 +32,8 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
     """One row per (method, backbone, held-out centre) at its selected round, plus 'mean' and 'pooled' rows.
 
     'mean' averages the per-centre metrics; 'pooled' computes them on the held-out centres' predictions
-    pooled together (summed confusion counts and score histograms).
+    pooled together (summed confusion counts and score histograms). A centre's AUC is the exact one its
+    site computed; the pooled AUC and every interval come from the histograms (see mdmt.ml.metrics).
     """
     rows = []
     pooled: dict[tuple[str, str, int], list[tuple[np.ndarray, np.ndarray]]] = {}
@@ -42,10 +43,10 @@ def loco_table(store: RunStore, n_boot: int = 1000, seed: int = 0) -> pd.DataFra
         k, scored = unit_prognosis(store, u)
         if not scored:
             continue
-        hist = scored[0][1]
+        _, hist, auc = scored[0]
         cm = cm_at_bin(hist, k)
-        m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed)
-        m["threshold"] = k / HIST_BINS
+        m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed, auc=auc)
+        m["threshold"] = edge_p(k)
         rows.append(
             {
                 "method": u["method"],
@@ -128,7 +129,10 @@ def write_loco_report(
         "# Leave-one-centre-out results (prognosis, held-out centre at the selected round)\n\n"
         "ACC, F1, G-mean, sensitivity and specificity in %; 'mean' averages the centres, 'pooled' scores the\n"
         "held-out centres' predictions together. G-mean = sqrt(TPR x TNR); G-mean (weighted) = imbalanced-learn's\n"
-        f"weighted variant used by the paper's code. AUC interval: stratified bootstrap, {n_boot} resamples.\n"
+        "weighted variant used by the paper's code. A centre's AUC is exact (computed by its site on its own\n"
+        "predictions); the pooled AUC comes from the centres' score histograms (logit bins), within\n"
+        f"{POOLED_AUC_BOUND} of the exact pooled AUC on the demo run. AUC interval: stratified bootstrap of the\n"
+        f"histograms, {n_boot} resamples.\n"
         "threshold: the P(SEVERE) cut-off, chosen on the training sites' validation (Youden's J) unless fixed\n"
         "by the run config's 'threshold'; the held-out centre never influences it.\n\n" + to_markdown(df) + "\n"
     )

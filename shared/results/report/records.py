@@ -12,7 +12,7 @@ import pandas as pd
 
 from mdmt.errors import DataError
 from mdmt.ml.methods import METHODS, PROGNOSIS
-from mdmt.ml.metrics import HIST_BINS, cm_at_bin, threshold_bin
+from mdmt.ml.metrics import as_layout, auc_from_hist, cm_at_bin, edge_p, threshold_bin
 from mdmt.store import RunStore
 
 LOCAL_PREFIX = "local:"  # local:<SITE>: one model trained on that site alone
@@ -60,7 +60,17 @@ def finished_units(store: RunStore) -> list[sqlite3.Row]:
 
 
 def _hist(row: sqlite3.Row) -> np.ndarray:
-    return np.asarray(json.loads(row["hist"]), dtype=np.int64).reshape(2, HIST_BINS)
+    return as_layout(json.loads(row["hist"]))
+
+
+def _site_aucs(store: RunStore, unit_id: str, rnd: int) -> dict[tuple[str, str], float]:
+    """(site, split) -> the prognosis AUC stored for the round: the exact AUC the site sent (a store written
+    before sites sent it holds its histogram's AUC there)."""
+    rows = store.db.execute(
+        "SELECT site, split, value FROM metrics WHERE unit_id=? AND round=? AND task=? AND name='auc'",
+        (unit_id, rnd, PROGNOSIS),
+    ).fetchall()
+    return {(r["site"], r["split"]): float("nan") if r["value"] is None else float(r["value"]) for r in rows}
 
 
 def _threshold_rule(unit: sqlite3.Row) -> str:
@@ -78,11 +88,12 @@ def _threshold_rule(unit: sqlite3.Row) -> str:
     return rule
 
 
-def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[str, np.ndarray]]]:
-    """A unit's decision threshold bin and its scored prognosis histograms at the selected round.
+def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[str, np.ndarray, float]]]:
+    """A unit's decision threshold bin and its scored (site, prognosis histogram, AUC) at the selected round.
 
     The threshold comes from the pooled validation histograms of the unit's training sites (or the config's
-    fixed value). Scored: under LOCO the held-out centre; under CV every site's test split.
+    fixed value). Scored: under LOCO the held-out centre; under CV every site's test split. The AUC is the
+    exact one the site computed on its split, or the histogram's where the store has none.
     """
     rows = [
         r
@@ -93,22 +104,29 @@ def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[
     val = [_hist(r) for r in rows if r["site"] in train_sites and r["split"] == "val"]
     k = threshold_bin(_threshold_rule(unit), sum(val) if val else None)
     if unit["protocol"] == "loco":
-        scored = [(r["site"], _hist(r)) for r in rows if r["site"] == unit["fold"]][:1]
+        picked = [r for r in rows if r["site"] == unit["fold"]][:1]
     elif unit["protocol"] == "cv":
-        scored = [(r["site"], _hist(r)) for r in rows if r["split"] == "test"]
+        picked = [r for r in rows if r["split"] == "test"]
     else:
-        scored = []
+        picked = []
+    aucs = _site_aucs(store, unit["unit_id"], unit["best_round"]) if picked else {}
+    scored = []
+    for r in picked:
+        hist = _hist(r)
+        auc = aucs.get((r["site"], r["split"]))
+        scored.append((r["site"], hist, auc_from_hist(hist) if auc is None else auc))
     return k, scored
 
 
 def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataFrame:
-    """One row per (unit, scored site): the site's histogram and its confusion counts at the unit's threshold."""
+    """One row per (unit, scored site): the site's histogram, its confusion counts at the unit's threshold
+    and the AUC the site sent for the split."""
     rows = []
     for u in units:
         if trains(u["method"], PROGNOSIS) is False:
             continue
         k, scored = unit_prognosis(store, u)
-        for site, hist in scored:
+        for site, hist, auc in scored:
             rows.append(
                 {
                     "protocol": u["protocol"],
@@ -118,12 +136,13 @@ def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataF
                     "fold": u["fold"],
                     "round": u["best_round"],
                     "site": site,
-                    "threshold": k / HIST_BINS,
+                    "threshold": edge_p(k),
                     "cm": cm_at_bin(hist, k),
                     "hist": hist,
+                    "auc": auc,
                 }
             )
-    cols = ["protocol", "method", "backbone", "seed", "fold", "round", "site", "threshold", "cm", "hist"]
+    cols = ["protocol", "method", "backbone", "seed", "fold", "round", "site", "threshold", "cm", "hist", "auc"]
     return pd.DataFrame(rows, columns=cols)
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mdmt.ml.metrics import HIST_BINS
+from mdmt.ml.metrics import HIST_BINS, boot_aucs
 from mdmt.results.report.records import sort_rows
 
 TESTED_METRICS = ("acc", "f1", "gmean", "gmean_weighted", "auc")  # the per-backbone values the paired tests compare
@@ -24,16 +24,6 @@ SUMMARIES = {  # how a backbone's metric is summarised over folds -> (column suf
 
 
 # ---- bootstrap intervals -------------------------------------------------------------------------------
-def _boot_aucs(hist: np.ndarray, n_boot: int, rng: np.random.Generator) -> np.ndarray:
-    """Bootstrap replicates of the AUC of one histogram pair, drawn as mdmt.ml.metrics.auc_ci draws them."""
-    hist = np.asarray(hist).reshape(2, HIST_BINS)
-    n0, n1 = int(hist[0].sum()), int(hist[1].sum())
-    b0 = rng.multinomial(n0, hist[0] / n0, size=n_boot)
-    b1 = rng.multinomial(n1, hist[1] / n1, size=n_boot)
-    below = np.cumsum(b0, axis=1) - b0
-    return (b1 * (below + 0.5 * b0)).sum(axis=1) / (n0 * n1)
-
-
 def mean_auc_ci(
     hists: Sequence[np.ndarray], weights: Sequence[float], n_boot: int = 1000, seed: int = 0, level: float = 0.95
 ) -> tuple[float, float]:
@@ -44,7 +34,7 @@ def mean_auc_ci(
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     w = np.asarray(weights, dtype=float) / np.sum(weights)
-    reps = sum(wi * _boot_aucs(h, n_boot, rng) for wi, h in zip(w, hists))
+    reps = sum(wi * boot_aucs(h, n_boot, rng) for wi, h in zip(w, hists))
     lo, hi = np.quantile(reps, [(1 - level) / 2, 1 - (1 - level) / 2])
     return float(lo), float(hi)
 

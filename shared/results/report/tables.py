@@ -23,12 +23,14 @@ SUMMARY_METRICS = ("n", "acc", "f1", "gmean", "gmean_weighted", "auc", "auc_lo",
 # ---- prognosis tables ----------------------------------------------------------------------------------
 def summarise(records: pd.DataFrame, keys: Sequence[str], n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Per group of ``keys``: metrics on the group's pooled predictions (summed confusion counts, each at its
-    own fold's threshold, and summed histograms), with the AUC's bootstrap interval. Keeps the pooled
-    histogram in column 'hist'."""
+    own fold's threshold, and summed histograms), with the AUC's bootstrap interval. A group of one record
+    keeps the AUC its site sent (column 'auc'). Keeps the pooled histogram in column 'hist'."""
     rows = []
     for key, grp in records.groupby(list(keys), sort=False):
         cm, hist = np.sum(np.stack(grp["cm"]), axis=0), np.sum(np.stack(grp["hist"]), axis=0)
-        m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed)
+        # one site's split: the exact AUC its site sent; pooled predictions: the summed histograms' AUC
+        exact = grp["auc"].iloc[0] if len(grp) == 1 and "auc" in grp else None
+        m = prognosis_summary(cm, hist, n_boot=n_boot, seed=seed, auc=exact)
         rows.append(
             {
                 **dict(zip(keys, key)),
