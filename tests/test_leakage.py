@@ -21,6 +21,7 @@ import torch
 from mdmt.data.manifest import read_manifest, write_manifest
 from mdmt.data.splits import federation_splits
 from mdmt.fed.checkpoint import load_checkpoint
+from mdmt.ml.metrics import as_layout
 
 pytestmark = pytest.mark.slow
 
@@ -115,8 +116,8 @@ def test_selection_threshold_and_lr_ignore_the_held_out_centre(twin_runs):
     assert {"monitored_loss", "lr", "threshold"} <= names
     # ... while the held-out centre itself did change (its histograms are mirrored by the label flip).
     assert [h for _, h in held_a] != [h for _, h in held_b]
-    hist_a, hist_b = json.loads(held_a[-1][1]), json.loads(held_b[-1][1])
-    assert sum(hist_a[0]) == sum(hist_b[1]) and sum(hist_a[1]) == sum(hist_b[0])
+    hist_a, hist_b = (as_layout(json.loads(held[-1][1])) for held in (held_a, held_b))  # nonzero cells
+    assert hist_a[0].sum() == hist_b[1].sum() and hist_a[1].sum() == hist_b[0].sum()
 
 
 @pytest.mark.parametrize("other", ["warm", "altered"])
