@@ -303,6 +303,7 @@ def test_pages_show_the_store(dashboard, browser, store, tmp_path):
     assert exp["heldout_auc"] in mdmt_row, mdmt_row  # one held-out centre: its pooled AUC is that centre's
     tests = browser.find_element("id", "tests-table").text
     assert "mdmt vs stl_prognosis" in tests and "at least 2 needed" in tests, tests
+    assert "federated vs centralised" in tests and "pairs" in tests and "backbones" in tests, tests
     _screenshot(browser, shots / "dashboard-compare.png")
 
     for png in shots.iterdir():

@@ -4,6 +4,7 @@ sweep started is gone, and the final models equal those of an uninterrupted run 
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import sqlite3
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from mdmt.errors import ConfigError
-from mdmt.ops.experiment import plan_groups, read_experiment
+from mdmt.fed.plan import training_code_digest
+from mdmt.ops.experiment import plan_groups, read_experiment, restore_sources
+from mdmt.store import RunStore, UnitKey
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +117,14 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     assert f"unit {unit}: resumed after round {rounds_before}" in rerun.stdout
     assert (ws / "reports").is_dir()
     assert _marked(marker) == []
+    # Each sitting is a row beside the store: the killed one and the one that finished, same training code.
+    sittings = list(csv.DictReader(open(ws / "experiments.csv")))
+    assert [(r["outcome"], r["units"], r["to_run"]) for r in sittings] == [
+        ("stopped", "4", "4"),
+        ("finished", "4", str(4 - len(done_before))),
+    ]
+    assert sittings[0]["training_code"] == sittings[1]["training_code"] == training_code_digest()
+    assert all(float(r["wall_s"]) > 0 for r in sittings)
 
     # The same grid without interruption gives the same final and selected models, bit for bit.
     ref_ws = tmp_path / "ref"
@@ -159,3 +170,57 @@ def test_experiment_file_errors_name_the_key(tmp_path):
     bad.write_text('method = "mdmt"\n[synth]\nscales = 1\n')
     with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[synth\]: scales"):
         read_experiment(bad)
+
+
+def test_seeds_and_a_base_file_make_the_groups(small_federation, tmp_path):
+    base = _write_config(tmp_path / "base.toml", small_federation, tmp_path / "ws")
+    child = tmp_path / "sub" / "seeds.toml"
+    child.parent.mkdir()
+    child.write_text('extends = "../base.toml"\nmethod = "mdmt"\nseed = [0, 1, 2]\n[synth]\nscale = 0.05\n')
+    values, synth = read_experiment(child)
+    assert values["method"] == "mdmt" and values["image-size"] == 32 and "extends" not in values
+    assert synth == {"scale": 0.05}
+    assert [(g.seed, g.backbone) for g in plan_groups(values, workers=1)] == [
+        (0, "resnet18"),
+        (1, "resnet18"),
+        (2, "resnet18"),
+    ]
+    values, _ = read_experiment(base, {"seed": "3,5", "backbone": "resnet18,mobilenet_v2"})
+    assert [(g.seed, g.backbone) for g in plan_groups(values, workers=2)] == [
+        (3, "resnet18"),
+        (3, "mobilenet_v2"),
+        (5, "resnet18"),
+        (5, "mobilenet_v2"),
+    ]
+    for bad, message in (("seed = [1, 1]", "each once"), ('seed = "a,b"', "not a seed")):
+        child.write_text(f'extends = "../base.toml"\n{bad}\n')
+        with pytest.raises(ConfigError, match=message):
+            plan_groups(read_experiment(child)[0], workers=1)
+    loop = tmp_path / "loop.toml"
+    loop.write_text('extends = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="comes back to this file"):
+        read_experiment(loop)
+
+
+def test_a_phase_one_unit_without_its_checkpoint_runs_again_for_ft(small_federation, tmp_path):
+    cfg_file = _write_config(tmp_path / "ft.toml", small_federation, tmp_path / "ws")
+    values, _ = read_experiment(cfg_file, {"method": "ft", "holdouts": "A"})
+    (cfg,) = plan_groups(values, workers=1)
+    store = RunStore(cfg.store_path)
+    phase1, ft = UnitKey("stl_severity", "resnet18", "loco", "-", 0), UnitKey("ft", "resnet18", "loco", "A", 0)
+    for key in (phase1, ft):
+        store.start_unit(key, "BRIXIA", {}, {}, {}, "", "fp", {})
+    store.finish_unit(phase1, "done", 2)
+    lines = []
+    assert restore_sources(cfg, store, lines.append) == [phase1.unit_id]  # no checkpoint in the workspace
+    assert store.unit_status(phase1) is None and "runs again for ft/resnet18/loco/A/seed0" in lines[0]
+    store.start_unit(phase1, "BRIXIA", {}, {}, {}, "", "fp", {})
+    store.finish_unit(phase1, "done", 2)
+    ckpt = cfg.workspace_path / "checkpoints" / phase1.slug / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"kept")
+    assert restore_sources(cfg, store, lines.append) == []  # its checkpoint is there
+    ckpt.unlink()
+    store.finish_unit(ft, "done", 2)
+    assert restore_sources(cfg, store, lines.append) == []  # nothing left starts from it
+    assert store.unit_status(phase1) == "done"

@@ -12,8 +12,9 @@ import textwrap
 
 import pytest
 
+from mdmt.fed import plan
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import SiteInfo, decide_units, unit_keys
+from mdmt.fed.plan import SiteInfo, code_digest, decide_units, unit_keys
 from mdmt.fed.workspace import OWNER_ENV, WorkspaceBusy, WorkspaceLock, read_holder
 from mdmt.store import UNKNOWN_FINGERPRINT, RunStore, UnitKey
 
@@ -155,3 +156,30 @@ def test_one_writer_per_workspace(tmp_path, monkeypatch):
         assert lock.held_here and read_holder(ws)["pid"] == os.getpid()
         assert json.loads((ws / "workspace.lock").read_text())["owner"] == os.environ[OWNER_ENV]
     assert OWNER_ENV not in os.environ
+
+
+def test_a_unit_of_other_training_code_is_never_the_old_result(tmp_path, monkeypatch):
+    # The digest covers the training code: a changed training module changes it, the report does not.
+    pkg = tmp_path / "pkg"
+    for rel in ("fed/plan.py", "ml/train.py", "results/report/tables.py", "ops/cli.py", "errors.py"):
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(f"# {rel}\n")
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "app.py").write_text("# server\n")
+    extra = {"server": tmp_path / "server"}
+    base = code_digest(pkg, extra)
+    (pkg / "results/report/tables.py").write_text("# a new table\n")
+    (pkg / "ops/cli.py").write_text("# a new verb\n")
+    assert code_digest(pkg, extra) == base
+    (pkg / "ml/train.py").write_text("# another optimiser\n")
+    assert code_digest(pkg, extra) != base
+    (pkg / "ml/train.py").write_text("# ml/train.py\n")
+    (tmp_path / "server" / "app.py").write_text("# another aggregation\n")
+    assert code_digest(pkg, extra) != base
+    # A store unit of other code is refused with one line naming it.
+    store = RunStore(tmp_path / "store.sqlite")
+    sites = _sites("A", "B", "BRIXIA")
+    _store_done(store, _cfg(), sites)
+    monkeypatch.setattr(plan, "training_code_digest", lambda: "0123456789abcdef")
+    d = _decide(_cfg(), sites, store)
+    assert d.action == "refuse" and "training code" in d.reason and "(now 0123456789abcdef)" in d.reason, d.reason

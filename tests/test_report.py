@@ -3,6 +3,7 @@ from the same fabricated counts, plus the files and the CLI path."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from imblearn.metrics import geometric_mean_score
 from scipy import stats
 from sklearn.metrics import accuracy_score, f1_score, recall_score, roc_auc_score
 
-from mdmt.ml.metrics import LEGACY_HIST_BINS, as_layout, auc_ci, edge_p
+from mdmt.ml.metrics import LEGACY_HIST_BINS, as_layout, auc_ci, auc_from_hist, edge_p
 from mdmt.results import report
 from mdmt.store import RunStore, UnitKey
 
@@ -337,7 +338,36 @@ def test_paired_tests_match_scipy(loco_report):
     assert row["t_p"] == pytest.approx(stats.ttest_rel(a, b_, alternative="less").pvalue)
     md = (d / "out" / "tests.md").read_text()
     assert "ttest_rel" in md and "wilcoxon" in md
-    assert f"n=3, p={t.pvalue:.3f}" in md
+    assert f"| {t.pvalue:.3f}{report.stars(t.pvalue)} |" in md
+    # one seed per backbone: both levels pair the same three backbones
+    both = tests[(tests.comparison == "mdmt vs stl_prognosis") & (tests.metric == "f1") & (tests.summary == "pooled")]
+    assert sorted(both["level"]) == ["backbones", "pairs"] and (both["n"] == 3).all()
+    # the comparisons of federation: H1 less against centralised, greater against local; no fold std there
+    fed = tests[tests.comparison == "federated vs centralised"]
+    assert set(fed["alternative"]) == {"less"} and "fold std" not in set(fed["summary"])
+    assert set(tests[tests.comparison == "federated vs local"]["alternative"]) == {"greater"}
+    local = {
+        b: np.mean(
+            [expected(sum(truth["held"][(f"local:{s}", b, c)] for c in CENTRES if c != s), 100)["auc"] for s in CENTRES]
+        )
+        for b in BACKBONES
+    }
+    row = tests[
+        (tests.comparison == "federated vs local")
+        & (tests.metric == "auc")
+        & (tests.summary == "pooled")
+        & (tests.level == "pairs")
+    ].iloc[0]
+    assert row["mean_b"] == pytest.approx(np.mean(list(local.values())))
+    gaps = pd.read_csv(d / "out" / "gaps_loco.csv")
+    assert list(gaps["metric"]) == ["acc", "gmean", "gmean_weighted", "auc"] * 2 and (gaps["n"] == 3).all()
+    gap = gaps[(gaps.comparison == "federated vs centralised") & (gaps.metric == "acc")].iloc[0]
+    exp = [
+        _pooled_expected(truth, "mdmt", b)["acc"] - _pooled_expected(truth, "centralised_mdmt", b)["acc"]
+        for b in BACKBONES
+    ]
+    assert gap["diff"] == pytest.approx(np.mean(exp)) and gap["diff_lo"] < gap["diff"] < gap["diff_hi"]
+    assert "price of federation" in (d / "out" / "report.md").read_text()
 
 
 def test_paired_test_edge_cases_and_stars():
@@ -356,6 +386,81 @@ def test_paired_test_edge_cases_and_stars():
     assert [report.stars(p) for p in (0.2, 0.04, 0.009, 0.0009, float("nan"))] == ["", "*", "**", "***", ""]
 
 
+def backbone_frame(values: dict[str, np.ndarray], backbones=BACKBONES, seeds=(0, 1, 2)) -> pd.DataFrame:
+    """A backbones table (one row per method, backbone, seed) whose every tested column of a method holds
+    ``values[method]`` (backbone-major, seed-minor), plus an offset per summary."""
+    rows = []
+    for method, v in values.items():
+        for i, (b, s) in enumerate((b, s) for b in backbones for s in seeds):
+            row = {"protocol": "loco", "method": method, "backbone": b, "seed": s}
+            for m in report.TESTED_METRICS:
+                row |= {m: v[i], f"{m}_fold_mean": v[i] + 0.01, f"{m}_fold_std": 0.05 + v[i] / 10}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def test_two_levels_of_pairing_effect_sizes_and_intervals():
+    rng = np.random.default_rng(5)
+    base = 0.6 + 0.05 * rng.standard_normal(9)
+    shift = 0.04 + 0.02 * rng.standard_normal(9)
+    values = {"mdmt": base + shift, "stl_prognosis": base, "centralised_mdmt": base + shift + 0.03}
+    tests = report.compare_methods(backbone_frame(values), n_boot=500, seed=1)
+    sel = tests[(tests.comparison == "mdmt vs stl_prognosis") & (tests.metric == "auc") & (tests.summary == "pooled")]
+    pairs, bbs = sel[sel.level == "pairs"].iloc[0], sel[sel.level == "backbones"].iloc[0]
+    assert pairs["n"] == 9 and bbs["n"] == 3
+    a, b = values["mdmt"], values["stl_prognosis"]
+    t = stats.ttest_rel(a, b, alternative="greater")
+    assert pairs["t_p"] == pytest.approx(t.pvalue) and pairs["t"] == pytest.approx(t.statistic)
+    assert pairs["w_p"] == pytest.approx(stats.wilcoxon(a, b, alternative="greater").pvalue)
+    assert pairs["diff"] == pytest.approx(np.mean(shift)) and pairs["diff_lo"] < np.mean(shift) < pairs["diff_hi"]
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert (pairs["diff_lo"], pairs["diff_hi"]) == pytest.approx((ci.low, ci.high))
+    assert pairs["dz"] == pytest.approx(np.mean(shift) / np.std(shift, ddof=1))
+    assert pairs["boot_lo"] <= pairs["diff"] <= pairs["boot_hi"]
+    # backbones: the seeds of each backbone averaged first
+    a3, b3 = a.reshape(3, 3).mean(axis=1), b.reshape(3, 3).mean(axis=1)
+    assert bbs["t_p"] == pytest.approx(stats.ttest_rel(a3, b3, alternative="greater").pvalue)
+    assert bbs["diff"] == pytest.approx(np.mean(a3 - b3)) and math.isnan(bbs["boot_lo"])
+    # federated vs centralised: H1 less, the gap federated minus centralised
+    fed = tests[(tests.comparison == "federated vs centralised") & (tests.metric == "acc") & (tests.level == "pairs")]
+    assert set(fed["alternative"]) == {"less"} and set(fed["summary"]) == {"pooled", "fold mean"}
+    row = fed[fed.summary == "pooled"].iloc[0]
+    assert row["diff"] == pytest.approx(-0.03) and row["method_b"] == "centralised_mdmt"
+    assert row["t_p"] is None or math.isnan(row["t_p"])  # every difference the same: no t-test, a note
+    assert "every difference is the same" in row["note"] and row["diff_lo"] == row["diff_hi"] == pytest.approx(-0.03)
+    # baselines without results: one row each
+    for name, missing in (("mdmt vs ft", "ft"), ("federated vs local", "local")):
+        rows = tests[tests.comparison == name]
+        assert len(rows) == 1 and rows["note"].iloc[0] == f"not tested: no {missing} results"
+    gaps = report.gap_table(tests)
+    assert len(gaps[gaps.comparison == "federated vs centralised"]) == 4 and len(gaps) == 5
+    md = report.tests_markdown(tests, "paired tests")
+    assert "### federated vs centralised (A = mdmt, B = centralised_mdmt)" in md and "| A < B | 9 |" in md
+
+
+def test_cluster_bootstrap_resamples_backbones():
+    # seeds differ within a backbone, every backbone has the same mean: a resample of whole backbones always
+    # has that mean, so the interval collapses (a resample of single pairs would not)
+    d = np.tile([0.0, 0.03, 0.06], 3)
+    clusters = np.repeat(["a", "b", "c"], 3)
+    assert report.cluster_bootstrap_ci(d, clusters, n_boot=300, seed=0) == pytest.approx((0.03, 0.03))
+    # one backbone: every replicate is that backbone's mean difference
+    values = {"mdmt": np.array([0.70, 0.74, 0.75]), "stl_prognosis": np.array([0.60, 0.61, 0.66])}
+    tests = report.compare_methods(backbone_frame(values, backbones=("resnet18",)), n_boot=200, seed=0)
+    row = tests[(tests.metric == "acc") & (tests.summary == "pooled") & (tests.level == "pairs")].iloc[0]
+    mean = np.mean(values["mdmt"] - values["stl_prognosis"])
+    assert row["n"] == 3 and row["diff"] == pytest.approx(mean)
+    assert row["boot_lo"] == pytest.approx(mean) and row["boot_hi"] == pytest.approx(mean)
+    assert row["diff_lo"] < mean < row["diff_hi"]  # the t-interval still treats the seeds as pairs
+    bb = tests[(tests.metric == "acc") & (tests.summary == "pooled") & (tests.level == "backbones")].iloc[0]
+    assert bb["n"] == 1 and "at least 2" in bb["note"]
+    # between-backbone spread: the interval covers the mean, within the backbones' range
+    d = np.repeat([0.01, 0.02, 0.06], 3) + np.tile([-0.001, 0.0, 0.001], 3)
+    lo, hi = report.cluster_bootstrap_ci(d, clusters, n_boot=2000, seed=3)
+    assert 0.01 - 0.001 <= lo < d.mean() < hi <= 0.06 + 0.001
+    assert report.cluster_bootstrap_ci(d, clusters, n_boot=2000, seed=3) == (lo, hi)
+
+
 def test_one_backbone_store_says_not_tested(tmp_path):
     rng = np.random.default_rng(0)
     st = RunStore(tmp_path / "s.sqlite")
@@ -372,6 +477,112 @@ def test_one_backbone_store_says_not_tested(tmp_path):
     assert stl[stl.summary == "fold std"]["note"].str.contains("0 pair.*1 without a value").all()
     assert tests[tests.comparison == "mdmt vs ft"]["note"].tolist() == ["not tested: no ft results"]
     assert "not tested" in (tmp_path / "out" / "tests.md").read_text() and "| loco | mdmt |" in summary
+
+
+# ---- oracle ceiling ------------------------------------------------------------------------------------------
+def small_store(path: Path, fed_dir: str, rng: np.random.Generator) -> None:
+    """mdmt and stl_prognosis, one LOCO fold each, whose config names ``fed_dir``."""
+    st = RunStore(path)
+    for method in ("mdmt", "stl_prognosis"):
+        key = UnitKey(method, "resnet18", "loco", "A", 0)
+        st.start_unit(key, ["B"], {"A": "all"}, {"threshold": "0.5", "fed-dir": fed_dir}, {})
+        st.log_round(key, 1, [], [prog_stat("A", "all", score_hist(rng, 30, 30, 20))], [])
+        st.finish_unit(key, "done", 1)
+    st.close()
+
+
+def test_oracle_ceiling_from_synth_json_beside_the_results(tmp_path, monkeypatch):
+    # a checkout: the store in docs/results/demo/, fed-dir relative to the checkout's root, run from elsewhere
+    root = tmp_path / "checkout"
+    (root / "runs" / "fed").mkdir(parents=True)
+    ceiling = {
+        "exact": {"acc": 0.7201, "auc": 0.7907, "severe_share": 0.47},
+        "generated": {"n": 191, "auc": 0.827, "acc_bayes": 0.7644, "acc_best_threshold": 0.7644},
+    }
+    (root / "runs" / "fed" / "synth.json").write_text(json.dumps({"generator": "mdmt synth", "ceiling": ceiling}))
+    store = root / "docs" / "results" / "demo" / "store.sqlite"
+    small_store(store, "runs/fed", np.random.default_rng(0))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    st = RunStore(store, readonly=True)
+    summary = report.write_report(st, tmp_path / "out", n_boot=N_BOOT)
+    st.close()
+    table = pd.read_csv(tmp_path / "out" / "ceiling.csv")
+    assert table.to_dict("records")[0] == {
+        "fed_dir": "runs/fed",
+        "source": "generated",
+        "n": 191,
+        "oracle_acc": 0.7644,
+        "oracle_auc": 0.827,
+    }
+    assert table["oracle_acc"].tolist() == [0.7644, 0.7201] and table["oracle_auc"].tolist() == [0.827, 0.7907]
+    line = "Oracle ceiling (runs/fed, synth.json): ACC 76.4%, AUC 0.827 on the federation's 191 prognosis patients"
+    rep = (tmp_path / "out" / "report.md").read_text()
+    methods = rep.index("## leave-one-centre-out: mean over backbones")
+    assert rep.index(line) > methods and rep.count(line) == 1 and line in summary
+    assert "| runs/fed | generated | 191 | 76.4 | 0.827 |" in (tmp_path / "out" / "ceiling.md").read_text()
+
+
+def test_no_ceiling_for_an_imported_or_missing_federation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real-fed").mkdir()  # an imported federation: no synth.json
+    small_store(tmp_path / "a.sqlite", "real-fed", np.random.default_rng(1))
+    st = RunStore(tmp_path / "a.sqlite", readonly=True)
+    report.write_report(st, tmp_path / "out", n_boot=N_BOOT)
+    table, lines = report.oracle_ceilings(st, report.finished_units(st))
+    st.close()
+    assert table.empty and list(lines.values()) == [
+        "no oracle ceiling: not a synthetic federation (real-fed holds no synth.json)"
+    ]
+    assert (tmp_path / "out" / "report.md").read_text().count("no oracle ceiling: not a synthetic federation") == 1
+    small_store(tmp_path / "b.sqlite", "gone/fed", np.random.default_rng(2))
+    st = RunStore(tmp_path / "b.sqlite", readonly=True)
+    table, lines = report.oracle_ceilings(st, report.finished_units(st))
+    st.close()
+    assert table.empty and list(lines) == ["gone/fed"] and "gone/fed not found" in lines["gone/fed"]
+    assert "\n" not in lines["gone/fed"]
+
+
+# ---- validation AUC per round ----------------------------------------------------------------------------------
+def test_validation_auc_per_round_and_per_backbone(tmp_path):
+    rng = np.random.default_rng(9)
+    st = RunStore(tmp_path / "s.sqlite")
+    val: dict = {}
+    for backbone, sep in (("resnet18", 30), ("densenet121", 1)):
+        for fold, train in (("A", ["B", "C"]), ("B", ["A", "C"])):
+            key = UnitKey("mdmt", backbone, "loco", fold, 0)
+            st.start_unit(key, train, {fold: "all"}, {"threshold": "0.5"}, {})
+            for rnd in (1, 2, 3):
+                hists = {s: score_hist(rng, 25, 25, sep * rnd / 3) for s in train}
+                val[(backbone, fold, rnd)] = sum(hists.values())
+                rows = [prog_stat(s, "val", h) for s, h in hists.items()]
+                rows += [
+                    prog_stat(fold, "all", score_hist(rng, 20, 20, sep)),
+                    prog_stat(fold, "val", score_hist(rng, 9, 1, 0)),
+                ]
+                st.log_round(key, rnd, [("*", "prognosis", "val", "monitored_loss", 1.0 / rnd)], rows, [])
+            st.finish_unit(key, "done", 2)
+    report.write_report(st, tmp_path / "out", n_boot=N_BOOT, seed=0)
+    st.close()
+    curves = pd.read_csv(tmp_path / "out" / "learning_curves.csv", dtype={"fold": str})
+    for (backbone, fold, rnd), h in val.items():
+        row = curves[(curves.backbone == backbone) & (curves.fold == fold) & (curves["round"] == rnd)].iloc[0]
+        assert row["val_auc"] == pytest.approx(expected(h, 100)["auc"]), (backbone, fold, rnd)  # roc_auc_score
+        assert row["val_n"] == 100  # the held-out centre's own 'val' row is not a training site's
+    table = pd.read_csv(tmp_path / "out" / "validation_loco.csv").set_index("backbone")
+    for backbone in ("resnet18", "densenet121"):
+        sel = [val[(backbone, f, 2)] for f in ("A", "B")]
+        r = table.loc[backbone]
+        assert r["n_units"] == 2 and r["method"] == "mdmt"
+        assert r["val_auc_selected"] == pytest.approx(np.mean([expected(h, 100)["auc"] for h in sel]))
+        assert r["val_auc_last"] == pytest.approx(np.mean([expected(val[(backbone, f, 3)], 100)["auc"] for f in "AB"]))
+        above = sum(auc_ci(as_layout(h), n_boot=N_BOOT, seed=0)[0] > 0.5 for h in sel)
+        assert r["n_above_chance"] == above
+    assert table.loc["resnet18", "n_above_chance"] == 2 and table.loc["densenet121", "n_above_chance"] == 0
+    png = (tmp_path / "out" / "learning_auc_loco.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    h = as_layout(val[("resnet18", "A", 1)])
+    assert report.hist_aucs(np.stack([h, h[::-1]])) == pytest.approx([auc_from_hist(h), auc_from_hist(h[::-1])])
 
 
 # ---- CV: pooled test sites, threshold from the training sites' validation ----------------------------------
@@ -413,7 +624,7 @@ def test_cv_pools_test_sites_at_the_validation_threshold(tmp_path):
 # ---- files, plots, CLI -----------------------------------------------------------------------------------
 def test_plots_and_learning_curves_written(loco_report):
     d, _, summary = loco_report
-    for name in ("roc_loco.png", "centres_loco.png", "learning_loco.png"):
+    for name in ("roc_loco.png", "centres_loco.png", "learning_loco.png", "learning_auc_loco.png"):
         data = (d / "out" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
         assert name in summary

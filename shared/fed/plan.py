@@ -4,7 +4,9 @@ unit's result (same id and same fingerprint) or holds another result under its i
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib.util
 import json
 import logging
 from dataclasses import dataclass
@@ -201,10 +203,45 @@ def file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+# Packages whose code does not change a unit's result: the report, the dashboard and the command line.
+NOT_TRAINING_CODE = ("results", "ops")
+
+
+def code_digest(package: Path, extra: dict[str, Path]) -> str:
+    """sha256 (16 hex digits) over the .py files of ``package`` but its NOT_TRAINING_CODE folders and the
+    folders named in ``extra``, and over every .py file of each ``extra`` folder (mounted at its name),
+    each file by its path in the package and its bytes."""
+    h = hashlib.sha256()
+    files = []
+    for prefix, root in {"": package, **extra}.items():
+        for f in root.rglob("*.py"):
+            rel = f.relative_to(root)
+            if not prefix and rel.parts[0] in (*NOT_TRAINING_CODE, *extra):
+                continue
+            files.append(((Path(prefix) / rel).as_posix(), f))
+    for rel, f in sorted(files):
+        h.update(rel.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def training_code_digest() -> str:
+    """The digest of the training code this process runs: the mdmt package (data, ml, fed, store) with
+    its ServerApp and ClientApp packages, without the report, dashboard and command line. Units with the
+    same digest came from the same training code, whatever else changed in the checkout."""
+    extra = {}
+    for sub in ("server", "client"):
+        spec = importlib.util.find_spec(f"mdmt.{sub}")
+        if spec is not None and spec.submodule_search_locations:
+            extra[sub] = Path(list(spec.submodule_search_locations)[0])
+    return code_digest(Path(__file__).resolve().parent.parent, extra)
+
+
 def unit_recipe(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], starts_from: str = "") -> dict[str, Any]:
     """Everything that defines a unit's result: its training and evaluation sites with their manifest
     hashes, every run-config key that changes results (all but mdmt.fed.config.OPERATIONAL_KEYS), the
-    content of the weights file, and the fingerprint of the unit it starts from (ft)."""
+    content of the weights file, the fingerprint of the unit it starts from (ft), and the digest of the
+    training code (training_code_digest)."""
     involved = sorted(set(plan.train_sites) | set(plan.eval_splits))
     return {
         "unit": plan.key.unit_id,
@@ -216,6 +253,7 @@ def unit_recipe(cfg: RunConfig, plan: UnitPlan, sites: dict[str, SiteInfo], star
         | {"num-rounds": unit_rounds(cfg, plan.key)},
         "weights": file_digest(cfg.weights),
         "starts-from": starts_from,
+        "code": training_code_digest(),
     }
 
 
@@ -228,9 +266,13 @@ def recipe_differences(stored: dict[str, Any] | None, now: dict[str, Any]) -> st
     if not stored:
         return "it was stored before fingerprints were kept (fingerprint unknown)"
     out = []
-    for key in ("train-sites", "pooled", "evaluate", "manifests", "weights", "starts-from"):
+    for key in ("code", "train-sites", "pooled", "evaluate", "manifests", "weights", "starts-from"):
         if stored.get(key) != now.get(key):
-            label = {"manifests": "manifest hashes", "starts-from": "the unit it starts from"}.get(key, key)
+            label = {
+                "code": "training code",
+                "manifests": "manifest hashes",
+                "starts-from": "the unit it starts from",
+            }.get(key, key)
             out.append(f"{label} {_short(stored.get(key))} (now {_short(now.get(key))})")
     old, new = stored.get("recipe", {}), now.get("recipe", {})
     for key in sorted(set(old) | set(new)):

@@ -119,14 +119,18 @@ def paper_section(sources: list[D.Source], version: str) -> list:
             ]
         )
     out.append(grid(head, rows, "paper-table"))
-    out.append(html.H3("Paired tests across backbones (one-tailed t-test and Wilcoxon)"))
+    out.append(
+        html.H3("Paired tests: (backbone, seed) pairs and backbones (seeds averaged); one-tailed t-test and Wilcoxon")
+    )
     head = (["store"] if multi else []) + [
         "protocol",
         "comparison",
         "metric",
         "on",
+        "pairs of",
         "H1",
         "n",
+        "A - B [95% CI]",
         "t-test p",
         "Wilcoxon p",
         "note",
@@ -136,6 +140,13 @@ def paper_section(sources: list[D.Source], version: str) -> list:
         h1 = {"greater": "A > B", "less": "A < B"}.get(r["alternative"], "-")
         tp = "-" if is_nan(r["t_p"]) else f"{r['t_p']:.3f}{r['t_stars']}"
         wp = "-" if is_nan(r["w_p"]) else f"{r['w_p']:.3f}{r['w_stars']}"
+        diff = r.get("diff", float("nan"))
+        if is_nan(diff):
+            shown = "-"
+        elif r["metric"] == "auc":
+            shown = f"{diff:+.3f} [{r['diff_lo']:+.3f}, {r['diff_hi']:+.3f}]"
+        else:
+            shown = f"{100 * diff:+.1f} [{100 * r['diff_lo']:+.1f}, {100 * r['diff_hi']:+.1f}] pp"
         rows.append(
             ([r["store"]] if multi else [])
             + [
@@ -143,8 +154,10 @@ def paper_section(sources: list[D.Source], version: str) -> list:
                 r["comparison"],
                 str(r["metric"]),
                 str(r["summary"]),
+                str(r.get("level", "-")),
                 h1,
                 str(int(r["n"])),
+                shown,
                 tp,
                 wp,
                 r["note"] or "",

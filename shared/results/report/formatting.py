@@ -35,7 +35,23 @@ HEADERS = {
     "mean_a": "mean A",
     "mean_b": "mean B",
     "alternative": "H1",
+    "method_a": "A",
+    "method_b": "B",
+    "diff": "A - B",
+    "diff_ci": "95% CI (t)",
+    "boot_ci": "95% CI (cluster bootstrap)",
+    "dz": "dz",
+    "fed_dir": "fed-dir",
+    "oracle_acc": "oracle ACC",
+    "oracle_auc": "oracle AUC",
+    "val_auc_selected": "val AUC (selected round)",
+    "val_auc_last": "val AUC (last round)",
+    "n_units": "units",
+    "n_above_chance": "units with val AUC CI > 0.5",
 }
+# columns in a metric's units, formatted by the row's 'metric' (percentage points or AUC decimals)
+METRIC_VALUED = ("mean_a", "mean_b", "diff", "diff_lo", "diff_hi", "boot_lo", "boot_hi")
+SIGNED = ("diff", "diff_lo", "diff_hi", "boot_lo", "boot_hi")
 
 
 def _header(col: str) -> str:
@@ -48,7 +64,21 @@ def _header(col: str) -> str:
 def _base(col: str) -> str:
     for affix in ("_fold_mean", "_fold_std"):
         col = col.removesuffix(affix)
-    return col.removeprefix("val_").removeprefix("test_")
+    return col.removeprefix("val_").removeprefix("test_").removeprefix("oracle_")
+
+
+def metric_value(metric: str, v, signed: bool = False) -> str:
+    """A value in ``metric``'s units: rates in % (differences in percentage points), AUC to 3 decimals."""
+    if v is None or (isinstance(v, (float, np.floating)) and not np.isfinite(v)):
+        return "-"
+    sign = "+" if signed else ""
+    return f"{100 * v:{sign}.1f}" if _base(metric) in PERCENT_METRICS else f"{v:{sign}.3f}"
+
+
+def _interval(metric: str, lo, hi) -> str:
+    if pd.isna(lo) or pd.isna(hi):
+        return "-"
+    return f"[{metric_value(metric, lo, True)}, {metric_value(metric, hi, True)}]"
 
 
 def _cell(col: str, v) -> str:
@@ -58,7 +88,7 @@ def _cell(col: str, v) -> str:
         base = _base(col)
         if base in PERCENT_METRICS:
             return f"{100 * v:.1f}"
-        if base.startswith("auc") or col in ("threshold", "mean_a", "mean_b", "t", "w"):
+        if base.startswith("auc") or col in ("threshold", "mean_a", "mean_b", "t", "w", "dz"):
             return f"{v:.3f}"
         if col.endswith("_p"):
             return f"{v:.2g}" if v < 0.001 else f"{v:.3f}"
@@ -68,8 +98,15 @@ def _cell(col: str, v) -> str:
 
 def display_frame(df: pd.DataFrame) -> pd.DataFrame:
     """Strings for markdown and LaTeX: rates in %, AUC with its interval, readable headers."""
-    df = df.drop(columns=[c for c in ("hist", "cm") if c in df.columns])
+    df = df.drop(columns=[c for c in ("hist", "cm") if c in df.columns]).reset_index(drop=True)
     out = pd.DataFrame({c: [_cell(c, v) for v in df[c]] for c in df.columns}, index=range(len(df)))
+    if "metric" in df.columns:  # differences and means in the row's metric's units
+        for c in (c for c in METRIC_VALUED if c in df.columns):
+            out[c] = [metric_value(m, v, c in SIGNED) for m, v in zip(df["metric"], df[c])]
+        for lo, hi, name in (("diff_lo", "diff_hi", "diff_ci"), ("boot_lo", "boot_hi", "boot_ci")):
+            if lo in df.columns:
+                out[lo] = [_interval(m, a, b) for m, a, b in zip(df["metric"], df[lo], df[hi])]
+                out = out.drop(columns=[hi]).rename(columns={lo: name})
     if "auc_lo" in df.columns:
         has = df["auc_lo"].notna().to_numpy()
         out.loc[has, "auc"] = [
@@ -100,24 +137,55 @@ def write_table(df: pd.DataFrame, out_dir: Path, stem: str, title: str, note: st
     return paths, md
 
 
+def _p(p, star: str) -> str:
+    return "-" if pd.isna(p) else f"{_cell('t_p', p)}{star}"
+
+
+def _diff(metric: str, row) -> str:
+    """The mean difference with its t-interval, when there is one."""
+    ci = _interval(metric, row["diff_lo"], row["diff_hi"])
+    return metric_value(metric, row["diff"], True) + ("" if ci == "-" else f" {ci}")
+
+
 def tests_markdown(tests: pd.DataFrame, title: str) -> str:
-    """The paired tests, naming the test, n and p in every row."""
+    """The paired tests, one table per comparison: a row per summary and metric with both levels of pairing
+    (pairs of backbone and seed; backbones, seeds averaged first) side by side."""
     lines = [
         f"## {title}",
         "",
-        "One-tailed paired tests across backbones (scipy.stats.ttest_rel and scipy.stats.wilcoxon). H1 for the",
-        "pooled metric and the fold mean: MDMT greater; for the fold std: MDMT less (more stable).",
-        "Stars: * p<0.05, ** p<0.01, *** p<0.001.",
+        "One-tailed paired tests (scipy.stats.ttest_rel and scipy.stats.wilcoxon), H1 per row. 'pairs': one pair",
+        "per backbone and seed; 'backbones': the seeds of a backbone averaged first. A - B: mean difference (ACC,",
+        "F1, G-mean in percentage points; AUC in AUC units) with its two-sided 95% t-interval; cluster bootstrap:",
+        "95% interval resampling backbones (all seeds of a drawn backbone together). dz = mean / sd of the",
+        "differences. Stars: * p<0.05, ** p<0.01, *** p<0.001. Every column: tests.csv.",
         "",
-        "| comparison | metric | on | H1 | n | mean A | mean B | paired t-test | Wilcoxon signed-rank | note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in tests.itertuples(index=False):
-        t = "-" if pd.isna(r.t_p) else f"t={r.t:.3f}, n={r.n}, p={_cell('t_p', r.t_p)}{r.t_stars}"
-        w = "-" if pd.isna(r.w_p) else f"W={r.w:.1f}, n={r.n}, p={_cell('w_p', r.w_p)}{r.w_stars}"
-        h1 = {"greater": "A > B", "less": "A < B"}.get(r.alternative, "-")
-        lines.append(
-            f"| {r.comparison} | {_header(r.metric).split(' [')[0]} | {r.summary} | {h1} | {r.n} "
-            f"| {_cell(r.metric, r.mean_a)} | {_cell(r.metric, r.mean_b)} | {t} | {w} | {r.note} |"
-        )
-    return "\n".join(lines) + "\n"
+    for name, grp in tests.groupby("comparison", sort=False):
+        first = grp.iloc[0]
+        lines.append(f"### {name} (A = {first['method_a']}, B = {first['method_b']})")
+        lines.append("")
+        if first["level"] == "-":
+            lines += [str(first["note"]), ""]
+            continue
+        lines += [
+            "| on | metric | H1 | pairs n | A | B | A - B [95% CI t] | cluster bootstrap | dz | p (t) | p (W) "
+            "| backbones n | A - B [95% CI t] | p (t) | p (W) | note |",
+            "|" + "---|" * 16,
+        ]
+        for (summary, metric), rows in grp.groupby(["summary", "metric"], sort=False):
+            by = {r["level"]: r for _, r in rows.iterrows()}
+            pr, bb = by["pairs"], by["backbones"]
+            h1 = {"greater": "A > B", "less": "A < B"}.get(pr["alternative"], "-")
+            notes = [f"{lv}: {r['note']}" for lv, r in by.items() if r["note"]]
+            if pr["note"] and pr["note"] == bb["note"]:
+                notes = [pr["note"]]
+            lines.append(
+                f"| {summary} | {_header(metric).split(' [')[0]} | {h1} | {pr['n']} "
+                f"| {metric_value(metric, pr['mean_a'])} | {metric_value(metric, pr['mean_b'])} "
+                f"| {_diff(metric, pr)} | {_interval(metric, pr['boot_lo'], pr['boot_hi'])} | {_cell('dz', pr['dz'])} "
+                f"| {_p(pr['t_p'], pr['t_stars'])} | {_p(pr['w_p'], pr['w_stars'])} | {bb['n']} "
+                f"| {_diff(metric, bb)} | {_p(bb['t_p'], bb['t_stars'])} | {_p(bb['w_p'], bb['w_stars'])} "
+                f"| {'; '.join(notes)} |"
+            )
+        lines.append("")
+    return "\n".join(lines)

@@ -87,3 +87,28 @@ def plot_learning_curves(curves: pd.DataFrame, title: str, path: Path) -> Path:
     fig.suptitle(title)
     fig.savefig(path, dpi=110)
     return path
+
+
+def plot_learning_auc(mean_curves: pd.DataFrame, title: str, path: Path) -> Path:
+    """One panel per method, one line per backbone: the training sites' pooled validation AUC per round, the
+    mean over that backbone's units (seeds and folds; validation.mean_validation_curves); dashed: chance."""
+    from matplotlib.ticker import MaxNLocator  # deferred: matplotlib
+
+    groups = _ordered_methods(mean_curves["method"]) or ["-"]
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    fig, axes = _figure(4.2 * ncols, 3.2 * nrows, ncols=ncols, nrows=nrows)
+    for ax, group in zip(axes, groups):
+        here = mean_curves[mean_curves["method"] == group]
+        for backbone, c in here.groupby("backbone", sort=True):
+            ax.plot(c["round"], c["val_auc"], lw=1.2, label=str(backbone))
+        ax.axhline(0.5, ls="--", color="grey", lw=1)
+        ax.set(title=group, xlabel="round", ylabel="pooled val AUC", ylim=(0, 1))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if here["backbone"].nunique():
+            ax.legend(fontsize="x-small")
+    for ax in axes[len(groups) :]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path

@@ -12,7 +12,7 @@ import pandas as pd
 
 from mdmt.errors import DataError
 from mdmt.ml.methods import METHODS, PROGNOSIS
-from mdmt.ml.metrics import as_layout, auc_from_hist, cm_at_bin, edge_p, threshold_bin
+from mdmt.ml.metrics import HIST_BINS, as_layout, auc_from_hist, cm_at_bin, edge_p, threshold_bin
 from mdmt.store import RunStore
 
 LOCAL_PREFIX = "local:"  # local:<SITE>: one model trained on that site alone
@@ -88,6 +88,61 @@ def _threshold_rule(unit: sqlite3.Row) -> str:
     return rule
 
 
+def train_validation(unit: sqlite3.Row, rows: Iterable[sqlite3.Row]) -> np.ndarray | None:
+    """The prognosis validation histograms (split 'val') of the unit's training sites among ``rows`` (eval_stats
+    rows of one round), summed; None if there is none."""
+    train_sites = set((unit["train_sites"] or "").split(","))
+    val = [
+        _hist(r)
+        for r in rows
+        if r["task"] == PROGNOSIS and r["split"] == "val" and r["site"] in train_sites and r["hist"] is not None
+    ]
+    return sum(val) if val else None
+
+
+def hist_aucs(hists: np.ndarray) -> np.ndarray:
+    """The AUC of each of many (2, HIST_BINS) histograms at once, as mdmt.ml.metrics.auc_from_hist computes it
+    for one (scores at the bin centres, ties within a bin counted one half); NaN where a class is empty."""
+    hists = np.asarray(hists, dtype=float).reshape(-1, 2, HIST_BINS)
+    h0, h1 = hists[:, 0], hists[:, 1]
+    below = np.cumsum(h0, axis=1) - h0  # MILD scores strictly below each bin
+    pairs = h0.sum(axis=1) * h1.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, (h1 * (below + 0.5 * h0)).sum(axis=1) / pairs, np.nan)
+
+
+def validation_aucs(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataFrame:
+    """Per unit and round: the prognosis validation AUC of the unit's training sites pooled (their 'val'
+    histograms summed) and the number of those validation images."""
+    frames = []
+    for u in units:
+        rows = store.db.execute(
+            "SELECT round, site, task, split, hist FROM eval_stats WHERE unit_id=? AND task=? AND split='val' "
+            "AND hist IS NOT NULL ORDER BY round",
+            (u["unit_id"], PROGNOSIS),
+        ).fetchall()
+        by_round: dict[int, list[sqlite3.Row]] = {}
+        for r in rows:
+            by_round.setdefault(r["round"], []).append(r)
+        pooled = {rnd: train_validation(u, rs) for rnd, rs in by_round.items()}
+        pooled = {rnd: h for rnd, h in pooled.items() if h is not None}
+        if not pooled:
+            continue
+        hists = np.stack(list(pooled.values()))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "unit_id": u["unit_id"],
+                    "round": list(pooled),
+                    "val_auc": hist_aucs(hists),
+                    "val_n": hists.sum(axis=(1, 2)),
+                }
+            )
+        )
+    cols = ["unit_id", "round", "val_auc", "val_n"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
 def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[str, np.ndarray, float]]]:
     """A unit's decision threshold bin and its scored (site, prognosis histogram, AUC) at the selected round.
 
@@ -100,9 +155,7 @@ def unit_prognosis(store: RunStore, unit: sqlite3.Row) -> tuple[int, list[tuple[
         for r in store.eval_stats(unit["unit_id"], unit["best_round"])
         if r["task"] == PROGNOSIS and r["hist"] is not None
     ]
-    train_sites = set((unit["train_sites"] or "").split(","))
-    val = [_hist(r) for r in rows if r["site"] in train_sites and r["split"] == "val"]
-    k = threshold_bin(_threshold_rule(unit), sum(val) if val else None)
+    k = threshold_bin(_threshold_rule(unit), train_validation(unit, rows))
     if unit["protocol"] == "loco":
         picked = [r for r in rows if r["site"] == unit["fold"]][:1]
     elif unit["protocol"] == "cv":
@@ -147,7 +200,8 @@ def prognosis_records(store: RunStore, units: Iterable[sqlite3.Row]) -> pd.DataF
 
 
 def learning_curves(store: RunStore, units: Sequence[sqlite3.Row]) -> pd.DataFrame:
-    """Per finished unit and round: the monitored validation loss and the mean training loss over sites."""
+    """Per finished unit and round: the monitored validation loss, the mean training loss over sites and the
+    pooled prognosis validation AUC of the training sites (validation_aucs)."""
     ids = {u["unit_id"] for u in units}
     m = pd.read_sql(
         "SELECT unit_id, round, site, task, split, name, value FROM metrics "
@@ -159,12 +213,19 @@ def learning_curves(store: RunStore, units: Sequence[sqlite3.Row]) -> pd.DataFra
     monitored = m[m["name"] == "monitored_loss"].groupby(["unit_id", "round"])["value"].mean().rename("monitored_loss")
     train = m[m["name"] == "loss"].groupby(["unit_id", "round"])["value"].mean().rename("train_loss")
     curves = pd.concat([monitored, train], axis=1).reset_index()
+    val = validation_aucs(store, units)
+    if not len(curves):
+        curves = val.assign(monitored_loss=np.nan, train_loss=np.nan)
+    elif len(val):
+        curves = curves.merge(val, on=["unit_id", "round"], how="outer")
+    else:
+        curves = curves.assign(val_auc=np.nan, val_n=np.nan)
     info = pd.DataFrame(
         [{k: u[k] for k in ("unit_id", "protocol", "method", "backbone", "fold", "seed", "best_round")} for u in units]
     )
     curves = (
         info.merge(curves, on="unit_id")
         if len(curves)
-        else info.iloc[:0].assign(round=[], monitored_loss=[], train_loss=[])
+        else info.iloc[:0].assign(round=[], monitored_loss=[], train_loss=[], val_auc=[], val_n=[])
     )
     return sort_rows(curves, ["protocol", "method", "backbone", "fold", "seed", "round"])

@@ -9,14 +9,26 @@ from pathlib import Path
 import pandas as pd
 
 from mdmt.errors import MDMTError
+from mdmt.results.report.ceiling import oracle_ceilings, unit_fed_dir
 from mdmt.results.report.formatting import display_frame, tests_markdown, write_table
 from mdmt.results.report.loco import write_loco_report
-from mdmt.results.report.plots import plot_centres, plot_learning_curves, plot_roc
+from mdmt.results.report.plots import plot_centres, plot_learning_auc, plot_learning_curves, plot_roc
 from mdmt.results.report.records import PROTOCOL_TITLES, finished_units, learning_curves, prognosis_records, sort_rows
-from mdmt.results.report.stats import compare_methods
+from mdmt.results.report.stats import compare_methods, gap_table
 from mdmt.results.report.tables import PrognosisTables, prognosis_tables, severity_summary, severity_table
+from mdmt.results.report.validation import mean_validation_curves, unit_validation, validation_table
 from mdmt.store import RunStore
 
+GAP_NOTE = (
+    "MDMT minus centralised MDMT and minus the single-site models ('local'), on each backbone's pooled "
+    "predictions, one pair per backbone and seed: mean difference (ACC, G-mean in percentage points; AUC in "
+    "AUC units), its 95% t-interval and a 95% cluster bootstrap interval resampling backbones."
+)
+VALIDATION_NOTE = (
+    "The training sites' prognosis validation histograms pooled, per unit: the AUC at the selected round and "
+    "at the last round, mean over the backbone's units (seeds and folds); 'units with val AUC CI > 0.5': "
+    "units whose selected-round stratified bootstrap 95% interval lies above 0.5. Validation data only."
+)
 METHOD_NOTE = (
     "Mean over backbones of the metrics on each backbone's pooled predictions (every fold's held-out or "
     "test counts at that fold's own threshold, summed). ACC, F1, G-mean, sens, spec in %. AUC interval: "
@@ -62,9 +74,10 @@ def _write_protocol(
     return files, sections, t
 
 
-def _write_tests(backbones: pd.DataFrame, out_dir: Path) -> tuple[list[Path], str]:
-    """tests.csv, tests.md and tests.tex: MDMT against its baselines, per protocol."""
-    tests = compare_methods(backbones)
+def _write_tests(backbones: pd.DataFrame, out_dir: Path, n_boot: int, seed: int) -> tuple[list[Path], list[str]]:
+    """tests.csv, tests.md and tests.tex: MDMT against its baselines, per protocol; gaps_<P>.*: the price of
+    federation."""
+    tests = compare_methods(backbones, n_boot=n_boot, seed=seed)
     protocols = list(dict.fromkeys(tests["protocol"]))
     md = "\n".join(
         tests_markdown(tests[tests["protocol"] == p], f"{PROTOCOL_TITLES.get(p, p)}: paired tests") for p in protocols
@@ -77,7 +90,14 @@ def _write_tests(backbones: pd.DataFrame, out_dir: Path) -> tuple[list[Path], st
             index=False, escape=True, caption="Paired one-tailed tests of MDMT against its baselines", label="tab:tests"
         )
     )
-    return paths, md
+    sections = [md]
+    for p in protocols:
+        gaps = gap_table(tests[tests["protocol"] == p])
+        title = f"{PROTOCOL_TITLES.get(p, p)}: the price of federation"
+        written, gap_md = write_table(gaps, out_dir, f"gaps_{p}", title, GAP_NOTE)
+        paths += written
+        sections.append(gap_md)
+    return paths, sections
 
 
 def _write_severity(store: RunStore, units: list[sqlite3.Row], out_dir: Path) -> tuple[list[Path], list[str]]:
@@ -100,20 +120,57 @@ def _write_severity(store: RunStore, units: list[sqlite3.Row], out_dir: Path) ->
     return files, sections
 
 
-def _write_learning_curves(store: RunStore, units: list[sqlite3.Row], out_dir: Path) -> list[Path]:
-    """learning_curves.csv and one learning_<protocol>.png per protocol."""
+def _write_learning_curves(
+    store: RunStore, units: list[sqlite3.Row], out_dir: Path, n_boot: int, seed: int
+) -> tuple[list[Path], list[str]]:
+    """learning_curves.csv; per protocol learning_<P>.png, learning_auc_<P>.png and validation_<P>.*."""
     curves = learning_curves(store, units)
     files = [out_dir / "learning_curves.csv"]
+    sections: list[str] = []
     curves.to_csv(files[0], index=False)
+    per_unit = unit_validation(store, units, curves, n_boot, seed)
+    means = mean_validation_curves(curves)
     for protocol in dict.fromkeys(curves["protocol"]):
+        name = PROTOCOL_TITLES.get(protocol, protocol)
         files.append(
             plot_learning_curves(
                 curves[curves["protocol"] == protocol],
-                f"learning curves ({PROTOCOL_TITLES.get(protocol, protocol)})",
+                f"learning curves ({name})",
                 out_dir / f"learning_{protocol}.png",
             )
         )
-    return files
+        here = means[means["protocol"] == protocol]
+        if here.empty:
+            continue
+        files.append(
+            plot_learning_auc(
+                here, f"pooled validation AUC, mean per backbone ({name})", out_dir / f"learning_auc_{protocol}.png"
+            )
+        )
+        written, md = write_table(
+            validation_table(per_unit[per_unit["protocol"] == protocol]),
+            out_dir,
+            f"validation_{protocol}",
+            f"{name}: validation AUC per method and backbone",
+            VALIDATION_NOTE,
+        )
+        files += written
+        sections.append(md)
+    return files, sections
+
+
+def _write_ceiling(
+    store: RunStore, units: list[sqlite3.Row], out_dir: Path
+) -> tuple[list[Path], dict[str | None, str]]:
+    """ceiling.csv / .md / .tex: the oracle ceiling of each fed-dir the units ran on; and its line per fed-dir."""
+    table, lines = oracle_ceilings(store, units)
+    note = (
+        "The best ACC and AUC of a predictor that reads the exact global score but not the hidden factor "
+        "(mdmt.data.synth.oracle): 'generated' on the federation's prognosis patients, 'model (exact)' from the "
+        "generative model. " + " ".join(dict.fromkeys(lines.values()))
+    )
+    paths, _ = write_table(table, out_dir, "ceiling", "oracle ceiling", note)
+    return paths, lines
 
 
 def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int = 0) -> str:
@@ -129,7 +186,8 @@ def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int =
         raise MDMTError(f"{out_dir}: cannot create the report folder ({exc.strerror}); choose another --out") from None
 
     records = prognosis_records(store, units)
-    files: list[Path] = []
+    files, ceiling_lines = _write_ceiling(store, units, out_dir)
+    fed_dirs = {(u["protocol"], unit_fed_dir(u)) for u in units}
     sections: list[str] = []
     main: list[str] = []
     backbones = []
@@ -137,18 +195,23 @@ def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int =
         written, mds, tables = _write_protocol(
             protocol, records[records["protocol"] == protocol], out_dir, n_boot, seed
         )
+        # the ceiling of the fed-dirs this protocol's units ran on, under its methods table
+        lines = dict.fromkeys(ceiling_lines[d] for p, d in sorted(fed_dirs, key=str) if p == protocol)
+        mds[0] += "\n" + "\n\n".join(lines) + "\n"
         files += written
         sections += mds
         main.append(mds[0])
         backbones.append(tables.backbones)
     if backbones:
-        written, md = _write_tests(pd.concat(backbones, ignore_index=True), out_dir)
+        written, mds = _write_tests(pd.concat(backbones, ignore_index=True), out_dir, n_boot, seed)
         files += written
-        sections.append(md)
+        sections += mds
     written, mds = _write_severity(store, units, out_dir)
     files += written
     sections += mds
-    files += _write_learning_curves(store, units, out_dir)
+    written, mds = _write_learning_curves(store, units, out_dir, n_boot, seed)
+    files += written
+    sections += mds
     _, loco_csv, loco_md = write_loco_report(store, out_dir, n_boot=n_boot, seed=seed)
     files += [loco_csv, loco_md]
 
