@@ -18,7 +18,8 @@ import pytest
 
 from mdmt.errors import ConfigError
 from mdmt.fed.plan import training_code_digest
-from mdmt.ops.experiment import plan_groups, read_experiment, restore_sources
+from mdmt.ml.backbones import BACKBONES
+from mdmt.ops.experiment import plan_groups, read_experiment, restore_sources, seeds_of
 from mdmt.store import RunStore, UnitKey
 
 pytestmark = pytest.mark.slow
@@ -224,3 +225,24 @@ def test_a_phase_one_unit_without_its_checkpoint_runs_again_for_ft(small_federat
     store.finish_unit(ft, "done", 2)
     assert restore_sources(cfg, store, lines.append) == []  # nothing left starts from it
     assert store.unit_status(phase1) == "done"
+
+
+def test_the_evidence_files_share_one_recipe_and_cover_the_questions():
+    sim = ROOT / "simulations"
+    base, base_synth = read_experiment(sim / "evidence.toml")
+    files = {q: read_experiment(sim / f"evidence_{q}.toml") for q in ("loco", "centralised", "local", "cv")}
+    asked = {"method", "backbone", "protocol", "seed"}
+    for q, (values, synth) in files.items():
+        assert synth == base_synth and values["store"] == base["store"], q
+        assert {k: v for k, v in values.items() if k not in asked} == {k: v for k, v in base.items() if k not in asked}
+        assert seeds_of(values) == ([0] if q == "cv" else [0, 1, 2]), q
+    loco = files["loco"][0]["backbone"].split(",")
+    assert set(loco) <= set(BACKBONES) and len(loco) >= 5
+    families = {b.split("_")[0].rstrip("0123456789") for b in loco}
+    assert len(families) == len(loco), families  # one backbone per family
+    assert set(files["loco"][0]["method"].split(",")) == {"stl_prognosis", "ft", "mdmt"}
+    for q, method in (("centralised", "centralised_mdmt"), ("local", "local")):
+        values = files[q][0]
+        assert values["method"] == method and len(values["backbone"].split(",")) >= 2
+        assert set(values["backbone"].split(",")) <= set(loco), q  # paired with federated MDMT units
+    assert files["cv"][0]["protocol"] == "cv" and files["cv"][0]["backbone"] in loco

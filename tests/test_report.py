@@ -521,6 +521,13 @@ def test_oracle_ceiling_from_synth_json_beside_the_results(tmp_path, monkeypatch
     methods = rep.index("## leave-one-centre-out: mean over backbones")
     assert rep.index(line) > methods and rep.count(line) == 1 and line in summary
     assert "| runs/fed | generated | 191 | 76.4 | 0.827 |" in (tmp_path / "out" / "ceiling.md").read_text()
+    # A store made in another checkout names an absolute fed-dir that is gone here: found by its last parts.
+    moved = root / "docs" / "results" / "moved" / "store.sqlite"
+    small_store(moved, str(tmp_path / "other-checkout" / "runs" / "fed"), np.random.default_rng(0))
+    st = RunStore(moved, readonly=True)
+    table, _ = report.oracle_ceilings(st, report.finished_units(st))
+    st.close()
+    assert table["oracle_auc"].tolist() == [0.827, 0.7907]
 
 
 def test_no_ceiling_for_an_imported_or_missing_federation(tmp_path, monkeypatch):
@@ -712,3 +719,11 @@ def test_severity_only_store_without_curves(tmp_path):
     sev = pd.read_csv(tmp_path / "out" / "severity.csv")
     assert sev["val_acc"].iloc[0] == pytest.approx(expected_multiclass(cm)[0]) and sev["test_n"].iloc[0] == 0
     assert not (tmp_path / "out" / "tests.csv").exists() and (tmp_path / "out" / "loco.csv").is_file()
+
+
+def test_the_report_names_the_training_code_of_its_units():
+    one = [{"recipe": json.dumps({"code": "abc"})}] * 3
+    assert report.write.code_line(one) == "Training code: all 3 units came from training code abc."
+    mixed = one + [{"recipe": json.dumps({"code": "def"})}, {"recipe": None}]
+    line = report.write.code_line(mixed)
+    assert "3 versions" in line and "abc (3 units)" in line and "def (1 units)" in line and "not recorded" in line

@@ -29,10 +29,13 @@ def unit_fed_dir(unit: sqlite3.Row) -> str | None:
 def resolve_fed_dir(fed_dir: str, store_path: Path, cwd: Path | None = None) -> Path | None:
     """The federation folder: an absolute path as is; a relative one against the current folder, then against
     the store's folder and each folder above it (a store in docs/results/<name>/ of a checkout whose fed-dir
-    is relative to the checkout's root). None if no candidate is a folder."""
+    is relative to the checkout's root). An absolute path that is gone (a store made in another checkout) is
+    looked for by its last two parts the same way. None if no candidate is a folder."""
     path = Path(fed_dir).expanduser()
     if path.is_absolute():
-        return path if path.is_dir() else None
+        if path.is_dir():
+            return path
+        path = Path(*path.parts[-2:])
     folder = Path(store_path).resolve().parent
     for base in (Path.cwd() if cwd is None else cwd, folder, *folder.parents):
         if (base / path).is_dir():

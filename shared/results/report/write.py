@@ -3,6 +3,7 @@ report.md linking them."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -173,6 +174,23 @@ def _write_ceiling(
     return paths, lines
 
 
+def code_line(units: list[sqlite3.Row]) -> str:
+    """Which training code the units came from (the 'code' digest of their recipes, mdmt.fed.plan): one
+    digest, several (then they are not one experiment's results), or none recorded."""
+    digests: dict[str, int] = {}
+    for u in units:
+        try:
+            code = (json.loads(u["recipe"] or "{}") or {}).get("code") or "not recorded"
+        except (json.JSONDecodeError, AttributeError):
+            code = "not recorded"
+        digests[code] = digests.get(code, 0) + 1
+    if len(digests) == 1:
+        (code,) = digests
+        return f"Training code: all {len(units)} units came from training code {code}."
+    parts = ", ".join(f"{c} ({n} units)" for c, n in sorted(digests.items(), key=lambda x: -x[1]))
+    return f"Training code: the units came from {len(digests)} versions of it: {parts}; rerun the others."
+
+
 def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int = 0) -> str:
     """Write every table, test and plot of the store's finished units into ``out_dir``; return a summary:
     the main table of each protocol in markdown and the files written."""
@@ -216,10 +234,11 @@ def write_report(store: RunStore, out_dir: Path, n_boot: int = 1000, seed: int =
     files += [loco_csv, loco_md]
 
     figures = [f"![{p.stem}]({p.name})" for p in files if p.suffix == ".png"]
+    code = code_line(units)
     (out_dir / "report.md").write_text(
-        "# Results\n\n" + "\n".join(sections) + "\n## Figures\n\n" + "\n\n".join(figures) + "\n"
+        "# Results\n\n" + code + "\n\n" + "\n".join(sections) + "\n## Figures\n\n" + "\n\n".join(figures) + "\n"
     )
     files.insert(0, out_dir / "report.md")
 
     head = "\n".join(main) if main else "No prognosis results (no finished unit scores a held-out or test split)."
-    return head + f"\nwrote {len(files)} files to {out_dir}:\n" + "\n".join(f"  {p.name}" for p in files)
+    return head + f"\n{code}\nwrote {len(files)} files to {out_dir}:\n" + "\n".join(f"  {p.name}" for p in files)
