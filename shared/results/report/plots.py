@@ -61,15 +61,28 @@ def plot_centres(centres: pd.DataFrame, title: str, path: Path) -> Path:
     return path
 
 
+def _method_panels(groups: list[str]):
+    """A figure of one panel per method, three to a row."""
+    ncols = min(3, len(groups))
+    nrows = math.ceil(len(groups) / ncols)
+    return _figure(4.2 * ncols, 3.2 * nrows, ncols=ncols, nrows=nrows)
+
+
+def _save_panels(fig, axes, used: int, title: str, path: Path) -> Path:
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def plot_learning_curves(curves: pd.DataFrame, title: str, path: Path) -> Path:
     """One panel per method, one line per unit: the monitored validation loss per round; a dot marks the selected
     round."""
     from matplotlib.ticker import MaxNLocator  # deferred: matplotlib
 
     groups = _ordered_methods(curves["method"].map(method_group))
-    ncols = min(3, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
-    fig, axes = _figure(4.2 * ncols, 3.2 * nrows, ncols=ncols, nrows=nrows)
+    fig, axes = _method_panels(groups)
     for ax, group in zip(axes, groups):
         units = curves[curves["method"].map(method_group) == group]
         for _, u in units.groupby("unit_id", sort=False):
@@ -82,11 +95,7 @@ def plot_learning_curves(curves: pd.DataFrame, title: str, path: Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if units["unit_id"].nunique() <= 8:
             ax.legend(fontsize="x-small")
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_panels(fig, axes, len(groups), title, path)
 
 
 def plot_learning_auc(mean_curves: pd.DataFrame, title: str, path: Path) -> Path:
@@ -95,9 +104,7 @@ def plot_learning_auc(mean_curves: pd.DataFrame, title: str, path: Path) -> Path
     from matplotlib.ticker import MaxNLocator  # deferred: matplotlib
 
     groups = _ordered_methods(mean_curves["method"]) or ["-"]
-    ncols = min(3, len(groups))
-    nrows = math.ceil(len(groups) / ncols)
-    fig, axes = _figure(4.2 * ncols, 3.2 * nrows, ncols=ncols, nrows=nrows)
+    fig, axes = _method_panels(groups)
     for ax, group in zip(axes, groups):
         here = mean_curves[mean_curves["method"] == group]
         for backbone, c in here.groupby("backbone", sort=True):
@@ -107,8 +114,4 @@ def plot_learning_auc(mean_curves: pd.DataFrame, title: str, path: Path) -> Path
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if here["backbone"].nunique():
             ax.legend(fontsize="x-small")
-    for ax in axes[len(groups) :]:
-        ax.set_visible(False)
-    fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save_panels(fig, axes, len(groups), title, path)

@@ -265,19 +265,8 @@ def compare_methods(
 GAP_COMPARISONS = ("federated vs centralised", "federated vs local")
 GAP_METRICS = ("acc", "gmean", "gmean_weighted", "auc")
 GAP_COLUMNS = [
-    "protocol",
-    "comparison",
-    "metric",
-    "n",
-    "mean_a",
-    "mean_b",
-    "diff",
-    "diff_lo",
-    "diff_hi",
-    "boot_lo",
-    "boot_hi",
-    "note",
-]
+    c for c in COLUMNS if c in ("protocol", "comparison", "metric", "n") or c.startswith(("mean_", "diff", "boot_"))
+] + ["note"]
 
 
 def gap_table(tests: pd.DataFrame) -> pd.DataFrame:
