@@ -126,6 +126,8 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     ]
     assert sittings[0]["training_code"] == sittings[1]["training_code"] == training_code_digest()
     assert all(float(r["wall_s"]) > 0 for r in sittings)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert {r["commit"].removesuffix("+changes") for r in sittings} == {head.stdout.strip()}
 
     # The same grid without interruption gives the same final and selected models, bit for bit.
     ref_ws = tmp_path / "ref"

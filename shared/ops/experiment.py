@@ -157,8 +157,10 @@ def unit_progress(cfg: RunConfig, store: RunStore) -> tuple[int, int]:
 SITTING_FIELDS = ("config", "started", "wall_s", "units", "to_run", "outcome", "commit", "training_code")
 
 
-def _commit(where: Path) -> str:
-    """The checkout's commit (with '+changes' when tracked files differ from it); '' outside git."""
+def _commit() -> str:
+    """The commit of the checkout this package runs from (with '+changes' when tracked files differ from
+    it); '' for an installed package outside git."""
+    where = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=where, capture_output=True, text=True)
@@ -169,10 +171,12 @@ def _commit(where: Path) -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def log_sitting(path, groups: list[RunConfig], started: str, wall: float, to_run: int, outcome: str) -> Path:
+def log_sitting(
+    path, groups: list[RunConfig], started: tuple[str, str], wall: float, to_run: int, outcome: str
+) -> Path:
     """Append one row per sitting to experiments.csv beside the run store: which config ran, when, for how
-    long, how it ended, at which commit and with which training code. A sweep that takes several sittings
-    adds its wall times from here."""
+    long, how it ended, at which commit of the code (``started`` = (time, commit), both taken when the
+    sitting began) and with which training code. A sweep that takes several sittings adds its wall times from here."""
     out = groups[0].store_path.parent / "experiments.csv"
     new = not out.is_file()
     with open(out, "a", newline="") as fh:
@@ -182,12 +186,12 @@ def log_sitting(path, groups: list[RunConfig], started: str, wall: float, to_run
         w.writerow(
             [
                 Path(path).as_posix(),
-                started,
+                started[0],
                 f"{wall:.0f}",
                 sum(len(unit_keys(g, site_roles(g))) for g in groups),
                 to_run,
                 outcome,
-                _commit(Path(path).resolve().parent),
+                started[1],
                 training_code_digest(),
             ]
         )
@@ -227,7 +231,7 @@ def _run_groups(path, groups: list[RunConfig], workers: int, resources: tuple[fl
         store.close()
     todo = [(i, g) for i, g in enumerate(groups) if progress[i][1]]
     t0 = time.perf_counter()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    started = (time.strftime("%Y-%m-%dT%H:%M:%S%z"), _commit())
     outcome = "stopped"
     echo(
         f"experiment {path}: {sum(t for t, _ in progress)} units in {len(groups)} group(s), "
