@@ -111,6 +111,7 @@ def test_two_runs_on_one_workspace_then_sigint_then_resume(small_federation, tmp
     flags = "--method mdmt --holdouts A --rounds 10 --image-size 32 --batch-size 16 --set sites=A,B,C,BRIXIA"
     cmd = [str(BIN / "mdmt"), "loco", "--fed", str(small_federation), "--workspace", str(ws), *flags.split()]
     env = {k: v for k, v in os.environ.items() if k != "MDMT_WORKSPACE_OWNER"}
+    env["PYTHONUNBUFFERED"] = "1"  # "round 1:" must reach the pipe when it is printed, not when the run ends
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     try:
