@@ -172,12 +172,13 @@ def _commit() -> str:
 
 
 def log_sitting(
-    path, groups: list[RunConfig], started: tuple[str, str], wall: float, to_run: int, outcome: str
+    path, store_dir: Path, started: tuple[str, str], wall: float, counts: tuple[int, int], outcome: str
 ) -> Path:
     """Append one row per sitting to experiments.csv beside the run store: which config ran, when, for how
     long, how it ended, at which commit of the code (``started`` = (time, commit), both taken when the
-    sitting began) and with which training code. A sweep that takes several sittings adds its wall times from here."""
-    out = groups[0].store_path.parent / "experiments.csv"
+    sitting began), its units and units left to run (``counts``) and with which training code. A sweep that
+    takes several sittings adds its wall times from here."""
+    out = store_dir / "experiments.csv"
     new = not out.is_file()
     with open(out, "a", newline="") as fh:
         w = csv.writer(fh)
@@ -188,8 +189,7 @@ def log_sitting(
                 Path(path).as_posix(),
                 started[0],
                 f"{wall:.0f}",
-                sum(len(unit_keys(g, site_roles(g))) for g in groups),
-                to_run,
+                *counts,
                 outcome,
                 started[1],
                 training_code_digest(),
@@ -264,7 +264,8 @@ def _run_groups(path, groups: list[RunConfig], workers: int, resources: tuple[fl
         stop_all()
         raise
     finally:
-        log_sitting(path, groups, started, time.perf_counter() - t0, sum(n for _, n in progress), outcome)
+        counts = (sum(t for t, _ in progress), sum(n for _, n in progress))
+        log_sitting(path, groups[0].store_path.parent, started, time.perf_counter() - t0, counts, outcome)
     store = RunStore(groups[0].store_path, readonly=True)
     try:
         summary = write_report(store, groups[0].workspace_path / "reports")
