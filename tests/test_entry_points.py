@@ -106,13 +106,21 @@ def test_flwr_run_from_the_checkout(small_federation, tmp_path):
 def test_two_runs_on_one_workspace_then_sigint_then_resume(small_federation, tmp_path):
     ws = tmp_path / "ws"
     # "round 1:" is logged when round 1's validation arrives with round 2's training (one trip per round), so
-    # rounds 3-10 are left to interrupt: enough that the second run's lock check (a fresh process importing
-    # torch) ends first on a loaded machine too
-    flags = "--method mdmt --holdouts A --rounds 10 --image-size 32 --batch-size 16 --set sites=A,B,C,BRIXIA"
+    # rounds 3-5 are left to interrupt
+    flags = "--method mdmt --holdouts A --rounds 5 --image-size 32 --batch-size 16 --set sites=A,B,C,BRIXIA"
     cmd = [str(BIN / "mdmt"), "loco", "--fed", str(small_federation), "--workspace", str(ws), *flags.split()]
     env = {k: v for k, v in os.environ.items() if k != "MDMT_WORKSPACE_OWNER"}
     env["PYTHONUNBUFFERED"] = "1"  # "round 1:" must reach the pipe when it is printed, not when the run ends
-    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A run started as a background job (`make test &`) inherits SIGINT ignored; the first run here must take
+    # Ctrl-C as a terminal user's run does.
+    first = subprocess.Popen(
+        cmd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines: list[str] = []
     try:
         for line in first.stdout:  # wait until a unit is training

@@ -46,6 +46,8 @@ def _units(store: Path) -> dict[str, tuple[str, float, int]]:
             u: (st, started, n)
             for u, st, started, n in db.execute("SELECT unit_id, status, started, rounds_done FROM units")
         }
+    except sqlite3.OperationalError:  # the store file exists but its tables are not written yet
+        return {}
     finally:
         db.close()
 
