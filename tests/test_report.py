@@ -438,6 +438,20 @@ def test_two_levels_of_pairing_effect_sizes_and_intervals():
     assert "### federated vs centralised (A = mdmt, B = centralised_mdmt)" in md and "| A < B | 9 |" in md
 
 
+def test_a_half_finished_model_is_not_paired():
+    # one mdmt model has 4 of its 6 folds done (a sitting stopped mid-grid): its pair is left out and said so
+    values = {"mdmt": np.linspace(0.70, 0.78, 9), "stl_prognosis": np.linspace(0.60, 0.66, 9)}
+    frame = backbone_frame(values).assign(n_folds=6)
+    frame.loc[(frame.method == "mdmt") & (frame.backbone == BACKBONES[0]) & (frame.seed == 0), "n_folds"] = 4
+    tests = report.compare_methods(frame, n_boot=100, seed=0)
+    sel = tests[(tests.comparison == "mdmt vs stl_prognosis") & (tests.metric == "acc") & (tests.summary == "pooled")]
+    pairs, bbs = sel[sel.level == "pairs"].iloc[0], sel[sel.level == "backbones"].iloc[0]
+    assert pairs["n"] == 8 and bbs["n"] == 3
+    assert pairs["diff"] == pytest.approx(np.mean((values["mdmt"] - values["stl_prognosis"])[1:]))
+    assert "1 pair(s) left out: a model with folds still to run" in pairs["note"]
+    assert pairs["note"] == bbs["note"]
+
+
 def test_cluster_bootstrap_resamples_backbones():
     # seeds differ within a backbone, every backbone has the same mean: a resample of whole backbones always
     # has that mean, so the interval collapses (a resample of single pairs would not)

@@ -310,8 +310,8 @@ def decide_units(cfg: RunConfig, keys: list[UnitKey], sites: dict[str, SiteInfo]
     out = []
     for key in keys:
         plan = plan_unit(key, sites)
-        source = get_method(key.method).init_from
-        src_fp = planned.get(_source_key(key, source).unit_id, "") if source else ""
+        src = source_unit(key)
+        src_fp = planned.get(src.unit_id, "") if src else ""
         recipe = unit_recipe(cfg, plan, sites, src_fp)
         fp = planned[key.unit_id] = fingerprint(recipe)
         row = store.unit(key)
@@ -341,10 +341,21 @@ def decide_units(cfg: RunConfig, keys: list[UnitKey], sites: dict[str, SiteInfo]
     return out
 
 
-def _source_key(key: UnitKey, source: str) -> UnitKey:
+def source_unit(key: UnitKey) -> UnitKey | None:
+    """The unit whose selected model this unit starts from (ft's phase 1), or None for a unit that starts
+    from the seeded initial model. A phase-1 method run per fold (or under CV) is that fold's unit;
+    otherwise the one unit of the backbone and seed (fold "-")."""
+    source = get_method(key.method).init_from
+    if not source:
+        return None
     first = get_method(source)
     fold = key.fold if (key.protocol == "cv" or first.loco) else "-"
     return UnitKey(first.name, key.backbone, key.protocol, fold, key.seed)
+
+
+def best_checkpoint(cfg: RunConfig, key: UnitKey) -> Path:
+    """Where a unit's selected model is kept in the workspace."""
+    return cfg.workspace_path / "checkpoints" / key.slug / "best.pt"
 
 
 def expected_sites(cfg: RunConfig, list_sites) -> set[str]:

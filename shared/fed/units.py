@@ -16,10 +16,9 @@ import numpy as np
 from mdmt.errors import ConfigError
 from mdmt.fed.checkpoint import load_checkpoint
 from mdmt.fed.config import RunConfig
-from mdmt.fed.plan import Decision, SiteInfo, decide_units, plan_unit, unit_keys
+from mdmt.fed.plan import Decision, SiteInfo, best_checkpoint, decide_units, plan_unit, source_unit, unit_keys
 from mdmt.fed.steps import Rounds
 from mdmt.fed.unitrun import UnitRun
-from mdmt.ml.methods import get_method
 from mdmt.ml.model import build_model
 from mdmt.seeding import derive_seed
 from mdmt.store import RunStore, UnitKey
@@ -42,14 +41,10 @@ def initial_arrays(cfg: RunConfig, backbone: str) -> dict[str, np.ndarray]:
 def starting_arrays(cfg: RunConfig, key: UnitKey, store: RunStore) -> tuple[dict[str, np.ndarray], str]:
     """The unit's starting model and where it came from: the seeded initial model, or, for a method that
     starts from another's (ft), that unit's selected checkpoint."""
-    method = get_method(key.method)
-    if not method.init_from:
+    src = source_unit(key)
+    if src is None:
         return initial_arrays(cfg, key.backbone), "init"
-    first = get_method(method.init_from)
-    src = UnitKey(
-        first.name, key.backbone, key.protocol, key.fold if (key.protocol == "cv" or first.loco) else "-", key.seed
-    )
-    path = cfg.workspace_path / "checkpoints" / src.slug / "best.pt"
+    path = best_checkpoint(cfg, src)
     if store.unit_status(src) != "done" or not path.is_file():
         raise ConfigError(
             f"unit {key.unit_id} starts from {src.unit_id}, which has not finished "
@@ -57,15 +52,6 @@ def starting_arrays(cfg: RunConfig, key: UnitKey, store: RunStore) -> tuple[dict
         )
     state = load_checkpoint(path)["state_dict"]
     return {k: v.numpy().copy() for k, v in state.items()}, src.unit_id
-
-
-def _source(key: UnitKey) -> UnitKey | None:
-    method = get_method(key.method)
-    if not method.init_from:
-        return None
-    first = get_method(method.init_from)
-    fold = key.fold if (key.protocol == "cv" or first.loco) else "-"
-    return UnitKey(first.name, key.backbone, key.protocol, fold, key.seed)
 
 
 def run_units(
@@ -115,5 +101,5 @@ def run_units(
 
 def _startable(key: UnitKey, store: RunStore, active: list[UnitRun]) -> bool:
     """A unit starts once the unit it starts from (if any) is done and no longer in progress."""
-    src = _source(key)
+    src = source_unit(key)
     return src is None or (store.unit_status(src) == "done" and all(u.key != src for u in active))

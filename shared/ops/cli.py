@@ -423,7 +423,8 @@ def _terminate(signum, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-
+    if callable(getattr(sys.stdout, "reconfigure", None)):
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach a pipe (| tee) as they are printed
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # unit-id patterns given after options (mdmt runs list --store S 'mdmt/*')

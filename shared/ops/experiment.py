@@ -22,13 +22,12 @@ from mdmt.data.manifest import list_sites
 from mdmt.data.synth import format_summary, synthesize
 from mdmt.errors import ConfigError, MDMTError
 from mdmt.fed.config import RunConfig, load_toml
-from mdmt.fed.plan import training_code_digest, unit_keys
+from mdmt.fed.plan import best_checkpoint, source_unit, training_code_digest, unit_keys
 from mdmt.fed.workspace import WorkspaceLock
-from mdmt.ml.methods import get_method
 from mdmt.ops.launch import stop_all
 from mdmt.ops.loco import ingest_sites, plan_run, prepare_config, run_simulation, site_roles
 from mdmt.results.report import write_report
-from mdmt.store import RunStore, UnitKey
+from mdmt.store import RunStore
 
 SYNTH_KEYS = {"scale", "image-size", "seed", "both-site"}
 
@@ -131,13 +130,10 @@ def restore_sources(cfg: RunConfig, store: RunStore, echo=print) -> list[str]:
     keys = unit_keys(cfg, site_roles(cfg))
     removed = []
     for key in keys:
-        method = get_method(key.method)
-        if not method.init_from or store.unit_status(key) == "done":
+        src = source_unit(key)
+        if src is None or store.unit_status(key) == "done":
             continue
-        first = get_method(method.init_from)
-        fold = key.fold if (key.protocol == "cv" or first.loco) else "-"
-        src = UnitKey(first.name, key.backbone, key.protocol, fold, key.seed)
-        path = cfg.workspace_path / "checkpoints" / src.slug / "best.pt"
+        path = best_checkpoint(cfg, src)
         if src.unit_id not in removed and store.unit_status(src) == "done" and not path.is_file():
             store.delete_units([src.unit_id])
             removed.append(src.unit_id)

@@ -223,11 +223,16 @@ def compare_methods(
                     }
                 )
                 continue
-            pairs = here[here["method"] == method_a][["backbone", "seed", *cols]].merge(
-                here[here["method"] == method_b][["backbone", "seed", *cols]],
-                on=["backbone", "seed"],
-                suffixes=("_a", "_b"),
+            # a model with fewer folds done than its method's others (a sitting stopped mid-grid) is not paired
+            folds = here["n_folds"] if "n_folds" in here else pd.Series(1, here.index)
+            whole = here.assign(whole=folds == folds.groupby(here["method"]).transform("max"))
+            keys = ["backbone", "seed", "whole"]
+            pairs = whole[whole["method"] == method_a][keys + cols].merge(
+                whole[whole["method"] == method_b][keys + cols], on=["backbone", "seed"], suffixes=("_a", "_b")
             )
+            part = ~(pairs["whole_a"] & pairs["whole_b"])
+            pairs = pairs[~part].reset_index(drop=True)
+            left_out = f"{int(part.sum())} pair(s) left out: a model with folds still to run" * bool(part.any())
             for summary, (suffix, spread_h1) in SUMMARIES.items():
                 if suffix == "_fold_std" and name not in SPREAD_COMPARED:
                     continue
@@ -249,16 +254,13 @@ def compare_methods(
                         .mean()
                     )
                     base = {**head, "metric": metric, "summary": summary, "alternative": alternative}
-                    rows.append(
-                        {**base, "level": "pairs", **_level_row(a, b, alternative, pairs["backbone"], n_boot, seed)}
-                    )
-                    rows.append(
-                        {
-                            **base,
-                            "level": "backbones",
-                            **_level_row(per_bb["a"].to_numpy(float), per_bb["b"].to_numpy(float), alternative),
-                        }
-                    )
+                    by_backbone = _level_row(per_bb["a"].to_numpy(float), per_bb["b"].to_numpy(float), alternative)
+                    for level, row in (
+                        ("pairs", _level_row(a, b, alternative, pairs["backbone"], n_boot, seed)),
+                        ("backbones", by_backbone),
+                    ):
+                        note = "; ".join(x for x in (row["note"], left_out) if x)
+                        rows.append({**base, "level": level, **row, "note": note})
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
