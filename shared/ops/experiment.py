@@ -154,12 +154,18 @@ SITTING_FIELDS = ("config", "started", "wall_s", "units", "to_run", "outcome", "
 
 
 def _commit() -> str:
-    """The commit of the checkout this package runs from (with '+changes' when tracked files differ from
-    it); '' for an installed package outside git."""
+    """The commit of the checkout this package runs from (with '+changes' when tracked files outside docs/
+    differ from it: a run store kept under docs/ changes as sittings write it); '' for an installed package
+    outside git."""
     where = Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=where, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "-uno", "--", ":/", ":(top,exclude)docs"],
+            cwd=where,
+            capture_output=True,
+            text=True,
+        )
     except OSError:
         return ""
     if head.returncode != 0:
