@@ -798,20 +798,48 @@ def _job_config(path: Path, ws: Path, fed: Path, **extra) -> Path:
     return path
 
 
-def _unit(ws: Path) -> tuple[dict, list, list]:
-    """The unit's row, events and participation rows in a job's store."""
-    from mdmt.store import RunStore
+def test_job_progress_waits_for_a_store_that_is_being_created(tmp_path):
+    """`deploy status` and the supervisor poll the job's store while the ServerApp creates it: a file
+    without tables (or without its schema version) reads as no progress yet, then the unit appears."""
+    import sqlite3
 
-    if not (ws / "store.sqlite").is_file():
-        return {}, [], []
-    store = RunStore(ws / "store.sqlite", readonly=True)
-    try:
+    from mdmt.ops.jobs import Job, read_store, status_lines, unit_progress
+    from mdmt.store import RunStore, UnitKey
+
+    path = tmp_path / "store.sqlite"
+    assert unit_progress(path, []) == {}  # no file yet
+    db = sqlite3.connect(path)  # what the ServerApp's RunStore has done at its first statement
+    db.execute("PRAGMA journal_mode=WAL")
+    assert unit_progress(path, []) == {} and read_store(path, lambda s: s.units(), None) is None
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.commit()  # one table written, the others and the version not yet
+    assert unit_progress(path, []) == {}
+    db.close()
+
+    key = UnitKey("mdmt", "resnet18", "loco", "A", 0)
+    store = RunStore(path)
+    store.start_unit(key, ["B", "BRIXIA"], {"A": "all"}, {}, {})
+    store.log_event(key, 1, "missing", "B: no reply")
+    store.close()
+    assert {u: p["status"] for u, p in unit_progress(path, []).items()} == {key.unit_id: "running"}
+    job = Job(
+        "j", "j.toml", str(tmp_path / "configs" / "run.toml"), "c", str(tmp_path), "app", str(path), [key.unit_id]
+    )
+    lines = status_lines(job)
+    assert f"  {key.unit_id}: running, 0 rounds" in lines and any("missing B: no reply" in x for x in lines), lines
+
+
+def _unit(ws: Path) -> tuple[dict, list, list]:
+    """The unit's row, events and participation rows in a job's store (empty while it is being created)."""
+    from mdmt.ops.jobs import read_store
+
+    def read(store) -> tuple[dict, list, list]:
         units = {u["unit_id"]: dict(u) for u in store.units()}
         events = [dict(e) for e in store.events(UNIT)]
         part = [dict(p) for p in store.participation(UNIT)]
-    finally:
-        store.close()
-    return units.get(UNIT, {}), events, part
+        return units.get(UNIT, {}), events, part
+
+    return read_store(ws / "store.sqlite", read, ({}, [], []))
 
 
 def _latest_round(ws: Path) -> int:

@@ -67,6 +67,19 @@ def _marked(marker: str) -> list[int]:
     return out
 
 
+def _describe(pids: list[int]) -> list[str]:
+    """PID, state, parent and command line of each process, for a failure message."""
+    out = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        out.append(f"{pid} state {stat[0]} parent {stat[1]}: {cmd[:200]}")
+    return out
+
+
 def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_path):
     ws = tmp_path / "ws"
     cfg = _write_config(tmp_path / "grid.toml", small_federation, ws)
@@ -93,7 +106,8 @@ def test_killed_sweep_resumes_with_only_the_missing_units(small_federation, tmp_
     deadline = time.monotonic() + 30
     while _marked(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _marked(marker) == [], "processes of the interrupted sweep are still running"
+    left = _marked(marker)
+    assert left == [], f"processes of the interrupted sweep are still running: {_describe(left)}"
 
     before = _units(store)
     done_before = {u: started for u, (st, started, _) in before.items() if st == "done"}

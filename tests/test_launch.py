@@ -96,3 +96,47 @@ def test_stopping_ends_a_process_started_after_the_first_look(tmp_path):
         if parent.poll() is None:
             parent.kill()
         end_processes(lambda: processes_with_token(token), grace=1)
+
+
+def test_stopping_ends_descendants_that_do_not_show_the_token(tmp_path):
+    """A marked parent starts a child with an empty environment (as a process that writes its title over
+    its environment looks): the token alone misses it, the process tree does not, and stopping ends both."""
+    import os
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from mdmt.ops.launch import TOKEN_VAR, descendants, end_processes, is_running, processes_with_token
+
+    token = uuid.uuid4().hex
+    child_pid = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen(['/bin/sleep', '120'], env={})\n"
+        "open(sys.argv[1], 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(child_pid)], env=dict(os.environ, **{TOKEN_VAR: token})
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not child_pid.exists() or not child_pid.read_text():
+            assert time.monotonic() < deadline and parent.poll() is None
+            time.sleep(0.05)
+        child = int(child_pid.read_text())
+        assert processes_with_token(token) == [parent.pid]  # the child shows no token
+        assert descendants({parent.pid}) == [child] and descendants({child}) == []
+
+        def find() -> list[int]:
+            marked = set(processes_with_token(token))
+            return sorted(marked | set(descendants(marked)))
+
+        end_processes(find, grace=5)
+        parent.wait(timeout=10)
+        assert not is_running(child) and not is_running(parent.pid)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        end_processes(lambda: processes_with_token(token), grace=1)

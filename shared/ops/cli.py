@@ -22,6 +22,7 @@ Deployment:
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -440,6 +441,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mdmt {args.verb}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if argv is None:  # mdmt is this process's program: nothing it started outlives it
+            from mdmt.ops.launch import descendants, end_processes
+
+            end_processes(lambda: descendants({os.getpid()}), grace=5.0)
         print(f"mdmt {args.verb}: interrupted", file=sys.stderr)
         return 130
     finally:

@@ -147,15 +147,25 @@ def _error(out: dict[str, Any]) -> str:
     return str(out.get("error-message") or out.get("error") or "no details").strip().splitlines()[-1][:300]
 
 
-def unit_progress(store_path: str | Path, wanted: list[str]) -> dict[str, dict[str, Any]]:
-    """unit id -> status, rounds done and message, from the store (empty when it does not exist yet)."""
+def read_store(store_path: str | Path, read: Callable[[RunStore], Any], empty: Any) -> Any:
+    """``read(store)`` on the job's run store, opened read-only; ``empty`` while there is nothing to read:
+    the store does not exist yet, or the ServerApp has created the file but not yet written its tables."""
     if not Path(store_path).is_file():
-        return {}
+        return empty
     store = RunStore(store_path, readonly=True)
     try:
-        rows = {u["unit_id"]: dict(u) for u in store.units()}
+        if not store.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone():
+            return empty
+        if not store.db.execute("SELECT 1 FROM meta WHERE key='schema_version'").fetchone():
+            return empty  # the schema is written before the version: a store without it is being created
+        return read(store)
     finally:
         store.close()
+
+
+def unit_progress(store_path: str | Path, wanted: list[str]) -> dict[str, dict[str, Any]]:
+    """unit id -> status, rounds done and message, from the store (empty when there is none yet)."""
+    rows = read_store(store_path, lambda store: {u["unit_id"]: dict(u) for u in store.units()}, {})
     return {u: rows[u] for u in (wanted or rows) if u in rows}
 
 
@@ -339,13 +349,11 @@ def status_lines(job: Job) -> list[str]:
 
 
 def _recent_events(store_path: str, units: list[str], limit: int = 8) -> list[str]:
-    if not Path(store_path).is_file():
-        return []
-    store = RunStore(store_path, readonly=True)
-    try:
-        rows = [(e["time"], u, e["round"], e["kind"], e["detail"]) for u in units for e in store.events(u)]
-    finally:
-        store.close()
+    rows = read_store(
+        store_path,
+        lambda store: [(e["time"], u, e["round"], e["kind"], e["detail"]) for u in units for e in store.events(u)],
+        [],
+    )
     rows.sort()
     return [f"  event: {u} round {r}: {k} {d}".rstrip() for _, u, r, k, d in rows[-limit:]]
 

@@ -66,6 +66,24 @@ def processes_with_token(token: str, *extra: str) -> list[int]:
     return pids
 
 
+def descendants(roots: set[int]) -> list[int]:
+    """Every PID whose chain of parents (from /proc/<pid>/stat) leads to one of ``roots``, roots excluded.
+    This finds the processes that do not show an environment: one that wrote its title over it (nginx),
+    or a fork caught before it could be read."""
+    parent_of = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parent_of[int(stat.parent.name)] = int(fields[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    found, frontier = set(), set(roots)
+    while frontier:
+        frontier = {pid for pid, parent in parent_of.items() if parent in frontier and pid not in found}
+        found |= frontier
+    return sorted(found - set(roots))
+
+
 class LocalSimulation:
     """A simulation SuperLink on free ports under ``home`` (its FLWR_HOME); use as a context manager."""
 
@@ -189,10 +207,19 @@ class LocalSimulation:
             cwd=app_dir,
         ).returncode
 
+    def processes(self) -> list[int]:
+        """The live processes of this simulation: those with its token or its Ray temp folder in their
+        environment, the SuperLink, and every process any of them started."""
+        found = set(processes_with_token(self.token, f"RAY_TMPDIR={self.ray_tmp}"))
+        if self.proc is not None and self.proc.poll() is None:
+            found.add(self.proc.pid)
+        return [p for p in sorted(found | set(descendants(found))) if is_running(p)]
+
     def stop(self, grace: float = 10.0) -> None:
         """End every process this simulation started (by PID, found through the token), then clean up."""
-        # Ray's agents are started without our token but with our private Ray temp folder.
-        end_processes(lambda: processes_with_token(self.token, f"RAY_TMPDIR={self.ray_tmp}"), grace)
+        # Ray's agents are started without our token but with our private Ray temp folder; what any of
+        # them started is ended too, whatever its environment shows.
+        end_processes(self.processes, grace)
         if self.proc is not None:
             try:
                 self.proc.wait(timeout=5)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from mdmt.errors import MDMTError
 from mdmt.ops.deploy import commands, files, pki, proxy, siteconfig
-from mdmt.ops.launch import TOKEN_VAR, end_processes, free_port, is_running, processes_with_token
+from mdmt.ops.launch import TOKEN_VAR, descendants, end_processes, free_port, is_running, processes_with_token
 
 CONNECTION = "mdmt-loopback"
 
@@ -95,7 +95,8 @@ class Loopback:
         its environment, so the token cannot find it: the processes started here and their children are
         added by PID."""
         started = {proc.pid for proc in self.procs.values() if proc.poll() is None}
-        found = set(processes_with_token(self.token)) | started | set(_children(started))
+        found = set(processes_with_token(self.token)) | started
+        found |= set(descendants(found))
         return [p for p in sorted(found) if is_running(p)]
 
     def stop(self, grace: float = 15.0) -> None:
@@ -206,16 +207,3 @@ class Loopback:
         """Where the site's own files (its message and reply logs among them) are."""
         cfg = self.site_configs[site]
         return cfg.workspace / "sites" / cfg.site
-
-
-def _children(parents: set[int]) -> list[int]:
-    """The PIDs whose parent is in ``parents`` (from /proc/<pid>/stat)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 1 and int(fields[1]) in parents:
-            out.append(int(stat.parent.name))
-    return out
