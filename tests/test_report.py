@@ -243,7 +243,13 @@ def test_method_table_is_the_mean_over_backbones_of_pooled_metrics(loco_report):
         assert row[k] == pytest.approx(np.mean([e[k] for e in exp])), k
     assert row["n_backbones"] == 3 and row["auc_lo"] < row["auc"] < row["auc_hi"]
     assert list(mt["method"]) == ["stl_prognosis", "ft", "mdmt", "centralised_mdmt", "local"]
+    # every fold's held-out patients for a federated model; a single-site model never meets its own centre,
+    # so 'local' counts the most patients one of them was scored on
+    held = {c: int(truth["held"][("mdmt", "resnet18", c)].sum()) for c in CENTRES}
+    assert mt.set_index("method").loc["mdmt", "n"] == sum(held.values())
+    assert mt.set_index("method").loc["local", "n"] == max(sum(held.values()) - held[s] for s in CENTRES)
     md = (d / "out" / "methods_loco.md").read_text()
+    assert "its n is the most patients one of them was scored on" in md
     assert f"| loco | mdmt | 3 | {exp[0]['n']} | {100 * np.mean([e['acc'] for e in exp]):.1f} |" in md
     assert "| loco | mdmt |" in summary and "methods_loco.tex" in summary
     assert "\\begin{tabular}" in (d / "out" / "methods_loco.tex").read_text()
@@ -542,6 +548,15 @@ def test_oracle_ceiling_from_synth_json_beside_the_results(tmp_path, monkeypatch
     table, _ = report.oracle_ceilings(st, report.finished_units(st))
     st.close()
     assert table["oracle_auc"].tolist() == [0.827, 0.7907]
+    # Run configs hold absolute paths: one inside the current folder is shown relative to it.
+    absolute = root / "docs" / "results" / "absolute" / "store.sqlite"
+    small_store(absolute, str(root / "runs" / "fed"), np.random.default_rng(0))
+    monkeypatch.chdir(root)
+    st = RunStore(absolute, readonly=True)
+    table, lines = report.oracle_ceilings(st, report.finished_units(st))
+    st.close()
+    assert table["fed_dir"].tolist() == ["runs/fed", "runs/fed"]
+    assert list(lines.values())[0].startswith("Oracle ceiling (runs/fed, synth.json): ACC 76.4%")
 
 
 def test_no_ceiling_for_an_imported_or_missing_federation(tmp_path, monkeypatch):

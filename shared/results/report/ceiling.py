@@ -43,6 +43,16 @@ def resolve_fed_dir(fed_dir: str, store_path: Path, cwd: Path | None = None) -> 
     return None
 
 
+def shown_path(fed_dir: str, folder: Path, cwd: Path | None = None) -> str:
+    """The fed-dir as a report shows it: as the units' config names it, but an absolute path inside the
+    current folder relative to it (run configs hold absolute paths; a report committed with a checkout
+    names no machine's folders)."""
+    if not Path(fed_dir).is_absolute():
+        return fed_dir
+    base, resolved = (Path.cwd() if cwd is None else cwd).resolve(), folder.resolve()
+    return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else fed_dir
+
+
 def read_ceiling(fed_dir: str, folder: Path) -> tuple[list[dict], str]:
     """Rows of the ceiling in ``folder``/synth.json and the line shown under the methods table."""
     summary = folder / "synth.json"
@@ -115,6 +125,6 @@ def oracle_ceilings(
                 f"no oracle ceiling: fed-dir {fed_dir} not found (looked in the current folder and above the store)"
             )
             continue
-        found, lines[fed_dir] = read_ceiling(fed_dir, folder)
+        found, lines[fed_dir] = read_ceiling(shown_path(fed_dir, folder, cwd), folder)
         rows += found
     return pd.DataFrame(rows, columns=CEILING_COLUMNS), lines

@@ -34,7 +34,8 @@ METHOD_NOTE = (
     "Mean over backbones of the metrics on each backbone's pooled predictions (every fold's held-out or "
     "test counts at that fold's own threshold, summed). ACC, F1, G-mean, sens, spec in %. AUC interval: "
     "stratified bootstrap of the mean over backbones from their pooled histograms. 'local': mean over "
-    "the single-site models (no interval)."
+    "the single-site models (no interval); its n is the most patients one of them was scored on (each is "
+    "scored on every held-out centre but its own)."
 )
 
 
