@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         if argv is None:  # mdmt is this process's program: nothing it started outlives it
+            # deferred: mdmt.ops.launch (httpx) loads only when a run is interrupted
             from mdmt.ops.launch import descendants, end_processes
 
             end_processes(lambda: descendants({os.getpid()}), grace=5.0)
