@@ -216,7 +216,7 @@ class LocalSimulation:
         return [p for p in sorted(found | set(descendants(found))) if is_running(p)]
 
     def stop(self, grace: float = 10.0) -> None:
-        """End every process this simulation started (by PID, found through the token), then clean up."""
+        """End every process this simulation started (by PID, found by :meth:`processes`), then clean up."""
         # Ray's agents are started without our token but with our private Ray temp folder; what any of
         # them started is ended too, whatever its environment shows.
         end_processes(self.processes, grace)

@@ -92,8 +92,8 @@ class Loopback:
 
     def alive(self) -> list[int]:
         """The live processes this deployment started, and theirs. nginx rewrites its process title over
-        its environment, so the token cannot find it: the processes started here and their children are
-        added by PID."""
+        its environment, so the token cannot find it: the processes started here and every process below
+        them or below a token-bearing one are added by PID (mdmt.ops.launch.descendants)."""
         started = {proc.pid for proc in self.procs.values() if proc.poll() is None}
         found = set(processes_with_token(self.token)) | started
         found |= set(descendants(found))
